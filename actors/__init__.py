@@ -1,0 +1,1 @@
+"""FastFace actors layer (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""FastFace flows layer (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""FastFace storage layer (see docs/architecture.md)."""
