@@ -1,0 +1,66 @@
+"""Face analysis: detection, identity embeddings, aligned crops and CLIP-H identity inputs.
+
+Two backends share one protocol (:class:`FaceBackend`): ``"insightface"``
+(buffalo_l, what FastFace and its evaluation use; method-spec §1, §6) and
+``"dlib"`` (offline, weights on PyPI; its own calibrated threshold).
+"""
+
+from fastface.faces.base import (
+    FACE_BACKENDS,
+    Face,
+    FaceBackend,
+    NoFaceError,
+    aligned_face_crop_bgr,
+    compare_faces,
+    cosine_similarity,
+    get_face_backend,
+    largest_face,
+    most_prominent_face,
+)
+from fastface.faces.dlib_backend import DLIB_COSINE_THRESHOLD, DlibFaceBackend
+from fastface.faces.identity import (
+    IdentityInputs,
+    default_cache_dir,
+    encode_clip_states,
+    encoder_fingerprint,
+    null_clip_states,
+    prepare_identity,
+)
+from fastface.faces.images import ImageReadError, content_hash, load_image_rgb
+from fastface.faces.insightface_backend import (
+    BUFFALO_L_COSINE_THRESHOLD,
+    DEFAULT_DET_SIZES,
+    InsightFaceBackend,
+    load_face_analysis,
+)
+
+FACE_BACKENDS.register("dlib", DlibFaceBackend)
+FACE_BACKENDS.register("insightface", InsightFaceBackend)
+
+__all__ = [
+    "BUFFALO_L_COSINE_THRESHOLD",
+    "DEFAULT_DET_SIZES",
+    "DLIB_COSINE_THRESHOLD",
+    "FACE_BACKENDS",
+    "DlibFaceBackend",
+    "Face",
+    "FaceBackend",
+    "IdentityInputs",
+    "ImageReadError",
+    "InsightFaceBackend",
+    "NoFaceError",
+    "aligned_face_crop_bgr",
+    "compare_faces",
+    "content_hash",
+    "cosine_similarity",
+    "default_cache_dir",
+    "encode_clip_states",
+    "encoder_fingerprint",
+    "get_face_backend",
+    "largest_face",
+    "load_face_analysis",
+    "load_image_rgb",
+    "most_prominent_face",
+    "null_clip_states",
+    "prepare_identity",
+]
