@@ -76,6 +76,8 @@ def load_image_rgb(image: ImageInput) -> np.ndarray:
         if not path.is_file():
             what = "it is a directory" if path.is_dir() else "file not found"
             raise ImageReadError(f"cannot read image {source}: {what}")
+        if path.stat().st_size == 0:
+            raise ImageReadError(f"cannot read image {source}: the file is empty (zero size)")
         try:
             with Image.open(path) as img:
                 img.load()  # decode now, so truncated files fail here and not later
@@ -89,7 +91,7 @@ def load_image_rgb(image: ImageInput) -> np.ndarray:
         except (OSError, SyntaxError, ValueError) as exc:
             if isinstance(exc, ImageReadError):
                 raise
-            raise ImageReadError(f"cannot read image {source}: {exc}") from exc
+            raise ImageReadError(f"cannot read image {source}: corrupt or truncated image data ({exc})") from exc
     raise ImageReadError(
         f"cannot read image {source}: expected a path, a PIL.Image or an HxWx3 uint8 array"
     )
