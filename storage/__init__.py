@@ -1,1 +1,54 @@
-"""FastFace storage layer (see docs/architecture.md)."""
+"""FastFace storage layer: Parquet tables, images, a DuckDB catalog, sweep planning.
+
+Layout under a root (a local folder, or any fsspec URL such as ``s3://bucket/prefix``)::
+
+    runs/run_id=<run>/part-<uuid>.parquet
+    identities/run_id=<run>/part-<uuid>.parquet
+    prompts/run_id=<run>/part-<uuid>.parquet
+    examples/run_id=<run>/part-<uuid>.parquet
+    generations/run_id=<run>/part-<uuid>.parquet
+    metrics/run_id=<run>/part-<uuid>.parquet
+    images/<run>/<example_id>.png
+
+- Schemas (:mod:`storage.schemas`) are declared once as pyarrow schemas; every file
+  carries the schema version and table name in its Parquet metadata, checked on read.
+- Files are only ever added, never rewritten, and every write is atomic (local: hidden
+  ``.tmp-*`` name + ``os.replace``; S3: one PUT). Readers see only ``part-*.parquet``
+  and skip names starting with ``.`` or ``_``.
+- A retried write adds another row with the same key (:data:`storage.schemas.KEYS`);
+  ``Store.latest`` and the catalog's views keep the latest by ``created_at``.
+- ``example_id`` (:mod:`storage.ids`) hashes everything that determines an image, so
+  :mod:`storage.plan` can resume any sweep by diffing planned ids against stored rows.
+- :class:`storage.catalog.Catalog` puts DuckDB views over the tables (``<table>``
+  deduplicated, ``<table>_raw`` all rows), offline for ``s3://`` through the Store's
+  fsspec filesystem.
+
+This layer imports pyarrow, duckdb and fsspec (s3fs for ``s3://``), never Ray or Prefect.
+"""
+
+from storage.catalog import Catalog, format_table
+from storage.ids import canonical_json, config_hash, content_hash, derive_seed, example_id
+from storage.plan import Sweep, plan_missing_examples, plan_missing_generations, plan_missing_metrics
+from storage.schemas import KEYS, SCHEMA_VERSION, TABLES, SchemaError, schema
+from storage.store import Store, latest_rows
+
+__all__ = [
+    "Catalog",
+    "KEYS",
+    "SCHEMA_VERSION",
+    "SchemaError",
+    "Store",
+    "Sweep",
+    "TABLES",
+    "canonical_json",
+    "config_hash",
+    "content_hash",
+    "derive_seed",
+    "example_id",
+    "format_table",
+    "latest_rows",
+    "plan_missing_examples",
+    "plan_missing_generations",
+    "plan_missing_metrics",
+    "schema",
+]

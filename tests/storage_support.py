@@ -1,0 +1,102 @@
+"""Shared pieces of the storage tests: one moto S3 server per test process, and a writer to kill."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+FAKE_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+_server = None
+_endpoint = None
+
+
+def moto_endpoint() -> str:
+    """Start (once per process) moto's threaded S3 server on a free localhost port; return its URL."""
+    global _server, _endpoint
+    if _endpoint is None:
+        import logging
+
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        _server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        _server.start()
+        atexit.register(_server.stop)
+        _endpoint = f"http://127.0.0.1:{port}"
+    return _endpoint
+
+
+def s3_env(monkeypatch, endpoint: str) -> None:
+    """Fake credentials and the endpoint, through the environment only (as in production)."""
+    for key, value in FAKE_AWS_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.setenv("FASTFACE_S3_ENDPOINT_URL", endpoint)
+
+
+def create_bucket(endpoint: str, bucket: str) -> None:
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **{
+        "aws_access_key_id": "testing", "aws_secret_access_key": "testing"}).create_bucket(Bucket=bucket)
+
+
+WRITER = """
+import sys
+import pyarrow as pa
+from storage.store import Store
+n = int(sys.argv[2])
+rows = pa.table({
+    "example_id": pa.array([f"crash-{i}" for i in range(n)]),
+    "metric": pa.array(["clip"] * n),
+    "value": pa.array([float(i) for i in range(n)]),
+})
+Store(sys.argv[1]).append("metrics", rows, run_id="r1")
+print("COMMITTED", flush=True)
+"""
+
+
+def kill_writer_at(root: str, point: str, tmp_path, rows: int = 100_000, env: dict | None = None,
+                   timeout_s: float = 30.0) -> None:
+    """Run a real writer process that pauses at ``point`` in Store's write path, then SIGKILL it there."""
+    marker = tmp_path / f"reached-{point}"
+    full_env = dict(os.environ, **(env or {}))
+    full_env.update(
+        FASTFACE_STORAGE_PAUSE_AT=point,
+        FASTFACE_STORAGE_PAUSE_MARKER=str(marker),
+        FASTFACE_STORAGE_PAUSE_S="600",
+    )
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, root, str(rows)], env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not marker.exists():
+            if proc.poll() is not None:
+                raise AssertionError(f"writer exited early: {proc.stdout.read()!r} {proc.stderr.read()!r}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"writer never reached {point!r}")
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL, "the writer was not killed at the pause point"
