@@ -59,6 +59,15 @@ def group_faces(backend):
     return backend.detect(_insightface_image("t1.jpg"))
 
 
+def test_registry(backend):
+    from fastface.faces import FaceBackend
+    from fastface.registry import UnknownNameError
+
+    assert isinstance(backend, FaceBackend)
+    with pytest.raises(UnknownNameError, match="dlib, insightface"):
+        get_face_backend("retinaface")
+
+
 def test_declared_measure(backend):
     assert (backend.name, backend.embedding_dim, backend.similarity_measure) == ("dlib", 128, "cosine")
     assert backend.same_person_threshold == DLIB_COSINE_THRESHOLD

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import pytest
@@ -188,6 +190,15 @@ def test_missing_models_offline_names_the_folder(tmp_path, monkeypatch):
     assert not (tmp_path / "empty_root").exists()  # nothing was downloaded or created
 
 
+def test_pack_without_detector_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTFACE_OFFLINE", "1")
+    pack = tmp_path / "models" / "buffalo_l"
+    pack.mkdir(parents=True)
+    write_tiny_arcface(pack / "w600k_r50.onnx")
+    with pytest.raises(FileNotFoundError, match="no SCRFD detection model"):
+        load_face_analysis(tmp_path, providers=["CPUExecutionProvider"])
+
+
 def test_providers_cuda_only_when_available(monkeypatch):
     import onnxruntime
 
@@ -200,3 +211,21 @@ def test_providers_cuda_only_when_available(monkeypatch):
 def test_det_sizes_validated(tiny_recognizer):
     with pytest.raises(ValueError, match="multiples of 32"):
         InsightFaceBackend(detector=SizeGatedDetector(), recognizer=tiny_recognizer, det_sizes=(640, 500))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("FASTFACE_SLOW") != "1", reason="needs the real buffalo_l pack; set FASTFACE_SLOW=1")
+def test_real_buffalo_l_on_sample_photos():
+    import importlib.util
+    from pathlib import Path
+
+    from PIL import Image
+
+    images = Path(next(iter(importlib.util.find_spec("insightface").submodule_search_locations))) / "data" / "images"
+    backend = get_face_backend("insightface")
+    hanks = most_prominent_face(images / "Tom_Hanks_54745.png", backend)
+    mirrored = Image.open(images / "Tom_Hanks_54745.png").convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    assert backend.is_same_person(hanks.embedding, most_prominent_face(mirrored.resize((168, 168)), backend).embedding)
+    group = backend.detect(images / "t1.jpg")
+    assert len(group) == 6 and backend.sizes_tried == [640]
+    assert not any(backend.is_same_person(hanks.embedding, face.embedding) for face in group)

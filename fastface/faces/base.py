@@ -68,15 +68,17 @@ def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
 class CosineSimilarityMixin:
     """similarity / is_same_person for backends whose measure is cosine similarity."""
 
+    name: str
     similarity_measure = "cosine"
     same_person_threshold: float
     embedding_dim: int
 
     def similarity(self, a: np.ndarray, b: np.ndarray) -> float:
         for vector in (a, b):
-            if np.asarray(vector).size != self.embedding_dim:
+            size = np.asarray(vector).size
+            if size != self.embedding_dim:
                 raise ValueError(
-                    f"{self.name} embeddings are {self.embedding_dim}-d, got {np.asarray(vector).size}-d; "  # type: ignore[attr-defined]
+                    f"{self.name} embeddings are {self.embedding_dim}-d, got {size}-d; "
                     "were they made by another face backend?"
                 )
         return cosine_similarity(a, b)

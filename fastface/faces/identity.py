@@ -76,9 +76,9 @@ def encode_clip_states(crops_bgr: list[np.ndarray], image_encoder: Any, feature_
 
 
 def null_clip_states(image_encoder: Any, feature_extractor: Any) -> torch.Tensor:
-    """Null identity for the CLIP-H branch: states of all-zero ``pixel_values`` (mid-grey after CLIP norm), [1, seq, hidden].
+    """Null identity for the CLIP-H branch: states ``[1, seq, hidden]`` of all-zero ``pixel_values``.
 
-    This is what diffusers' ``encode_image`` returns as the negative (method-spec §1).
+    Zeros after CLIP normalisation are a mid-grey image, not a black one; this is what diffusers' ``encode_image`` returns as the negative (method-spec §1).
     """
     import torch
 
@@ -127,8 +127,8 @@ def _load_face_record(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray] |
     try:
         with np.load(path, allow_pickle=False) as record:
             return record["embedding"], record["crop_bgr"], record["bbox"]
-    except (OSError, KeyError, ValueError):
-        return None  # absent or unreadable: recompute and overwrite
+    except Exception:  # absent, truncated (BadZipFile) or foreign: recompute and overwrite
+        return None
 
 
 def _load_clip_states(path: Path) -> torch.Tensor | None:
@@ -182,7 +182,8 @@ def prepare_identity(
             from transformers import CLIPImageProcessor
 
             feature_extractor = CLIPImageProcessor()  # what the IP-Adapter reference code builds
-        clip_path = stem.with_name(f"{stem.name}.clip-{encoder_fingerprint(image_encoder, feature_extractor)}.safetensors")
+        fingerprint = encoder_fingerprint(image_encoder, feature_extractor)
+        clip_path = stem.with_name(f"{stem.name}.clip-{fingerprint}.safetensors")
         clip_states = _load_clip_states(clip_path)
         if clip_states is None:
             clip_states = encode_clip_states([crop], image_encoder, feature_extractor).float().cpu().contiguous()

@@ -79,6 +79,8 @@ def load_face_analysis(
             allowed_modules=["detection", "recognition"],
             providers=providers,
         )
+    except AssertionError as exc:  # FaceAnalysis asserts that the pack has a detection model
+        raise FileNotFoundError(f"no SCRFD detection model (ONNX) found in {pack_dir}") from exc
     except Exception as exc:
         if has_models:
             raise
