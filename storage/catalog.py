@@ -58,6 +58,8 @@ class Catalog:
         self.con = duckdb.connect(database, read_only=read_only)
         # Timestamps come back in UTC whatever the machine's zone.
         self.con.execute("SET TimeZone='UTC'")
+        # Data files are never rewritten (new rows go to new files), so footers can be cached.
+        self.con.execute("SET parquet_metadata_cache=true")
         if not store.is_local:
             self.con.register_filesystem(store.fs)
         self._with_files: set[str] = set()
