@@ -110,10 +110,9 @@ def example_id(
     a later run reuse earlier work) and anything that only affects speed (batch size,
     device, worker) — batching is invariant by method-spec §5.
     """
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        seed = _canonical(seed, "seed")
-        if not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
+    seed = _canonical(seed, "seed")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
     for name, value in (("steps", steps), ("width", width), ("height", height)):
         if int(value) != value or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")

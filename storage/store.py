@@ -91,7 +91,8 @@ class Store:
         self.fs, path = fsspec.core.url_to_fs(root, **options)
         self.is_local = protocol in ("file", "local")
         self.is_s3 = protocol in _S3_PROTOCOLS
-        self.protocol = "file" if self.is_local else protocol
+        # DuckDB knows s3fs by its first protocol name, so URIs always say s3://.
+        self.protocol = "file" if self.is_local else ("s3" if self.is_s3 else protocol)
         if self.is_local:
             path = os.path.abspath(path)
             os.makedirs(path, exist_ok=True)

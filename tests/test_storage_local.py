@@ -225,3 +225,23 @@ def test_append_accepts_arrow_tables_and_checks_them(tmp_path):
     assert store.read("metrics").column("value").type == pa.float64()
     with pytest.raises(SchemaError, match="required column 'metric'"):
         store.append("metrics", pa.table({"example_id": ["a"]}), run_id="r1")
+
+
+def test_any_fsspec_url_works(tmp_path):
+    store = Store(f"memory://fastface-{tmp_path.name}/root")
+    store.append("metrics", _metric_rows(3), run_id="r1")
+    assert store.read("metrics").column("value").to_pylist() == [0.0, 1.0, 2.0]
+    with Catalog(store) as cat:
+        assert cat.rows("SELECT sum(value) AS s FROM metrics") == [{"s": 3.0}]
+
+
+def test_sweep_config_is_serialisable():
+    import json
+
+    from storage.ids import example_id
+
+    config = json.loads(json.dumps(_sweep().to_dict()))
+    assert config["models"] == ["hyper", "lcm"] and config["presets"]["ff-am1"]["am"] == "am1"
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        example_id(identity_hash="a", prompt="p", model="m", preset="b", preset_config={}, ip_adapter_scale=1,
+                   lora_scale=1, seed=True, steps=4, width=8, height=8, code_version="v")
