@@ -25,6 +25,11 @@ BRANCH_CONDITIONS: Mapping[str, tuple[tuple[bool, bool], ...]] = {
 }
 
 
+def _check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown DCG variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+
+
 def decoupled_guidance(
     b0: torch.Tensor,
     b1: torch.Tensor,
@@ -308,11 +313,6 @@ def constant_guidance(scale: float) -> DCGConfig:
 
 # The stylistic `dcg` preset (method-spec §2): guidance only in the intermediate steps.
 DCG_PRESET = DCGConfig(alpha=(1.0, 1.5, 1.5, 1.0), beta=(1.0, 3.0, 3.0, 1.0), rescale=0.75, variant="id")
-
-
-def _check_variant(variant: str) -> None:
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown DCG variant {variant!r}; choose one of {', '.join(VARIANTS)}")
 
 
 def as_weight_list(value: Weight, num_steps: int) -> Sequence[float]:
