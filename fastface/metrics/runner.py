@@ -76,7 +76,7 @@ def build_metrics(metrics: Sequence[str], *, device: Any = None, **options: Any)
     shared = {
         key: build(everything)
         for key, build in _SHARED.items()
-        if key not in options and sum(key in params for params in accepted.values()) >= 2
+        if key not in options and any(key in params for params in accepted.values())
     }
     built = {}
     for name, spec in specs.items():
