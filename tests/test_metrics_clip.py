@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -102,6 +103,26 @@ def test_state_dict_files_and_env_var_load_the_same_weights(tiny_clip, tiny_clip
     assert torch.allclose(from_env.encode_texts(texts), expected, atol=1e-6)
     with pytest.raises(FileNotFoundError, match="not found"):
         clip_models.load_clip_model("FastFaceTiny-quickgelu", tmp_path / "missing.safetensors", device="cpu")
+
+
+def test_hub_id_loads_from_a_hub_cache(tiny_clip, tiny_clip_dir, tmp_path):
+    """``hf-hub:<repo>`` through open_clip's hub code, served from a local cache in the hub's layout."""
+    import shutil
+
+    from fastface.metrics.clip_models import load_clip_model
+
+    revision = "0" * 40
+    repo = tmp_path / "hub" / "models--fastface--tiny-clip"
+    (repo / "snapshots" / revision).mkdir(parents=True)
+    for file in tiny_clip_dir.iterdir():
+        shutil.copy(file, repo / "snapshots" / revision / file.name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    loaded = load_clip_model("hf-hub:fastface/tiny-clip", device="cpu", cache_dir=str(tmp_path / "hub"))
+    assert loaded.quick_gelu and loaded.source == "hf-hub:fastface/tiny-clip"
+    assert torch.equal(loaded.encode_texts(["a sketch"]), tiny_clip.encode_texts(["a sketch"]))
+    with pytest.raises(RuntimeError, match="FASTFACE_CLIP_PATH"):
+        load_clip_model("hf-hub:fastface/absent", device="cpu", cache_dir=str(tmp_path / "hub"))
 
 
 # ---------------------------------------------------------------- preprocessing and CLIP
@@ -277,3 +298,26 @@ def test_fsc_mode_is_validated_before_loading():
 
     with pytest.raises(ValueError, match="fsc_mode"):
         make_face_style_score(fsc_mode="facenet")
+
+
+# ---------------------------------------------------------------- real weights (FASTFACE_SLOW=1)
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("FASTFACE_SLOW") != "1", reason="needs real CLIP-L/14 and aesthetic weights")
+def test_real_clip_l14_and_aesthetic_head():
+    from open_clip.transformer import QuickGELU
+
+    from fastface.metrics.aesthetic import make_aesthetic_score
+    from fastface.metrics.clip_models import load_clip_model
+    from fastface.metrics.clip_score import ClipScore
+
+    clip = load_clip_model()  # ViT-L-14-quickgelu / openai, or $FASTFACE_CLIP_PATH
+    assert clip.embed_dim == 768 and any(isinstance(m, QuickGELU) for m in clip.model.modules())
+    red = np.zeros((256, 256, 3), np.uint8)
+    red[..., 0] = 230
+    red_score, blue_score = ClipScore(clip).score(
+        [MetricInput(image=red, prompt="a plain red square"), MetricInput(image=red, prompt="a plain blue square")]
+    )
+    assert red_score.value > blue_score.value and 0.1 < red_score.value < 0.45
+    [ae] = make_aesthetic_score(clip=clip).score([MetricInput(image=red)])
+    assert 1.0 < ae.value < 9.0
