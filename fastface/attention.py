@@ -108,18 +108,14 @@ class AMConfig:
         return self.transform == "adaptive_softmask" and (self.steps is None or step in self.steps)
 
     def check_steps(self, num_steps: int, *, preset: str | None = None) -> None:
-        """Fail before loading anything when a per-step schedule cannot cover ``num_steps``."""
-        active = range(num_steps) if self.steps is None else [s for s in self.steps if s < num_steps]
-        if not active:
-            return
-        last = max(active)
+        """Fail before loading anything when a per-step schedule is written for another step count."""
         for name in ("scale", "power", "sharpness", "quantile"):
             for n in getattr(self, name).schedule_lengths(self.parts):
-                if n <= last:
+                if n != num_steps:
                     who = f"preset {preset!r}" if preset else f"AM config {self.name or self.transform!r}"
                     raise ValueError(
-                        f"{who} has {name} schedules for {n} steps but step {last} of {num_steps} is targeted; "
-                        f"use {n} steps or give schedules covering {num_steps} steps"
+                        f"{who} has {name} schedules for {n} steps but {num_steps} steps were requested; "
+                        f"use {n} steps or give schedules of length {num_steps}"
                     )
 
     def to_dict(self) -> dict:
