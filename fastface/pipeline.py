@@ -148,6 +148,7 @@ class FastFacePipeline(StableDiffusionXLPipeline):
         width: int | None = None,
         output_type: str = "pil",
         approximate_am2_skipping: bool = False,
+        force_all_branches: bool = False,
         show_progress: bool = False,
     ) -> FastFaceOutput:
         """Generate one image per (identity, prompt) pair.
@@ -202,6 +203,8 @@ class FastFacePipeline(StableDiffusionXLPipeline):
             for i, t in enumerate(tqdm(timesteps, disable=not show_progress, desc="denoising", leave=False)):
                 alpha, beta = dcg.weights_at(i, float(t), self.scheduler.config.num_train_timesteps)
                 couple = am is not None and am.couples_branches(i) and not approximate_am2_skipping
+                # force_all_branches: the reference implementation's way (all three, always), for benchmarks.
+                couple = couple or force_all_branches
                 active = required_branches(alpha, beta, dcg.rescale, dcg.variant, couple_all=couple)
                 cond = branches.gather(active)
                 rows_per_step.append(len(active))
@@ -238,6 +241,7 @@ class FastFacePipeline(StableDiffusionXLPipeline):
             "unet_rows_per_step": rows_per_step,
             "unet_rows": int(sum(rows_per_step)),
             "approximate_am2_skipping": bool(approximate_am2_skipping),
+            "force_all_branches": bool(force_all_branches),
             "batch_size": n,
             "seconds_per_image": seconds / n,
             "device": str(device),
