@@ -43,3 +43,19 @@ def tiny_pipeline(tiny_models):
     pipe = FastFacePipeline.from_pretrained(tiny_models.sdxl, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return load_faceid_adapter(pipe, tiny_models.adapter, image_encoder=tiny_models.image_encoder)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """ONE local Ray per test session (start-up is slow): 2 CPUs and a faked GPU, no dashboard.
+
+    Workers inherit this process's environment (HF_HUB_OFFLINE etc. above).
+    """
+    ray = pytest.importorskip("ray")
+    started = False
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+        started = True
+    yield ray
+    if started:
+        ray.shutdown()

@@ -1,0 +1,354 @@
+"""GeneratorWorker: one FastFace pipeline per process, example rows in, ``generations`` rows out.
+
+Ray's batch-inference pattern: the model loads once in ``__init__`` and ``generate`` maps a
+batch of ``examples`` rows to ``generations`` rows. It is a plain class, so it can be tried
+on one batch without Ray; :mod:`actors.pool` wraps it in a Ray actor.
+
+Images go to the store (``images/<run>/<example_id>.png``, written atomically) before the
+rows are returned; the rows are appended by the caller (the pool's driver), one Parquet
+file per batch, so a crash never leaves half a batch recorded.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from storage.ids import content_hash as bytes_hash
+from storage.store import Store
+
+#: Columns whose values must be equal for every example of one pipeline call.
+BATCH_KEY = ("model", "preset", "ip_adapter_scale", "lora_scale", "width", "height", "steps")
+
+#: Face backend that produces embeddings of a given width (the adapter's ID input width).
+BACKEND_BY_ID_WIDTH = {128: "dlib", 512: "insightface"}
+
+PipelineFactory = Callable[..., Any]  # load_pipeline(model, *, steps, device, dtype, cache_dir, **overrides)
+
+
+def batch_key(row: Mapping[str, Any]) -> tuple:
+    """The settings one pipeline call shares (:data:`BATCH_KEY`), with numbers normalised."""
+    return (
+        str(row["model"]),
+        str(row["preset"]),
+        float(row["ip_adapter_scale"]),
+        float(row["lora_scale"]),
+        int(row["width"]),
+        int(row["height"]),
+        int(row["steps"]),
+    )
+
+
+def identity_index(rows: "Iterable[Mapping[str, Any]] | Mapping[str, Mapping[str, Any]] | None") -> dict[str, dict]:
+    """``identities`` rows keyed by ``content_hash`` (what ``examples.identity_hash`` holds).
+
+    When one photo was imported several times, the latest row that has an ``image_uri`` wins.
+    """
+    if rows is None:
+        return {}
+    if isinstance(rows, Mapping):
+        return {str(k): dict(v) for k, v in rows.items()}
+    out: dict[str, dict] = {}
+    ordered = sorted((dict(r) for r in rows), key=lambda r: (r.get("image_uri") is not None, str(r.get("created_at") or "")))
+    for row in ordered:
+        if not row.get("content_hash"):
+            raise ValueError(f"identity row {row.get('identity_id')!r} has no content_hash; pass rows of the identities table")
+        out[row["content_hash"]] = row
+    return out
+
+
+def read_uri(store: Store, uri: str) -> bytes:
+    """Bytes of a URI or path: through the store when it lies under the store's root, else through fsspec."""
+    try:
+        return store.read_bytes(uri)
+    except ValueError:  # not under this store's root
+        pass
+    import fsspec
+
+    options = store.storage_options if uri.split("://", 1)[0] == store.protocol else {}
+    with fsspec.open(uri, "rb", **options) as stream:
+        return stream.read()
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """PNG bytes of an HxWx3 float image in [0, 1], rounded as diffusers' ``numpy_to_pil`` rounds."""
+    from PIL import Image
+
+    pixels = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for name in ("fastface", "torch", "diffusers", "transformers", "peft"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def default_pipeline_factory(model: str, **kwargs: Any) -> Any:
+    """:func:`fastface.checkpoints.load_pipeline` (imported when first needed)."""
+    from fastface.checkpoints import load_pipeline
+
+    return load_pipeline(model, **kwargs)
+
+
+class GeneratorWorker:
+    """Loads one :class:`~fastface.pipeline.FastFacePipeline` for ``model`` (and ``steps``) and generates batches.
+
+    - ``store``: where images are written (and identity photos / the identities table are read);
+    - ``identities``: ``identities`` rows (or a dict content_hash → row); hashes not found
+      there are looked up in the store's ``identities`` table (all runs);
+    - ``device`` / ``dtype``: default CUDA + float16 when CUDA is available, else CPU + float32;
+    - ``face_backend``: defaults to the backend whose embeddings fit the adapter
+      (128-d → ``dlib``, 512-d → ``insightface``);
+    - ``identity_cache_dir``: cache of identity embeddings/crops/CLIP states (by content hash);
+      each identity is also kept in memory, so it is prepared once per worker;
+    - ``pipeline_factory``: ``factory(model, steps=, device=, dtype=, cache_dir=, **pipeline_overrides)``,
+      default :func:`fastface.checkpoints.load_pipeline`;
+    - ``fail_oom_above_batch``: test hook, raise ``torch.OutOfMemoryError`` for larger batches.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        model: str,
+        *,
+        steps: int | None = None,
+        identities: "Iterable[Mapping[str, Any]] | Mapping[str, Mapping[str, Any]] | None" = None,
+        device: Any = None,
+        dtype: Any = None,
+        cache_dir: str | os.PathLike | None = None,
+        identity_cache_dir: str | os.PathLike | None = None,
+        face_backend: str | None = None,
+        face_backend_options: Mapping[str, Any] | None = None,
+        pipeline_factory: PipelineFactory | None = None,
+        worker_id: str | None = None,
+        fail_oom_above_batch: int | None = None,
+        **pipeline_overrides: Any,
+    ) -> None:
+        import torch
+
+        from fastface.faces import get_face_backend
+
+        self.store = store
+        self.model = model
+        self.steps = None if steps is None else int(steps)
+        cuda = torch.cuda.is_available()
+        self.device = torch.device(device if device is not None else ("cuda" if cuda else "cpu"))
+        self.dtype = dtype if dtype is not None else (torch.float16 if self.device.type == "cuda" else torch.float32)
+        if isinstance(self.dtype, str):
+            self.dtype = getattr(torch, self.dtype)
+        factory = pipeline_factory or default_pipeline_factory
+        self.pipe = factory(
+            model, steps=self.steps, device=self.device, dtype=self.dtype, cache_dir=cache_dir, **pipeline_overrides
+        )
+        self.pipe.set_progress_bar_config(disable=True)
+        id_width = int(self.pipe._faceid_projection().proj.net[0].proj.in_features)
+        backend_name = face_backend or BACKEND_BY_ID_WIDTH.get(id_width)
+        if backend_name is None:
+            raise ValueError(
+                f"model {model!r} takes {id_width}-d identity embeddings and no face backend is known to make "
+                f"those; pass face_backend= (one of {sorted(set(BACKEND_BY_ID_WIDTH.values()))})"
+            )
+        self.face_backend = get_face_backend(backend_name, **dict(face_backend_options or {}))
+        if int(self.face_backend.embedding_dim) != id_width:
+            raise ValueError(
+                f"face backend {backend_name!r} makes {self.face_backend.embedding_dim}-d embeddings but model "
+                f"{model!r} takes {id_width}-d ones; use face_backend={BACKEND_BY_ID_WIDTH.get(id_width)!r}"
+            )
+        self.identity_cache_dir = Path(
+            identity_cache_dir if identity_cache_dir is not None else Path(tempfile.gettempdir()) / "fastface-identities"
+        ).expanduser()
+        self._identity_rows = identity_index(identities)
+        self._prepared: dict[str, Any] = {}  # content hash -> IdentityInputs or the exception it raised
+        self.identities_prepared = 0  # how many identities this worker has prepared (for tests and logs)
+        self.fail_oom_above_batch = fail_oom_above_batch
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+        device_name = str(self.device)
+        if self.device.type == "cuda":
+            device_name += f" ({torch.cuda.get_device_name(self.device)})"
+        self.device_name = device_name
+        self.versions = json.dumps(
+            dict(
+                package_versions(),
+                model=model,
+                steps=self.steps,
+                dtype=str(self.dtype).replace("torch.", ""),
+                face_backend=self.face_backend.name,
+            ),
+            sort_keys=True,
+        )
+
+    # -- identities ------------------------------------------------------------
+    def _identity_row(self, identity_hash: str) -> dict | None:
+        if identity_hash not in self._identity_rows:
+            # Once per unknown hash (its outcome is cached by identity()): identities added since are found.
+            found = identity_index(self.store.read("identities").to_pylist())
+            self._identity_rows = {**found, **self._identity_rows}
+        return self._identity_rows.get(identity_hash)
+
+    def _photo_path(self, uri: str, identity_hash: str) -> str:
+        """A local file with the photo's bytes, checked against the hash the example was planned with."""
+        if "://" not in uri or uri.startswith("file://"):
+            path = uri.split("://", 1)[-1]
+            if Path(path).is_file():
+                return path
+        data = read_uri(self.store, uri)
+        if bytes_hash(data) != identity_hash:
+            raise ValueError(
+                f"identity photo {uri} has changed since it was registered (its sha256 is not {identity_hash[:12]}…); "
+                "re-import the identities and re-plan the sweep"
+            )
+        local = self.identity_cache_dir / "photos" / identity_hash[:2] / (identity_hash + Path(uri).suffix.lower())
+        if not local.is_file():
+            local.parent.mkdir(parents=True, exist_ok=True)
+            tmp = local.with_name(f".tmp-{os.getpid()}-{local.name}")
+            tmp.write_bytes(data)
+            os.replace(tmp, local)
+        return str(local)
+
+    def identity(self, identity_hash: str) -> Any:
+        """:class:`~fastface.faces.IdentityInputs` of one identity (prepared once per worker); raises when unusable."""
+        from fastface.faces import prepare_identity
+
+        cached = self._prepared.get(identity_hash)
+        if cached is None:
+            try:
+                row = self._identity_row(identity_hash)
+                if row is None:
+                    raise LookupError(
+                        f"no identities row with content_hash {identity_hash[:12]}…: import the identities "
+                        "(dataset flow) before generating, or pass identities= to the worker"
+                    )
+                if not row.get("image_uri"):
+                    raise ValueError(f"identity {row.get('identity_id')!r} has no image_uri to read its photo from")
+                path = self._photo_path(row["image_uri"], identity_hash)
+                cached = prepare_identity(
+                    path,
+                    self.face_backend,
+                    image_encoder=self.pipe.image_encoder,
+                    feature_extractor=self.pipe.feature_extractor,
+                    cache_dir=self.identity_cache_dir,
+                )
+                if cached.content_hash != identity_hash:
+                    raise ValueError(
+                        f"identity photo {row['image_uri']} has changed since it was registered "
+                        f"(sha256 {cached.content_hash[:12]}…, planned {identity_hash[:12]}…); re-import and re-plan"
+                    )
+                self.identities_prepared += 1
+            except (ValueError, LookupError) as exc:  # NoFaceError, ImageReadError: the photo will not change
+                cached = exc
+            # An OSError (a storage hiccup) propagates uncached, so the next batch tries again.
+            self._prepared[identity_hash] = cached
+        if isinstance(cached, BaseException):
+            raise cached
+        return cached
+
+    # -- generation --------------------------------------------------------------
+    def check_batch(self, batch: Sequence[Mapping[str, Any]]) -> tuple:
+        """Validate a batch; return its :func:`batch_key`."""
+        if not batch:
+            raise ValueError("empty batch: give at least one examples row")
+        keys = {batch_key(row) for row in batch}
+        if len(keys) > 1:
+            raise ValueError(
+                f"batch mixes settings {sorted(keys)}; one pipeline call needs one value of each of {BATCH_KEY} "
+                "(group examples with actors.generator.batch_key)"
+            )
+        key = keys.pop()
+        if key[0] != self.model:
+            raise ValueError(f"batch is for model {key[0]!r} but this worker loaded {self.model!r}")
+        if self.steps is not None and key[6] != self.steps:
+            raise ValueError(f"batch asks for {key[6]} steps but this worker loaded {self.model!r} for {self.steps}")
+        ids = [row["example_id"] for row in batch]
+        if len(set(ids)) != len(ids):
+            raise ValueError("batch lists an example_id twice")
+        return key
+
+    def render(self, batch: Sequence[Mapping[str, Any]]) -> tuple[list[dict], dict[str, np.ndarray]]:
+        """Generate a batch: ``(generations rows, {example_id: HxWx3 float array in [0, 1]})``.
+
+        Images are written to the store before returning. Examples whose identity cannot be
+        used (no face, missing photo) get a failed row; the others still run in one call.
+        """
+        import torch
+
+        _, preset, ip_scale, lora_scale, width, height, steps = self.check_batch(batch)
+        if self.fail_oom_above_batch is not None and len(batch) > self.fail_oom_above_batch:
+            raise torch.OutOfMemoryError(
+                f"injected out-of-memory: batch of {len(batch)} > fail_oom_above_batch={self.fail_oom_above_batch}"
+            )
+        rows: dict[str, dict] = {}
+        runnable, inputs = [], []
+        for example in batch:
+            try:
+                inputs.append(self.identity(example["identity_hash"]))
+                runnable.append(example)
+            except (ValueError, LookupError, OSError) as exc:
+                rows[example["example_id"]] = self._row(
+                    example, status="failed", error=f"identity {example.get('identity_id')!r}: {exc}"
+                )
+        arrays: dict[str, np.ndarray] = {}
+        if runnable:
+            started = time.perf_counter()
+            output = self.pipe(
+                [example["prompt"] for example in runnable],
+                id_embeds=np.stack([identity.embedding for identity in inputs]),
+                clip_states=torch.cat([identity.clip_states for identity in inputs]),
+                preset=preset,
+                ip_adapter_scale=ip_scale,
+                lora_scale=lora_scale,
+                seeds=[int(example["seed"]) for example in runnable],
+                num_inference_steps=steps,
+                height=height,
+                width=width,
+                output_type="np",
+            )
+            seconds = (time.perf_counter() - started) / len(runnable)
+            for example, image in zip(runnable, np.asarray(output.images, dtype=np.float32)):
+                uri = self.store.write_image(example["run_id"], example["example_id"], encode_png(image))
+                arrays[example["example_id"]] = image
+                rows[example["example_id"]] = self._row(example, status="ok", image_uri=uri, seconds=seconds)
+        return [rows[example["example_id"]] for example in batch], arrays
+
+    def generate(self, batch: Sequence[Mapping[str, Any]]) -> list[dict]:
+        """``generations`` rows for a batch of ``examples`` rows that share :data:`BATCH_KEY` (one pipeline call)."""
+        return self.render(batch)[0]
+
+    def _row(self, example: Mapping[str, Any], *, status: str, image_uri: str | None = None,
+             seconds: float | None = None, error: str | None = None) -> dict:
+        return {
+            "example_id": example["example_id"],
+            "run_id": example["run_id"],
+            "status": status,
+            "image_uri": image_uri,
+            "seconds": seconds,
+            "device": self.device_name,
+            "worker": self.worker_id,
+            "versions": self.versions,
+            "error": error,
+        }
+
+
+def failed_generation_rows(batch: Sequence[Mapping[str, Any]], error: str, *, worker: str | None = None) -> list[dict]:
+    """Failed ``generations`` rows for a batch that could not be generated at all."""
+    return [
+        {"example_id": e["example_id"], "run_id": e["run_id"], "status": "failed", "worker": worker, "error": error}
+        for e in batch
+    ]

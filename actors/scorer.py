@@ -1,0 +1,169 @@
+"""MetricWorker: metric models loaded once per process, example rows in, ``metrics`` rows out.
+
+A plain class (Ray's batch-inference pattern), wrapped in a Ray actor by :mod:`actors.pool`.
+Scoring itself is :func:`fastface.metrics.runner.score_images`; this class only turns
+stored examples into :class:`~fastface.metrics.MetricInput` and results into rows.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from actors.generator import identity_index, read_uri
+from storage.store import Store
+
+
+def _decode_rgb(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+class MetricWorker:
+    """Scores generated images of the store with ``metrics`` (names of :data:`fastface.metrics.METRICS`).
+
+    Models the selected metrics share (CLIP-L, the face backend) are loaded once, here;
+    ``metric_options`` go to :func:`~fastface.metrics.runner.score_images` (``face_backend``,
+    ``clip_model``, ``clip_pretrained``, ``aesthetic_checkpoint``, …). ``identities`` are
+    ``identities`` rows (or content_hash → row); hashes not found there are looked up in
+    the store. A source identity's stored embedding is used when it was made by the
+    metrics' face backend, else its photo is read and embedded by that backend.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        metrics: Sequence[str],
+        *,
+        identities: "Iterable[Mapping[str, Any]] | Mapping[str, Mapping[str, Any]] | None" = None,
+        device: Any = None,
+        batch_size: int = 16,
+        worker_id: str | None = None,
+        **metric_options: Any,
+    ) -> None:
+        import torch
+
+        from fastface.metrics import METRICS
+        from fastface.metrics.identity import DEFAULT_FACE_BACKEND
+        from fastface.metrics.runner import _SHARED, _SHARED_OPTIONS, _factory_parameters
+
+        self.store = store
+        self.metrics = list(dict.fromkeys(metrics))
+        if not self.metrics:
+            raise ValueError(f"no metrics selected; choose from {', '.join(sorted(METRICS.names()))}")
+        self.device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.batch_size = int(batch_size)
+        options = dict(metric_options)
+        specs = [METRICS.get(name) for name in self.metrics]  # unknown names fail here, with close names
+        # A typo in an option fails here, once, rather than on every batch (build_metrics's rule).
+        known = set().union(*(_factory_parameters(spec.factory) for _, spec in METRICS.items())) | _SHARED_OPTIONS
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown metric option(s) {unknown}; metrics accept: {sorted(known - set(_SHARED))}")
+        # Load what the selected metrics share once per worker (score_images would load it per call).
+        accepted = set().union(*(_factory_parameters(spec.factory) for spec in specs))
+        for key, build in _SHARED.items():
+            if key in accepted and key not in options:
+                options[key] = build(dict(options, device=self.device))
+        self.options = options
+        faces = options.get("faces")
+        self.face_backend_name = (
+            faces.backend.name if faces is not None else options.get("face_backend", DEFAULT_FACE_BACKEND)
+        )
+        self._identity_rows = identity_index(identities)
+        self._sources: dict[str, Any] = {}
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+
+    def _identity_row(self, identity_hash: str) -> dict | None:
+        if identity_hash not in self._identity_rows:  # once per unknown hash: _source caches the outcome
+            self._identity_rows = {**identity_index(self.store.read("identities").to_pylist()), **self._identity_rows}
+        return self._identity_rows.get(identity_hash)
+
+    def _source(self, identity_hash: str) -> dict:
+        """``source_embedding`` / ``source_image`` of a MetricInput for one identity (decoded once per worker)."""
+        if identity_hash not in self._sources:
+            row = self._identity_row(identity_hash) or {}
+            embedding = row.get("embedding")
+            if embedding is not None and row.get("face_backend") == self.face_backend_name:
+                source = {"source_embedding": np.asarray(embedding, dtype=np.float32)}
+            elif row.get("image_uri"):
+                try:
+                    source = {"source_image": _decode_rgb(read_uri(self.store, row["image_uri"]))}
+                except Exception as exc:  # the ID metric reports it on each row that needs the source
+                    source = {"source_image": f"{row['image_uri']} (unreadable: {type(exc).__name__}: {exc})"}
+            else:
+                source = {}
+            self._sources[identity_hash] = source
+        return self._sources[identity_hash]
+
+    def score(self, batch: Sequence[Mapping[str, Any]]) -> list[dict]:
+        """``metrics`` rows for ``examples`` rows whose images exist.
+
+        A row may carry ``image_uri`` (else the store's ``images/<run>/<example_id>.png``)
+        and ``metrics`` (a subset of this worker's metrics; default all of them).
+        """
+        from fastface.metrics import MetricInput
+        from fastface.metrics.runner import score_images
+
+        groups: dict[tuple[str, ...], list[Mapping[str, Any]]] = {}
+        for row in batch:
+            wanted = tuple(row.get("metrics") or self.metrics)
+            unknown = sorted(set(wanted) - set(self.metrics))
+            if unknown:
+                raise ValueError(f"example {row['example_id']} asks for metric(s) {unknown} this worker did not load "
+                                 f"(it has {self.metrics})")
+            groups.setdefault(wanted, []).append(row)
+        out: dict[tuple[str, str], dict] = {}
+        for wanted, rows in groups.items():
+            inputs, unreadable = [], []
+            for row in rows:
+                uri = row.get("image_uri") or self.store.image_uri(row["run_id"], row["example_id"])
+                try:
+                    image = _decode_rgb(read_uri(self.store, uri))
+                except Exception as exc:
+                    unreadable.append((row, f"cannot read generated image {uri}: {type(exc).__name__}: {exc}"))
+                    continue
+                inputs.append(
+                    MetricInput(image=image, prompt=row.get("prompt"), key=row["example_id"],
+                                **self._source(row["identity_hash"]))
+                )
+            for row, error in unreadable:
+                for metric in wanted:
+                    out[row["example_id"], metric] = {"value": None, "detail": None, "error": error}
+            if inputs:
+                scored = score_images(
+                    inputs, list(wanted), batch_size=self.batch_size, device=self.device, progress=False, **self.options
+                )
+                for result in scored:
+                    out[result["key"], result["metric"]] = result
+        rows_out = []
+        for row in batch:
+            for metric in tuple(row.get("metrics") or self.metrics):
+                result = out[row["example_id"], metric]
+                rows_out.append(
+                    {
+                        "example_id": row["example_id"],
+                        "run_id": row["run_id"],
+                        "metric": metric,
+                        "value": result["value"],
+                        "detail": result["detail"],
+                        "error": result["error"],
+                    }
+                )
+        return rows_out
+
+
+def failed_metric_rows(batch: Sequence[Mapping[str, Any]], metrics: Sequence[str], error: str) -> list[dict]:
+    """Error ``metrics`` rows for a batch that could not be scored at all (re-planned on the next run)."""
+    return [
+        {"example_id": row["example_id"], "run_id": row["run_id"], "metric": metric, "value": None, "detail": None,
+         "error": error}
+        for row in batch
+        for metric in tuple(row.get("metrics") or metrics)
+    ]
