@@ -387,6 +387,9 @@ def load_tokenizer(tokenizer: str | os.PathLike | None, checkpoint_dir: Path | N
             tok = BertTokenizer(vocab=vocab, do_lower_case=True)
         else:
             tok = BertTokenizer.from_pretrained(source)
+        if tok.vocab_size <= 5:
+            # transformers 5 returns a bare 5-token tokenizer when it finds no vocabulary (e.g. offline).
+            raise OSError(f"no vocabulary found (got {tok.vocab_size} tokens)")
     except Exception as e:
         raise FileNotFoundError(
             f"cannot load the ImageReward BERT tokenizer from {source!r} ({type(e).__name__}: {e}). Offline, put "
@@ -425,10 +428,11 @@ class ImageRewardScorer:
         with open(med_file, encoding="utf-8") as f:
             self.med_config = json.load(f)
         self.tokenizer = load_tokenizer(tokenizer, ckpt_file.parent)
-        if len(self.tokenizer) > int(self.med_config["vocab_size"]):
+        if len(self.tokenizer) != int(self.med_config["vocab_size"]):
+            # The official checkpoint: bert-base-uncased's 30522 + [DEC] + [ENC] = med_config's 30524.
             raise ValueError(
-                f"tokenizer has {len(self.tokenizer)} tokens but med_config vocab_size is {self.med_config['vocab_size']}; "
-                "the tokenizer does not belong to this checkpoint"
+                f"tokenizer has {len(self.tokenizer)} tokens (with [DEC], [ENC]) but med_config vocab_size is "
+                f"{self.med_config['vocab_size']}; the tokenizer does not belong to this checkpoint"
             )
         state_dict = torch.load(ckpt_file, map_location="cpu", weights_only=True)
         if not isinstance(state_dict, dict) or not any(k.startswith("blip.") for k in state_dict):
