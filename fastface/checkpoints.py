@@ -49,6 +49,7 @@ from fastface.tiny_checkpoints import (
     ensure_tiny_checkpoints,
     step_file,
 )
+from fastface.tiny import TINY_VERSION
 
 FUSED_CACHE_VERSION = "1"  # bump when the fused-cache layout or fusing changes
 REAL_ID_EMBED_DIM = 512  # insightface buffalo_l, what FaceID-Plus-v2 was trained on
@@ -290,7 +291,7 @@ def resolve_sources(checkpoint: Checkpoint, overrides: dict[str, Any], cache_roo
     if checkpoint.tiny:
         needed = [k for k in checkpoint.source_keys if overrides.get(k) is None]
         if needed:
-            models, tiny = ensure_tiny_checkpoints(cache_root / "tiny")
+            models, tiny = ensure_tiny_checkpoints(cache_root / f"tiny-v{TINY_VERSION}")  # = tiny.default_tiny_root()
             defaults = {"sdxl_base": models.sdxl, "faceid_adapter": models.adapter, "clip_h": models.image_encoder,
                         "hyper_lora": tiny.hyper_lora, "lcm_lora": tiny.lcm_lora,
                         "lightning_unet": tiny.lightning_unet, "turbo": tiny.turbo}
@@ -410,6 +411,33 @@ def _fused_pipeline(checkpoint: Checkpoint, steps: int, dtype, sources: dict[str
     return pipe, folder
 
 
+def find_weights(
+    model: str | Checkpoint,
+    *,
+    steps: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool | None = None,
+    **source_overrides: str | os.PathLike | None,
+) -> dict[str, Located]:
+    """Locate every weight source of a checkpoint without loading any (one error lists all that are missing).
+
+    Hub files are downloaded into the Hugging Face cache when the hub is reachable.
+    """
+    checkpoint = get_checkpoint(model) if isinstance(model, str) else model
+    steps = checkpoint.resolve_steps(steps)
+    values = resolve_sources(checkpoint, dict(source_overrides), default_cache_dir(cache_dir))
+    located: dict[str, Located] = {}
+    problems: list[str] = []
+    for key, value in values.items():
+        try:
+            located[key] = locate(SOURCES.get(key), value, steps, checkpoint, local_files_only)
+        except ModelNotFoundError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ModelNotFoundError("\n".join(problems))
+    return located
+
+
 def load_pipeline(
     model: str,
     *,
@@ -434,16 +462,8 @@ def load_pipeline(
     steps = checkpoint.resolve_steps(steps)
     device, dtype = resolve_device_dtype(device, dtype)
     cache_root = default_cache_dir(cache_dir)
-    values = resolve_sources(checkpoint, dict(source_overrides), cache_root)
-    located: dict[str, Located] = {}
-    problems: list[str] = []
-    for key, value in values.items():
-        try:
-            located[key] = locate(SOURCES.get(key), value, steps, checkpoint, local_files_only)
-        except ModelNotFoundError as exc:
-            problems.append(str(exc))
-    if problems:
-        raise ModelNotFoundError("\n".join(problems))
+    located = find_weights(checkpoint, steps=steps, cache_dir=cache_root, local_files_only=local_files_only,
+                           **source_overrides)
 
     base = located["sdxl_base"]
     fused_folder = None
@@ -501,6 +521,6 @@ def load_pipeline(
 
 __all__ = [
     "CHECKPOINTS", "SOURCES", "Checkpoint", "Located", "ModelNotFoundError", "SchedulerSpec", "Source",
-    "check_steps", "default_cache_dir", "fused_cache_folder", "get_checkpoint", "load_pipeline", "locate",
+    "check_steps", "default_cache_dir", "find_weights", "fused_cache_folder", "get_checkpoint", "load_pipeline", "locate",
     "resolve_device_dtype", "resolve_sources",
 ]

@@ -142,7 +142,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from fastface import __version__
-    from fastface.checkpoints import check_steps, default_cache_dir, get_checkpoint
+    from fastface.checkpoints import check_steps, default_cache_dir, find_weights, get_checkpoint
     from fastface.faces import FACE_BACKENDS, get_face_backend, prepare_identity
 
     # 1. everything that can be checked before loading a model
@@ -171,6 +171,8 @@ def run_generate(args: argparse.Namespace) -> int:
         if not job.face.is_file():
             raise FileNotFoundError(f"face photo {job.face} not found")
     sources = parse_sources(args.source)
+    load_options = dict(steps=steps, cache_dir=args.cache_dir, local_files_only=args.local_files_only or None, **sources)
+    find_weights(checkpoint, **load_options)  # missing weights fail here, before any face or model work
 
     # 2. identities (fails on a photo without a face before any model loads)
     cache_root = default_cache_dir(args.cache_dir)
@@ -182,8 +184,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     # 3. model, then batches
     pipe = cached_pipeline(
-        checkpoint.name, steps=steps, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir,
-        lora_scale=args.lora_scale, local_files_only=args.local_files_only or None, **sources,
+        checkpoint.name, device=args.device, dtype=args.dtype, lora_scale=args.lora_scale, **load_options
     )
     show = bool(args.batch_file) and not args.no_progress
     with tqdm(total=len(jobs), desc=f"{checkpoint.name}/{args.preset}", unit="img", disable=not show) as bar:
