@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -55,18 +56,25 @@ def pool_shape(num_workers: int | None = None, *, cpus_per_worker: float = 1.0) 
     """``(workers, GPUs per worker)`` for the GPUs Ray sees; ``(n, 0.0)`` on a cluster without GPUs.
 
     By default one worker per whole GPU. More workers than GPUs share them in equal fractions.
-    Without GPUs, one worker per ``cpus_per_worker`` CPUs (at least one).
+    Without GPUs, one worker per ``cpus_per_worker`` CPUs (at least one). Never more workers
+    than the cluster's CPUs can place at ``cpus_per_worker`` each (each actor reserves that many).
     """
     resources = ray.cluster_resources()
     gpus = float(resources.get("GPU", 0.0))
+    cpus = float(resources.get("CPU", 1.0))
     if num_workers is not None and int(num_workers) < 1:
         raise ValueError(f"num_workers must be at least 1, got {num_workers}")
+    # Actors beyond what the CPUs can place would wait forever with batches queued on them.
+    cpu_cap = max(1, int(cpus // cpus_per_worker)) if cpus_per_worker > 0 else None
     if gpus > 0:
         workers = int(num_workers) if num_workers is not None else max(1, int(gpus))
-        return workers, (1.0 if workers <= gpus else gpus / workers)
-    cpus = float(resources.get("CPU", 1.0))
-    workers = int(num_workers) if num_workers is not None else max(1, int(cpus // max(cpus_per_worker, 1e-9)))
-    return workers, 0.0
+    else:
+        workers = int(num_workers) if num_workers is not None else (cpu_cap or 1)
+    if cpu_cap is not None:
+        workers = min(workers, cpu_cap)
+    if gpus <= 0:
+        return workers, 0.0
+    return workers, (1.0 if workers <= gpus else gpus / workers)
 
 
 class _GeneratorActor:
@@ -105,6 +113,12 @@ class _MetricActor:
 class _Batch:
     rows: list[dict]
     attempts: int = 0
+
+
+def _last_line(text: str) -> str:
+    """The last non-empty line of a Ray error (the exception itself, after Ray's traceback), without colours."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines() if line.strip()]
+    return lines[-1] if lines else text
 
 
 def _task_error_text(exc: RayTaskError) -> str:
@@ -179,8 +193,8 @@ def _drive(
             try:
                 result = ray.get(ref)
             except RayActorError as exc:
-                if getattr(exc, "actor_init_failed", False):
-                    raise RuntimeError(f"{kind} actor failed to start: {exc}") from exc
+                if getattr(exc, "actor_init_failed", False):  # a config error: every replacement would fail too
+                    raise RuntimeError(f"{kind} actor failed to start: {_last_line(str(exc))}") from exc
                 stats["actor_restarts"] += 1
                 if stats["actor_restarts"] > restarts_allowed:
                     raise RuntimeError(

@@ -19,10 +19,11 @@ from storage.store import Store
 
 
 def _decode_rgb(data: bytes) -> np.ndarray:
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
+        # Rotated as load_image_rgb rotates a photo read from a path (EXIF orientation).
+        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
 
 
 class MetricWorker:

@@ -295,3 +295,87 @@ def test_out_of_memory_splits_the_batch(ray_cluster, tmp_path_factory, identitie
     assert summary["split"] == 1 and summary["ok"] == 4 and summary["failed"] == 0
     assert summary["files"] == 2  # the two halves, one file each
     assert raw_generation_counts(store) == (4, 4)
+
+
+class FakeGenerator:
+    """A model-free actor for the pool's scheduling rules (starts in a second, not ten)."""
+
+    def __init__(self, *, worker_id, oom_above=None, raise_on=None, fail_init=False):
+        if fail_init:
+            raise ValueError("unknown checkpoint 'nope'")
+        self.worker_id, self.oom_above, self.raise_on = worker_id, oom_above, raise_on
+
+    def run(self, batch):
+        from actors.pool import _OOM
+
+        if self.oom_above is not None and len(batch) > self.oom_above:
+            return {_OOM: "CUDA out of memory (injected)"}
+        if any(row["example_id"] == self.raise_on for row in batch):
+            raise ValueError("boom")
+        return [{"example_id": r["example_id"], "run_id": r["run_id"], "status": "ok", "worker": self.worker_id}
+                for r in batch]
+
+
+def drive_fake(store, batches, **actor_kwargs):
+    from tqdm.auto import tqdm
+
+    from actors.generator import failed_generation_rows
+    from actors.pool import _drive, _new_stats
+
+    stats = _new_stats()
+    _drive(store, "generations", batches, actor_class=FakeGenerator, actor_args=(), actor_kwargs=actor_kwargs,
+           kind="fake", num_workers=1, cpus_per_worker=1, max_retries=1, failed_rows=failed_generation_rows,
+           units=len, bar=tqdm(disable=True), on_batch=None, stats=stats)
+    return stats
+
+
+def test_pool_rules_with_a_model_free_actor(ray_cluster, tmp_path, examples):
+    rows = [{"example_id": e["example_id"], "run_id": e["run_id"]} for e in examples]
+
+    # Out of memory down to one example: that example gets a failed row, nothing is lost or doubled.
+    store = Store(str(tmp_path / "oom"))
+    stats = drive_fake(store, [rows[:3]], oom_above=0)
+    assert stats["split"] == 2 and stats["failed"] == 3 and stats["files"] == 3
+    failed = store.read("generations").to_pylist()
+    assert sorted(r["example_id"] for r in failed) == sorted(r["example_id"] for r in rows[:3])
+    assert all(r["status"] == "failed" and "out of memory at batch size 1" in r["error"] for r in failed)
+
+    # A worker exception fails its batch only; the sweep goes on.
+    store = Store(str(tmp_path / "raise"))
+    stats = drive_fake(store, [rows[:2], rows[2:4]], raise_on=rows[0]["example_id"])
+    assert stats["failed"] == 2 and stats["ok"] == 2
+    errors = {r["example_id"]: r["error"] for r in store.read("generations").to_pylist()}
+    assert errors[rows[0]["example_id"]] == "ValueError: boom" and errors[rows[2]["example_id"]] is None
+
+    # A worker that cannot start (bad model name, missing weights) stops the run with its reason.
+    with pytest.raises(RuntimeError, match="failed to start.*unknown checkpoint 'nope'"):
+        drive_fake(Store(str(tmp_path / "init")), [rows[:1]], fail_init=True)
+
+
+@pytest.mark.slow
+def test_worker_on_cuda_in_half_precision(tmp_path_factory, identities, examples, options, reference):
+    """On a GPU machine: the default device/dtype are CUDA/float16 and images stay close to the CPU float32 ones."""
+    import torch
+
+    from actors.generator import GeneratorWorker
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    _, arrays = reference
+    worker = GeneratorWorker(new_store(tmp_path_factory, "cuda", identities), MODEL, steps=STEPS, **options)
+    assert worker.device.type == "cuda" and worker.dtype == torch.float16
+    batch = [e for e in examples if e["preset"] == "baseline"]
+    rows, images = worker.render(batch)
+    assert all(r["status"] == "ok" and r["device"].startswith("cuda") for r in rows)
+    for e in batch:
+        assert np.abs(images[e["example_id"]] - arrays[e["example_id"]]).mean() < 0.05
+
+
+def test_pool_shape_follows_the_gpus_ray_sees(ray_cluster):
+    from actors.pool import pool_shape
+
+    assert pool_shape() == (1, 1.0)  # one actor per GPU
+    assert pool_shape(2) == (2, 0.5)  # more workers than GPUs share them
+    assert pool_shape(5) == (2, 0.5)  # never more actors than the 2 CPUs can place
+    with pytest.raises(ValueError, match="num_workers"):
+        pool_shape(0)
