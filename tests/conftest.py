@@ -12,6 +12,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+# The tiny models are dominated by per-op overhead: one intra-op thread is faster and keeps
+# Ray workers and pytest from oversubscribing CI's two cores.
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
 DATA = Path(__file__).parent / "data"
 AUTHORS_E2E = DATA / "authors_e2e"
 
@@ -59,3 +65,29 @@ def ray_cluster():
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def fastface_cache(tiny_models, tmp_path_factory):
+    """A FASTFACE cache folder whose tiny-model root is the session's tiny models (built once).
+
+    ``tiny-*`` checkpoints build their tiny distilled weights in it on first use; fused
+    checkpoints and identity records are cached there too. Pass it as ``cache_dir`` / ``--cache-dir``.
+    """
+    from fastface.tiny import TINY_VERSION
+    from fastface.tiny_checkpoints import ensure_tiny_checkpoints
+
+    cache = tmp_path_factory.mktemp("fastface-cache")
+    root = cache / f"tiny-v{TINY_VERSION}"
+    root.symlink_to(Path(tiny_models.sdxl).parent.parent, target_is_directory=True)
+    ensure_tiny_checkpoints(root)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def face_photo():
+    """Tom Hanks, from the installed insightface wheel."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("insightface")
+    return Path(next(iter(spec.submodule_search_locations))) / "data" / "images" / "Tom_Hanks_54745.png"
