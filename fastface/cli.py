@@ -328,6 +328,9 @@ register_command("models", "list checkpoints: steps, size, guidance, weight sour
 register_command("faces", "face tools (compare)", add_faces_arguments, run_faces)
 register_command("score", "score generated images (CLIP, AE, ID, FFC, ...)",
                  "fastface.metrics.runner:add_score_arguments", "fastface.metrics.runner:run_score_command")
+register_command("evaluate", "run an evaluation config end to end (Prefect)", "flows.cli:add_evaluate_arguments", "flows.cli:run_evaluate")
+register_command("sql", "query the result tables with DuckDB", "flows.cli:add_sql_arguments", "flows.cli:run_sql")
+register_command("report", "write the evaluation report of a run", "flows.cli:add_report_arguments", "flows.cli:run_report")
 
 
 def build_parser(with_arguments_of: str | None = None) -> argparse.ArgumentParser:

@@ -1,0 +1,89 @@
+"""``fastface evaluate``, ``fastface sql`` and ``fastface report`` (registered in :mod:`fastface.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _overrides(items: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE (e.g. sweep.size=32), got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="evaluation YAML (configs/smoke.yaml, configs/paper.yaml)")
+    parser.add_argument("--root", required=True, help="store root: a folder or s3://bucket/prefix")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set sweep.size=32 (repeatable)")
+    parser.add_argument("--check", action="store_true", help="validate the config and exit")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from flows.config import ConfigError, load_config
+
+    overrides = _overrides(args.set)
+    try:
+        config = load_config(args.config, overrides)  # fails before Prefect or Ray start
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    if args.check:
+        print(f"config {args.config} is valid: run {config.name!r}, {len(config.presets())} presets, "
+              f"{len(config.sweep.models)} models")
+        return 0
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.evaluate import evaluate_flow
+
+    evaluate_flow(config=str(args.config), root=args.root, overrides=overrides or None)
+    return 0
+
+
+def add_sql_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", required=True, help="store root: a folder or s3://bucket/prefix")
+    parser.add_argument("--max-rows", type=int, default=50)
+    parser.add_argument("query", help='SQL over the views runs, identities, prompts, examples, generations, metrics '
+                                      '(deduplicated) and <table>_raw, e.g. "SELECT preset, metric, avg(value) FROM '
+                                      'metrics JOIN examples USING (example_id) GROUP BY ALL"')
+
+
+def run_sql(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from storage import Catalog, Store
+
+    with Catalog(Store(args.root)) as catalog:
+        try:
+            print(catalog.sql_table(args.query, max_rows=args.max_rows))
+        except duckdb.Error as exc:
+            raise ValueError(f"query failed: {str(exc).splitlines()[0]}") from None
+    return 0
+
+
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", required=True, help="store root: a folder or s3://bucket/prefix")
+    parser.add_argument("--run", default=None, help="run id (default: the only run in the store)")
+    parser.add_argument("--ip-adapter-scale", type=float, default=None, help="λ of the tables (default 0.8 if swept)")
+    parser.add_argument("--baseline", default="baseline")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-calibration", action="store_true")
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from flows.report import build_report
+
+    report = build_report(args.root, args.run, ip_adapter_scale=args.ip_adapter_scale, baseline=args.baseline,
+                          bootstrap_samples=args.bootstrap, seed=args.seed, calibration=not args.no_calibration)
+    print(report["summary_markdown"])
+    print("\nwrote:", file=sys.stderr)
+    for name, uri in report["files"].items():
+        print(f"  {name}: {uri}", file=sys.stderr)
+    return 0

@@ -1,0 +1,362 @@
+"""The evaluation config: one YAML file that says what to evaluate, validated before anything runs.
+
+Every error names the field and the allowed values (unknown model/preset/metric, a
+preset whose per-step schedules do not fit the step count, scales out of range, a
+missing data folder, a face backend whose embeddings the models cannot take).
+``load_config(path)`` returns an :class:`EvaluationConfig` (pydantic v2, frozen); its
+``to_dict()`` is stored in the ``runs`` table next to the results.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PACKAGE_SCHEME = "package://"
+PROMPT_SETS = ("realistic", "stylistic", "joint")
+WEIGHTS = ("tiny", "real")
+
+
+class ConfigError(ValueError):
+    """The evaluation config is invalid; the message names each bad field and what is allowed."""
+
+
+def resolve_uri(uri: str, base: Path | None = None) -> str:
+    """``package://<pkg>/<path>`` → the file inside the installed package; relative paths against ``base``.
+
+    Other URIs (``s3://…``) are returned unchanged.
+    """
+    if uri.startswith(PACKAGE_SCHEME):
+        package, _, inner = uri[len(PACKAGE_SCHEME):].partition("/")
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"{uri}: package {package!r} is not installed")
+        return str(Path(next(iter(spec.submodule_search_locations))) / inner)
+    if "://" in uri:
+        return uri
+    path = Path(uri).expanduser()
+    if not path.is_absolute() and base is not None:
+        path = base / path
+    return str(path)
+
+
+def _exists(uri: str) -> bool:
+    if "://" not in uri:
+        return Path(uri).exists()
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs.exists(path)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IdentitySource(_Model):
+    """A photo, or a folder of photos. ``crop_faces: n`` cuts the n largest faces of a group photo into identities."""
+
+    uri: str
+    crop_faces: int | None = Field(default=None, ge=1)
+    gender: str | None = None
+    age: str | None = None
+    ethnicity: str | None = None
+
+
+class SynthesisConfig(_Model):
+    """Synthesised identities (architecture §1): text-to-image faces per gender × age group, filtered."""
+
+    model: str = "hyper"
+    steps: int | None = None
+    size: int | None = Field(default=None, ge=32)
+    per_group: int = Field(default=9, ge=2)
+    genders: tuple[str, ...] = ("woman", "man")
+    ages: tuple[str, ...] = ("young", "middle-aged", "old")
+    ethnicities: tuple[str, ...] = ("african", "east asian", "south asian", "european", "hispanic", "middle eastern")
+    max_rounds: int = Field(default=5, ge=1)
+    seed: int = 0
+
+
+class DatasetConfig(_Model):
+    name: str | None = None  # run id of the identities/prompts rows; default "<run name>-dataset"
+    folder: str | None = None  # the authors' layout: id_photos/*.png, prompts_nostyle.txt, prompts_style.txt
+    identities: tuple[IdentitySource, ...] = ()
+    prompt_files: tuple[str, ...] = ()
+    prompts: tuple[str, ...] = ()
+    realistic_prompts: int | None = Field(default=None, ge=0)  # curated realistic prompts to add (synthesis)
+    stylistic_prompts: int | None = Field(default=None, ge=0)  # curated stylistic prompts to add
+    max_identities: int | None = Field(default=None, ge=1)
+    max_prompts: int | None = Field(default=None, ge=1)  # per kind
+    synthesise: SynthesisConfig | None = None
+
+
+class SetConfig(_Model):
+    """Presets run on one prompt set (realistic, stylistic or joint = both), each compared with ``baseline``."""
+
+    prompts: Literal["realistic", "stylistic", "joint"]
+    presets: tuple[str, ...]
+
+
+class SweepConfig(_Model):
+    models: tuple[str, ...]
+    sets: tuple[SetConfig, ...]
+    lora_scales: tuple[float, ...] = (1.0,)
+    ip_adapter_scales: tuple[float, ...] = (0.8,)
+    seeds: tuple[int, ...] = (0,)
+    steps: int | dict[str, int] | None = None  # None: each model's default
+    size: int | None = Field(default=None, ge=8)  # None: each model's native size
+    code_version: str = "fastface-1"
+
+    @field_validator("ip_adapter_scales", "lora_scales")
+    @classmethod
+    def _scales(cls, values: tuple[float, ...], info) -> tuple[float, ...]:
+        if not values:
+            raise ValueError("give at least one value")
+        bad = [v for v in values if not 0.0 <= v <= 1.5]
+        if bad:
+            raise ValueError(f"values {bad} are out of range; allowed: 0 <= scale <= 1.5")
+        if len(set(values)) != len(values):
+            raise ValueError(f"duplicate values in {list(values)}")
+        return values
+
+
+class MetricsConfig(_Model):
+    names: tuple[str, ...] = ("id", "ffc", "face_size", "clip", "ae", "fsc")
+    clip_model: str | None = None  # None: ViT-L/14 (openai), or the tiny CLIP when weights: tiny
+    clip_pretrained: str | None = None
+    aesthetic_checkpoint: str | None = None
+    fsc_mode: Literal["aligned", "authors"] = "aligned"
+
+
+class ExecutionConfig(_Model):
+    batch_size: int = Field(default=4, ge=1)
+    score_batch_size: int = Field(default=16, ge=1)
+    shard_size: int = Field(default=256, ge=1)  # examples per Prefect task (one pool per shard)
+    num_workers: int | None = Field(default=None, ge=1)
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    ray_address: str | None = None
+    cache_dir: str | None = None  # fused checkpoints, tiny models, identity cache; default $FASTFACE_CACHE
+    device: str | None = None
+    dtype: str | None = None
+    retries: int = Field(default=2, ge=0)
+
+
+class BootstrapConfig(_Model):
+    samples: int = Field(default=1000, ge=10)
+    confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
+    seed: int = 0
+
+
+class ReportConfig(_Model):
+    ip_adapter_scale: float | None = None  # None: 0.8 when swept, else the largest swept value
+    baseline: str = "baseline"
+    bootstrap: BootstrapConfig = BootstrapConfig()
+    grid_identities: int = Field(default=6, ge=1)
+    calibration: bool = True
+
+
+class EvaluationConfig(_Model):
+    name: str
+    weights: Literal["tiny", "real"]
+    face_backend: Literal["dlib", "insightface"]
+    dataset: DatasetConfig
+    sweep: SweepConfig
+    metrics: MetricsConfig = MetricsConfig()
+    execution: ExecutionConfig = ExecutionConfig()
+    report: ReportConfig = ReportConfig()
+    source_path: str | None = None  # where the YAML came from (relative paths resolve against its folder)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        from storage.store import check_name
+
+        check_name("name", value)
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> "EvaluationConfig":
+        problems = check_config(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def base_dir(self) -> Path | None:
+        return Path(self.source_path).parent if self.source_path else None
+
+    @property
+    def dataset_run(self) -> str:
+        return self.dataset.name or f"{self.name}-dataset"
+
+    def presets(self) -> list[str]:
+        """Every preset the sweep runs (baseline first), in order of appearance."""
+        names = [self.report.baseline] + [p for s in self.sweep.sets for p in s.presets]
+        return list(dict.fromkeys(names))
+
+    def steps_for(self, model: str) -> int | None:
+        steps = self.sweep.steps
+        return steps.get(model) if isinstance(steps, dict) else steps
+
+    def report_scale(self) -> float:
+        scales = self.sweep.ip_adapter_scales
+        if self.report.ip_adapter_scale is not None:
+            return self.report.ip_adapter_scale
+        return 0.8 if 0.8 in scales else max(scales)
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+def check_config(config: EvaluationConfig) -> list[str]:
+    """Cross-field checks against the registries; returns one message per problem."""
+    from fastface.checkpoints import CHECKPOINTS, check_steps
+    from fastface.faces import FACE_BACKENDS
+    from fastface.metrics import METRICS
+    from fastface.presets import PRESETS
+
+    problems: list[str] = []
+    sweep = config.sweep
+    for model in sweep.models:
+        if model not in CHECKPOINTS:
+            problems.append(f"sweep.models: unknown model {model!r}; allowed: {', '.join(CHECKPOINTS.names())}")
+            continue
+        checkpoint = CHECKPOINTS.get(model)
+        if (config.weights == "tiny") != checkpoint.tiny:
+            want = "tiny-* models" if config.weights == "tiny" else "real models (not tiny-*)"
+            problems.append(f"sweep.models: {model!r} does not fit weights: {config.weights} (use {want})")
+        width = FACE_BACKENDS.get(config.face_backend).embedding_dim
+        if width != checkpoint.id_embed_dim:
+            fitting = [n for n in FACE_BACKENDS if FACE_BACKENDS.get(n).embedding_dim == checkpoint.id_embed_dim]
+            problems.append(
+                f"face_backend: {config.face_backend!r} gives {width}-d embeddings but model {model!r} takes "
+                f"{checkpoint.id_embed_dim}-d; allowed: {', '.join(fitting)}"
+            )
+    if not sweep.sets:
+        problems.append("sweep.sets: give at least one {prompts: realistic|stylistic|joint, presets: [...]}")
+    for i, set_ in enumerate(sweep.sets):
+        for preset in set_.presets:
+            if preset not in PRESETS:
+                problems.append(f"sweep.sets[{i}].presets: unknown preset {preset!r}; allowed: {', '.join(PRESETS.names())}")
+    if config.report.baseline not in PRESETS:
+        problems.append(f"report.baseline: unknown preset {config.report.baseline!r}; allowed: {', '.join(PRESETS.names())}")
+    if isinstance(sweep.steps, dict):
+        extra = sorted(set(sweep.steps) - set(sweep.models))
+        if extra:
+            problems.append(f"sweep.steps: models {extra} are not in sweep.models {list(sweep.models)}")
+    if not problems:
+        for model in sweep.models:
+            for preset in config.presets():
+                try:
+                    check_steps(model, preset, config.steps_for(model))
+                except ValueError as exc:
+                    problems.append(f"sweep.steps: {exc}")
+    for name in config.metrics.names:
+        if name not in METRICS:
+            problems.append(f"metrics.names: unknown metric {name!r}; allowed: {', '.join(METRICS.names())}")
+    if len(set(config.metrics.names)) != len(config.metrics.names):
+        problems.append(f"metrics.names: listed twice: {list(config.metrics.names)}")
+    if config.report.ip_adapter_scale is not None and config.report.ip_adapter_scale not in sweep.ip_adapter_scales:
+        problems.append(
+            f"report.ip_adapter_scale: {config.report.ip_adapter_scale} is not swept; allowed: {list(sweep.ip_adapter_scales)}"
+        )
+    data = config.dataset
+    base = config.base_dir
+    if data.folder is None and not data.identities and data.synthesise is None:
+        problems.append("dataset: give folder (the authors' layout), identities (photos) or synthesise")
+    if data.folder is not None:
+        folder = resolve_uri(data.folder, base)
+        if not _exists(folder):
+            problems.append(f"dataset.folder: {data.folder} does not exist (resolved to {folder}); "
+                            "download the authors' released data (id_photos/, prompts_nostyle.txt, prompts_style.txt)")
+    for i, source in enumerate(data.identities):
+        try:
+            path = resolve_uri(source.uri, base)
+        except FileNotFoundError as exc:
+            problems.append(f"dataset.identities[{i}].uri: {exc}")
+            continue
+        if not _exists(path):
+            problems.append(f"dataset.identities[{i}].uri: {source.uri} not found (resolved to {path})")
+    for i, uri in enumerate(data.prompt_files):
+        if not _exists(resolve_uri(uri, base)):
+            problems.append(f"dataset.prompt_files[{i}]: {uri} not found")
+    if data.synthesise is not None and data.synthesise.model not in CHECKPOINTS:
+        problems.append(f"dataset.synthesise.model: unknown model {data.synthesise.model!r}; "
+                        f"allowed: {', '.join(CHECKPOINTS.names())}")
+    if config.weights == "real":
+        for field in ("clip_model", "aesthetic_checkpoint"):
+            if getattr(config.metrics, field) == "tiny":
+                problems.append(f"metrics.{field}: 'tiny' needs weights: tiny")
+    return problems
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"]) or "config"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown field (check the spelling; see configs/smoke.yaml for the fields)"
+        elif error["type"] == "literal_error":
+            message = f"{message}, got {error.get('input')!r}"
+        lines.append(f"  {where}: {message}")
+    return f"invalid evaluation config {source}:\n" + "\n".join(lines)
+
+
+def config_from_dict(data: dict[str, Any], *, source: str = "<dict>", overrides: dict[str, Any] | None = None) -> EvaluationConfig:
+    """Validate a config dict (``overrides`` are dotted keys, e.g. ``{"sweep.size": 32}``)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid evaluation config {source}: expected a mapping at the top level")
+    data = _deep_copy(data)
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    if source != "<dict>":
+        data.setdefault("source_path", source)
+    try:
+        return EvaluationConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> EvaluationConfig:
+    """Read and validate a YAML config (``yaml.safe_load``; nothing in it is executed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    return config_from_dict(data, source=str(path.resolve()), overrides=overrides)
+
+
+__all__ = [
+    "ConfigError",
+    "DatasetConfig",
+    "EvaluationConfig",
+    "IdentitySource",
+    "SetConfig",
+    "SweepConfig",
+    "SynthesisConfig",
+    "config_from_dict",
+    "load_config",
+    "resolve_uri",
+]

@@ -1,0 +1,387 @@
+"""The report: the paper's tables, λ-curves, bootstrap intervals, paired differences, image grids, calibration.
+
+:func:`build_report` reads the store through the DuckDB catalog, aggregates with
+:mod:`flows.analysis`, and writes under ``<root>/reports/<run>/``: ``report.html``
+(tables, plots and image grids embedded as base64), ``summary.md``, ``table.csv``,
+``paired.csv``, ``calibration.csv`` and ``lambda_<set>_<metric>.png``. The Prefect flow
+``report`` wraps it and publishes the tables and the summary as artifacts.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+from typing import Any, Sequence
+
+import numpy as np
+
+from flows import analysis
+from storage import Catalog, Store
+
+CURVE_METRICS = ("clip", "ae", "ir")
+TABLE_METRICS = ("id", "clip", "ae", "ir", "fsc", "face_size", "ffc")
+
+
+# -- reading --------------------------------------------------------------------------------------
+def metric_rows(catalog: Catalog, run_id: str) -> list[dict]:
+    """``metrics`` ⋈ ``examples`` of one run: the input of :mod:`flows.analysis` (errored rows left out)."""
+    return catalog.rows(
+        "SELECT m.example_id, e.identity_id, e.prompt_id, e.prompt_kind, e.model, e.preset, e.lora_scale, "
+        "e.ip_adapter_scale, e.seed, m.metric, m.value "
+        "FROM metrics m JOIN examples e ON m.example_id = e.example_id AND m.run_id = e.run_id "
+        "WHERE m.run_id = ? AND m.error IS NULL",
+        [run_id],
+    )
+
+
+def run_ids(catalog: Catalog) -> list[str]:
+    return [r["run_id"] for r in catalog.rows("SELECT DISTINCT run_id FROM examples ORDER BY run_id")]
+
+
+# -- formatting -----------------------------------------------------------------------------------
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:+.1f}%"
+
+
+def main_table(rows: list[dict], *, scale: float, baseline: str, metrics: Sequence[str], boot: dict) -> list[dict]:
+    """Per set and (model, preset, lora_scale) at ``scale``: values, ID CI, change vs baseline, paired ΔID."""
+    out = []
+    at_scale = [r for r in rows if math.isclose(float(r["ip_adapter_scale"]), scale)]
+    for prompt_set in analysis.PROMPT_SETS:
+        table = analysis.relative_change(analysis.aggregate(at_scale, prompt_set=prompt_set), baseline=baseline)
+        if not table:
+            continue
+        ci = {(r["model"], r["preset"], r["lora_scale"]): r
+              for r in analysis.config_intervals(at_scale, "id", prompt_set=prompt_set, **boot)}
+        paired = {(r["model"], r["preset"], r["lora_scale"]): r
+                  for r in analysis.paired_differences(at_scale, "id", baseline=baseline, prompt_set=prompt_set, **boot)}
+        configs: dict[tuple, dict] = {}
+        for r in table:
+            key = (r["model"], r["preset"], r["lora_scale"])
+            row = configs.setdefault(key, {"set": prompt_set, "model": key[0], "preset": key[1], "lora_scale": key[2],
+                                           "ip_adapter_scale": scale})
+            if r["metric"] in metrics:
+                row[r["metric"]] = r["value"]
+                row[f"{r['metric']}_change"] = r["relative_change"]
+                if r["metric"] == "id":
+                    row["id_no_face"] = r["missing"]
+        for key, row in configs.items():
+            c = ci.get(key, {})
+            row["id_low"], row["id_high"] = c.get("low"), c.get("high")
+            p = paired.get(key)
+            row["id_paired_diff"] = p["mean_difference"] if p else None
+            row["id_paired_low"] = p["low"] if p else None
+            row["id_paired_high"] = p["high"] if p else None
+            out.append(row)
+    order = {baseline: 0}
+    return sorted(out, key=lambda r: (list(analysis.PROMPT_SETS).index(r["set"]), r["model"], r["lora_scale"] * -1,
+                                      order.get(r["preset"], 1), r["preset"]))
+
+
+def table_markdown(table: list[dict], metrics: Sequence[str], baseline: str) -> str:
+    headers = ["set", "model", "preset", "lora"] + [m.upper() for m in metrics] + [f"Δ vs {baseline}", "paired ΔID [CI]"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for r in table:
+        cells = [r["set"], r["model"], r["preset"], _fmt(r["lora_scale"], 2)]
+        for m in metrics:
+            value = _fmt(r.get(m), 0 if m == "ffc" else 3)
+            if m == "id" and r.get("id_low") is not None:
+                value += f" [{_fmt(r['id_low'])}, {_fmt(r['id_high'])}]"
+            cells.append(value)
+        changes = ", ".join(f"{m.upper()} {_pct(r.get(f'{m}_change'))}" for m in metrics
+                            if r["preset"] != baseline and r.get(f"{m}_change") is not None)
+        cells.append(changes or "–")
+        cells.append("–" if r.get("id_paired_diff") is None else
+                     f"{r['id_paired_diff']:+.3f} [{r['id_paired_low']:+.3f}, {r['id_paired_high']:+.3f}]")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# -- plots --------------------------------------------------------------------------------------
+def plot_lambda_curves(rows: list[dict], prompt_set: str, y_metric: str) -> bytes | None:
+    """PNG of ID against ``y_metric`` traced by ip_adapter_scale, one panel per model, one line per preset × lora."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = analysis.aggregate(rows, prompt_set=prompt_set)
+    curves = analysis.lambda_curves(table, x="id", y=y_metric)
+    if not curves:
+        return None
+    models = sorted({k[0] for k in curves})
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for (m, preset, lora, _), points in sorted(curves.items(), key=lambda kv: tuple(map(str, kv[0]))):
+            if m != model:
+                continue
+            xs, ys = [p["y"] for p in points], [p["x"] for p in points]
+            ax.plot(xs, ys, marker="o", label=f"{preset} (lora {lora:g})")
+            for p in points:
+                ax.annotate(f"{p['ip_adapter_scale']:g}", (p["y"], p["x"]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+        ax.set_xlabel(y_metric.upper())
+        ax.set_ylabel("ID")
+        ax.set_title(f"{model} — {prompt_set} (labels: λ)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+# -- images -------------------------------------------------------------------------------------
+def thumbnail_b64(data: bytes, size: int = 96) -> str:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        image = image.convert("RGB")
+        image.thumbnail((size, size))
+        if max(image.size) < size:  # tiny models make 32-64 px images: show them at thumbnail size
+            scale = size / max(image.size)
+            image = image.resize((round(image.width * scale), round(image.height * scale)), Image.NEAREST)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def image_grids(store: Store, catalog: Catalog, run_id: str, *, max_identities: int, baseline: str) -> list[str]:
+    """HTML grids per model and prompt kind: identity × (preset, λ), first prompt, first lora scale and seed."""
+    examples = catalog.rows(
+        "SELECT e.*, g.image_uri FROM examples e JOIN generations g ON e.example_id = g.example_id "
+        "AND e.run_id = g.run_id WHERE e.run_id = ? AND g.status = 'ok'", [run_id])
+    if not examples:
+        return []
+    identities = {r["content_hash"]: r for r in catalog.rows("SELECT * FROM identities")}
+    grids = []
+    for model in sorted({e["model"] for e in examples}):
+        for kind in ("realistic", "stylistic"):
+            chosen = [e for e in examples if e["model"] == model and e["prompt_kind"] == kind]
+            if not chosen:
+                continue
+            prompt = sorted({e["prompt"] for e in chosen})[0]
+            lora = max(e["lora_scale"] for e in chosen)
+            seed = min(e["seed"] for e in chosen)  # noqa: F841 (documented choice; seeds are per identity/prompt)
+            chosen = [e for e in chosen if e["prompt"] == prompt and e["lora_scale"] == lora]
+            columns = sorted({(e["preset"], e["ip_adapter_scale"]) for e in chosen},
+                             key=lambda c: (c[0] != baseline, c[0], c[1]))
+            people = sorted({(e["identity_id"], e["identity_hash"]) for e in chosen})[:max_identities]
+            cell = {(e["identity_id"], e["preset"], e["ip_adapter_scale"]): e for e in chosen}
+            head = "".join(f"<th>{html.escape(p)}<br>λ={s:g}</th>" for p, s in columns)
+            body = []
+            for identity_id, digest in people:
+                photo = identities.get(digest, {}).get("image_uri")
+                cells = [f"<td><img src='data:image/png;base64,{thumbnail_b64(store.read_bytes(photo))}'><br>"
+                         f"{html.escape(identity_id)}</td>" if photo else f"<td>{html.escape(identity_id)}</td>"]
+                for preset, scale in columns:
+                    e = cell.get((identity_id, preset, scale))
+                    cells.append(f"<td><img src='data:image/png;base64,{thumbnail_b64(store.read_bytes(e['image_uri']))}'></td>"
+                                 if e else "<td>–</td>")
+                body.append("<tr>" + "".join(cells) + "</tr>")
+            grids.append(f"<h3>{html.escape(model)} — {kind}: “{html.escape(prompt)}” (lora {lora:g})</h3>"
+                         f"<table class='grid'><tr><th>identity</th>{head}</tr>{''.join(body)}</table>")
+    return grids
+
+
+# -- calibration --------------------------------------------------------------------------------
+def augmentations(rgb: np.ndarray) -> dict[str, np.ndarray]:
+    """Copies of one photo that keep the person: mirror, rescale, small rotation, crop."""
+    from PIL import Image
+
+    image = Image.fromarray(rgb)
+    w, h = image.size
+    return {
+        "flip": np.asarray(image.transpose(Image.FLIP_LEFT_RIGHT)),
+        "rescale": np.asarray(image.resize((int(w * 0.7), int(h * 0.7)), Image.BICUBIC).resize((w, h), Image.BICUBIC)),
+        "rotate": np.asarray(image.rotate(8, resample=Image.BICUBIC, fillcolor=(128, 128, 128))),
+        "crop": np.asarray(image.crop((int(0.05 * w), int(0.05 * h), int(0.95 * w), int(0.95 * h))).resize((w, h))),
+    }
+
+
+def calibration_pairs(photos: dict[str, np.ndarray], backend: Any) -> list[dict]:
+    """ID similarity of same-person pairs (photo vs augmented copy) and different-person pairs (photo vs photo)."""
+    embeddings = {}
+    pairs = []
+    for identity, rgb in photos.items():
+        faces = backend.detect(rgb)
+        if not faces:
+            continue
+        embeddings[identity] = faces[0].embedding
+        for name, copy in augmentations(rgb).items():
+            found = backend.detect(copy)
+            pairs.append({"pair": "same person", "a": identity, "b": f"{identity} ({name})",
+                          "similarity": None if not found else backend.similarity(faces[0].embedding, found[0].embedding)})
+    ids = sorted(embeddings)
+    for i, a in enumerate(ids):
+        for b in ids[i + 1:]:
+            pairs.append({"pair": "different people", "a": a, "b": b,
+                          "similarity": backend.similarity(embeddings[a], embeddings[b])})
+    return pairs
+
+
+def calibration_summary(pairs: list[dict], threshold: float) -> list[dict]:
+    out = []
+    for kind in ("same person", "different people"):
+        values = [p["similarity"] for p in pairs if p["pair"] == kind and p["similarity"] is not None]
+        missed = sum(1 for p in pairs if p["pair"] == kind and p["similarity"] is None)
+        out.append({"pairs": kind, "n": len(values), "no_face": missed,
+                    "mean": float(np.mean(values)) if values else None,
+                    "min": float(np.min(values)) if values else None, "max": float(np.max(values)) if values else None,
+                    "above_threshold": sum(v >= threshold for v in values), "threshold": threshold})
+    return out
+
+
+def _calibrate(store: Store, catalog: Catalog, max_identities: int) -> tuple[list[dict], list[dict], str]:
+    from flows.dataset import decode_rgb
+    from fastface.faces import get_face_backend
+
+    identities = catalog.rows("SELECT identity_id, image_uri, face_backend FROM identities ORDER BY identity_id")
+    identities = [r for r in identities if r["image_uri"]][:max_identities]
+    if not identities:
+        return [], [], "no identities with photos"
+    backend_name = identities[0]["face_backend"] or "dlib"
+    try:
+        backend = get_face_backend(backend_name)
+    except Exception as exc:  # e.g. buffalo_l weights not on this machine
+        return [], [], f"face backend {backend_name!r} unavailable: {exc}"
+    photos = {r["identity_id"]: decode_rgb(store.read_bytes(r["image_uri"])) for r in identities}
+    pairs = calibration_pairs(photos, backend)
+    return pairs, calibration_summary(pairs, backend.same_person_threshold), f"{backend.name}, threshold {backend.same_person_threshold:g}"
+
+
+# -- the report ---------------------------------------------------------------------------------
+def _write_csv(store: Store, key: str, rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    names = list(dict.fromkeys(k for r in rows for k in r)) or ["empty"]
+    writer = csv.DictWriter(buffer, fieldnames=names)
+    writer.writeheader()
+    writer.writerows(rows)
+    return store.write_bytes(key, buffer.getvalue().encode())
+
+
+def _html_table(rows: list[dict]) -> str:
+    if not rows:
+        return "<p>(no rows)</p>"
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(n)))}</td>" for n in names) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def build_report(
+    root: str,
+    run_id: str | None = None,
+    *,
+    ip_adapter_scale: float | None = None,
+    baseline: str = "baseline",
+    bootstrap_samples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    grid_identities: int = 6,
+    calibration: bool = True,
+) -> dict:
+    """Write the report of one run under ``<root>/reports/<run>/``; returns paths, tables and the markdown summary."""
+    store = Store(root)
+    with Catalog(store) as catalog:
+        runs = run_ids(catalog)
+        if run_id is None:
+            if len(runs) != 1:
+                raise ValueError(f"the store holds runs {runs}; choose one with --run")
+            run_id = runs[0]
+        elif run_id not in runs:
+            raise ValueError(f"no examples of run {run_id!r} in {root}; runs: {runs}")
+        rows = metric_rows(catalog, run_id)
+        models = sorted({r["model"] for r in catalog.rows("SELECT DISTINCT model FROM examples WHERE run_id = ?", [run_id])})
+        scales = sorted({float(r["ip_adapter_scale"]) for r in rows})
+        if ip_adapter_scale is None:
+            ip_adapter_scale = 0.8 if 0.8 in scales else (max(scales) if scales else 0.8)
+        elif scales and not any(math.isclose(ip_adapter_scale, s) for s in scales):
+            raise ValueError(f"--ip-adapter-scale {ip_adapter_scale} was not swept in run {run_id!r}; swept: {scales}")
+        metrics = [m for m in TABLE_METRICS if any(r["metric"] == m for r in rows)]
+        boot = {"samples": bootstrap_samples, "confidence": confidence, "seed": seed}
+        table = main_table(rows, scale=ip_adapter_scale, baseline=baseline, metrics=metrics, boot=boot)
+        paired = [p for s in analysis.PROMPT_SETS for m in metrics if m not in ("ffc",)
+                  for p in analysis.paired_differences(rows, m, baseline=baseline, prompt_set=s, **boot)]
+        prefix = f"reports/{run_id}"
+        written = {"table": _write_csv(store, f"{prefix}/table.csv", table),
+                   "paired": _write_csv(store, f"{prefix}/paired.csv", paired)}
+        plots = {}
+        for prompt_set in analysis.PROMPT_SETS:
+            for y in CURVE_METRICS:
+                if y in metrics and "id" in metrics:
+                    png = plot_lambda_curves(rows, prompt_set, y)
+                    if png:
+                        plots[f"{prompt_set}-{y}"] = png
+                        written[f"lambda_{prompt_set}_{y}"] = store.write_bytes(f"{prefix}/lambda_{prompt_set}_{y}.png", png)
+        grids = image_grids(store, catalog, run_id, max_identities=grid_identities, baseline=baseline)
+        pairs, cal_summary, cal_note = _calibrate(store, catalog, grid_identities) if calibration else ([], [], "off")
+        if pairs:
+            written["calibration"] = _write_csv(store, f"{prefix}/calibration.csv", pairs)
+
+    tiny = [m for m in models if m.startswith("tiny-")]
+    warning = (f"**These images came from tiny random-weight models ({', '.join(tiny)}): they are noise, not faces.** "
+               "The numbers exercise the metric and report machinery; they say nothing about FastFace. "
+               "ID is undefined (NULL) wherever no face is found, and FFC counts those images.") if tiny else ""
+    counts = {"rows": len(rows), "examples": len({r["example_id"] for r in rows}), "models": models,
+              "ip_adapter_scale": ip_adapter_scale}
+    summary_md = "\n\n".join(filter(None, [
+        f"# FastFace evaluation: run `{run_id}`",
+        warning,
+        f"Means per (model, preset, lora_scale) at ip_adapter_scale = {ip_adapter_scale:g}; ID with its "
+        f"{confidence:.0%} two-way bootstrap interval over identities and prompts ({bootstrap_samples} replicates); "
+        f"changes relative to `{baseline}`; paired ΔID against `{baseline}` on the same identity, prompt and seed. "
+        "ID excludes images without a face (counted in FFC).",
+        table_markdown(table, metrics, baseline) if table else "_no scored examples yet_",
+        "## Calibration of the ID metric on real photos (" + cal_note + ")\n\n"
+        + (table_markdown_simple(cal_summary) if cal_summary else "_not available_"),
+    ]))
+    html_doc = "\n".join([
+        "<!doctype html><html><head><meta charset='utf-8'><title>FastFace report " + html.escape(run_id) + "</title>",
+        "<style>body{font-family:sans-serif;margin:2em} table{border-collapse:collapse;margin:1em 0} "
+        "td,th{border:1px solid #ccc;padding:3px 6px;font-size:12px;text-align:center} .warn{background:#fee;"
+        "padding:1em;border:1px solid #c00} img{display:block;margin:auto}</style></head><body>",
+        f"<h1>FastFace evaluation: run {html.escape(run_id)}</h1>",
+        f"<p class='warn'>{html.escape(warning.replace('**', ''))}</p>" if warning else "",
+        f"<p>{html.escape(json.dumps(counts))}</p>",
+        f"<h2>Tables at λ = {ip_adapter_scale:g}</h2>", _html_table(table),
+        "<h2>Paired differences against the baseline (all λ)</h2>", _html_table(paired),
+        "<h2>λ-curves: ID against CLIP / AE / IR, traced by ip_adapter_scale</h2>",
+        "".join(f"<h3>{html.escape(k)}</h3><img src='data:image/png;base64,{base64.b64encode(v).decode()}'>"
+                for k, v in plots.items()) or "<p>(need ID and CLIP/AE/IR scores)</p>",
+        "<h2>Image grids</h2>", "".join(grids) or "<p>(no images)</p>",
+        f"<h2>Calibration of the ID metric on real photos ({html.escape(cal_note)})</h2>",
+        "<p>Same person: each identity photo against a mirrored, rescaled, rotated and cropped copy. "
+        "Different people: identity photos against each other. A working metric puts the first above the "
+        "backend's threshold and the second below it.</p>",
+        _html_table(cal_summary), _html_table(pairs),
+        "</body></html>",
+    ])
+    written["html"] = store.write_bytes(f"{prefix}/report.html", html_doc.encode())
+    written["summary"] = store.write_bytes(f"{prefix}/summary.md", summary_md.encode())
+    return {"run_id": run_id, "files": written, "table": table, "paired": paired, "calibration": cal_summary,
+            "summary_markdown": summary_md, "counts": counts, "tiny_models": tiny}
+
+
+def table_markdown_simple(rows: list[dict]) -> str:
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+    lines += ["| " + " | ".join(_fmt(r.get(n)) for n in names) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+__all__ = ["augmentations", "build_report", "calibration_pairs", "calibration_summary", "main_table",
+           "metric_rows", "plot_lambda_curves"]
