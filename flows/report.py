@@ -119,6 +119,13 @@ def plot_lambda_curves(rows: list[dict], prompt_set: str, y_metric: str) -> byte
 
     table = analysis.aggregate(rows, prompt_set=prompt_set)
     curves = analysis.lambda_curves(table, x="id", y=y_metric)
+    id_defined = bool(curves)
+    if not id_defined:
+        # ID is NULL for every image (no face found, e.g. tiny models' noise): plot the metric against λ,
+        # so the plot still shows what was measured, and say why.
+        curves = {k: [{"ip_adapter_scale": p["ip_adapter_scale"], "x": p["ip_adapter_scale"], "y": p["y"]}
+                      for p in pts]
+                  for k, pts in _metric_by_scale(table, y_metric).items()}
     if not curves:
         return None
     models = sorted({k[0] for k in curves})
@@ -128,13 +135,19 @@ def plot_lambda_curves(rows: list[dict], prompt_set: str, y_metric: str) -> byte
             if m != model:
                 continue
             xs, ys = [p["y"] for p in points], [p["x"] for p in points]
+            if not id_defined:
+                xs, ys = ys, [p["y"] for p in points]
             ax.plot(xs, ys, marker="o", label=f"{preset} (lora {lora:g})")
-            for p in points:
-                ax.annotate(f"{p['ip_adapter_scale']:g}", (p["y"], p["x"]), fontsize=7, xytext=(3, 3),
-                            textcoords="offset points")
-        ax.set_xlabel(y_metric.upper())
-        ax.set_ylabel("ID")
-        ax.set_title(f"{model} — {prompt_set} (labels: λ)")
+            for x, y, p in zip(xs, ys, points):
+                ax.annotate(f"{p['ip_adapter_scale']:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if id_defined:
+            ax.set_xlabel(y_metric.upper())
+            ax.set_ylabel("ID")
+            ax.set_title(f"{model} — {prompt_set} (labels: λ)")
+        else:
+            ax.set_xlabel("ip_adapter_scale λ")
+            ax.set_ylabel(y_metric.upper())
+            ax.set_title(f"{model} — {prompt_set}: ID undefined (no faces)", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -142,6 +155,15 @@ def plot_lambda_curves(rows: list[dict], prompt_set: str, y_metric: str) -> byte
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
     return buffer.getvalue()
+
+
+def _metric_by_scale(table: Sequence[dict], metric: str) -> dict[tuple, list[dict]]:
+    out: dict[tuple, list[dict]] = {}
+    for r in table:
+        if r["metric"] == metric and r["value"] is not None:
+            out.setdefault((r["model"], r["preset"], r["lora_scale"], r["set"]), []).append(
+                {"ip_adapter_scale": float(r["ip_adapter_scale"]), "y": r["value"]})
+    return {k: sorted(v, key=lambda p: p["ip_adapter_scale"]) for k, v in out.items()}
 
 
 # -- images -------------------------------------------------------------------------------------
@@ -322,7 +344,7 @@ def build_report(
         plots = {}
         for prompt_set in analysis.PROMPT_SETS:
             for y in CURVE_METRICS:
-                if y in metrics and "id" in metrics:
+                if y in metrics:
                     png = plot_lambda_curves(rows, prompt_set, y)
                     if png:
                         plots[f"{prompt_set}-{y}"] = png

@@ -1,0 +1,216 @@
+"""The evaluation chain as Prefect flows on a local Prefect server: configs/ci.yaml end to end (tiny models,
+Ray pool, tables, report, artifacts), re-runs that add no rows, a run killed with SIGKILL during
+generation and resumed, `fastface sql` / `fastface report`, and the scheduled deployment.
+
+One Prefect server (subprocess on 127.0.0.1, PREFECT_HOME in a tmp dir) serves the whole module;
+the in-process flows and the killed subprocess both talk to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from storage import Catalog, Store
+
+REPO = Path(__file__).resolve().parent.parent
+CI_CONFIG = str(REPO / "configs" / "ci.yaml")
+SQL = "SELECT preset, metric, avg(value) FROM metrics JOIN examples USING (example_id) GROUP BY ALL"
+TABLES = ("runs", "identities", "prompts", "examples", "generations", "metrics")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false")
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                             str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_LOCAL_STORAGE_PATH: str(home / "storage")}):
+            yield {"url": url, "home": home}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("fastface-cache"))
+
+
+def raw_counts(root: str) -> dict[str, tuple[int, int]]:
+    """Per table: (rows in every file, rows after latest-row dedup)."""
+    with Catalog(Store(root)) as catalog:
+        return {t: (catalog.query(f"SELECT count(*) AS n FROM {t}_raw").column(0)[0].as_py(),
+                    catalog.query(f"SELECT count(*) AS n FROM {t}").column(0)[0].as_py()) for t in TABLES}
+
+
+@pytest.fixture(scope="module")
+def ci_run(prefect_server, ray_cluster, cache_dir, tmp_path_factory):
+    from flows.evaluate import evaluate_flow
+
+    root = str(tmp_path_factory.mktemp("ci-root"))
+    summary = evaluate_flow(config=CI_CONFIG, root=root, overrides={"execution.cache_dir": cache_dir})
+    return root, summary
+
+
+def test_chain_writes_tables_report_and_artifacts(ci_run, prefect_server):
+    from prefect.client.orchestration import get_client
+
+    root, summary = ci_run
+    counts = raw_counts(root)
+    # 2 identities (Tom Hanks, the largest face of t1.jpg) × 2 prompts × {baseline, am1} × λ 0.8 = 8 examples.
+    assert {t: c[1] for t, c in counts.items()} == {"runs": 1, "identities": 2, "prompts": 2, "examples": 8,
+                                                     "generations": 8, "metrics": 32}
+    assert all(raw == dedup for raw, dedup in counts.values())
+    assert summary["generation"]["ok"] == 8 and summary["scoring"]["ok"] == 32
+    store = Store(root)
+    generations = store.read("generations").to_pylist()
+    assert all(g["status"] == "ok" for g in generations)
+    from PIL import Image
+    import io
+
+    with Image.open(io.BytesIO(store.read_bytes(generations[0]["image_uri"]))) as image:
+        assert image.size == (32, 32)
+    metrics = store.read("metrics").to_pylist()
+    # Tiny models make noise: no face, so ID is NULL (excluded) and FFC counts every image.
+    assert {m["value"] for m in metrics if m["metric"] == "ffc"} == {1.0}
+    assert all(m["value"] is None and m["error"] is None for m in metrics if m["metric"] == "id")
+    html = Path(summary["report"]["html"]).read_text()
+    assert "tiny random-weight models" in html and "data:image/png;base64," in html
+    table = Path(summary["report"]["table"]).read_text().splitlines()
+    assert table[0].startswith("set,model,preset") and len(table) == 1 + 3 * 2  # 3 prompt sets × 2 presets
+    with get_client(sync_client=True) as client:
+        keys = {a.key for a in client.read_artifacts() if a.key}
+        progress = [a for a in client.read_artifacts() if a.type == "progress"]
+    assert {"ci-table", "ci-summary", "ci-report", "ci-generation", "ci-scoring", "ci-dataset"} <= keys
+    assert progress and all(a.data == 100.0 for a in progress)
+
+
+def test_rerun_adds_no_rows(ci_run, cache_dir):
+    from flows.evaluate import evaluate_flow
+
+    root, _ = ci_run
+    before = raw_counts(root)
+    summary = evaluate_flow(config=CI_CONFIG, root=root, overrides={"execution.cache_dir": cache_dir})
+    assert raw_counts(root) == before
+    assert summary["run_row_written"] is False
+    assert summary["generation"]["planned"] == 0 and summary["generation"]["shards"] == 0
+    assert summary["scoring"]["planned"] == 0 and summary["dataset"]["identities"]["new"] == 0
+
+
+def test_sql_and_report_commands(ci_run, capsys):
+    from fastface.cli import main
+
+    root, _ = ci_run
+    assert main(["sql", "--root", root, SQL]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].split() == ["preset", "|", "metric", "|", 'avg("value")']
+    assert "(8 rows)" in out and any(line.startswith("am1") and "clip" in line for line in lines)
+    assert main(["sql", "--root", root, "SELECT nope FROM metrics"]) == 2
+    assert main(["report", "--root", root, "--ip-adapter-scale", "0.8", "--bootstrap", "50"]) == 0
+    assert "# FastFace evaluation: run `ci`" in capsys.readouterr().out
+    assert main(["report", "--root", root, "--ip-adapter-scale", "0.5"]) == 2
+    assert "was not swept" in capsys.readouterr().err
+
+
+def test_killed_run_resumes_with_exactly_the_planned_rows(prefect_server, ray_cluster, cache_dir, tmp_path):
+    """SIGKILL a real `fastface evaluate` during generation, start it again: every planned row once."""
+    from flows.evaluate import evaluate_flow
+
+    root = tmp_path / "killed"
+    overrides = {"execution.cache_dir": cache_dir, "execution.batch_size": 1, "sweep.ip_adapter_scales": [0.5, 0.8]}
+    env = dict(os.environ, PREFECT_API_URL=prefect_server["url"], PREFECT_HOME=str(prefect_server["home"]),
+               PYTHONPATH=str(REPO))
+    command = [sys.executable, "-m", "fastface.cli", "evaluate", "--config", CI_CONFIG, "--root", str(root)]
+    command += [arg for key, value in overrides.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
+    log = open(tmp_path / "evaluate.log", "w")
+    proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    planned = 16  # 2 identities × 2 prompts × 2 presets × 2 scales, one generations file per example
+    files = []
+    try:
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline and proc.poll() is None:
+            files = list((root / "generations").glob("run_id=*/part-*.parquet"))
+            if files:
+                break
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+    assert 1 <= len(files) < planned, f"not killed mid-generation ({len(files)} files): " + \
+        (tmp_path / "evaluate.log").read_text()[-3000:]
+    killed_rows = raw_counts(str(root))["generations"][0]
+    assert 1 <= killed_rows < planned
+
+    summary = evaluate_flow(config=CI_CONFIG, root=str(root), overrides=overrides)
+    counts = raw_counts(str(root))
+    assert counts["generations"] == (planned, planned)  # exactly the planned rows, none twice
+    assert counts["metrics"] == (planned * 4, planned * 4)
+    assert counts["examples"] == (planned, planned)
+    assert summary["generation"]["ok"] == planned - killed_rows
+    store = Store(str(root))
+    assert len(store.image_ids("ci")) == planned
+
+
+def test_scheduled_deployment_is_registered(prefect_server):
+    import yaml
+    from prefect.client.orchestration import get_client
+
+    from flows.serve import register_deployment
+
+    deployment_id = register_deployment("configs/smoke.yaml", "runs/nightly", cron="30 2 * * 1", timezone="UTC")
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment(deployment_id)
+    assert deployment.name == "nightly" and deployment.parameters == {"config": "configs/smoke.yaml",
+                                                                       "root": "runs/nightly"}
+    assert [s.schedule.cron for s in deployment.schedules] == ["30 2 * * 1"]
+    assert deployment.schedules[0].schedule.timezone == "UTC"
+    # prefect.yaml at the repository root: its entrypoint and schedule are real.
+    project = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    entry = project["deployments"][0]
+    path, _, name = entry["entrypoint"].partition(":")
+    assert (REPO / path).is_file() and name == "evaluate_flow"
+    from prefect.client.schemas.schedules import CronSchedule
+
+    assert all(CronSchedule(cron=d["schedules"][0]["cron"]) for d in project["deployments"])  # valid cron
+    assert all(Path(REPO / d["parameters"]["config"]).is_file() for d in project["deployments"])
