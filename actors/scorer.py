@@ -50,32 +50,18 @@ class MetricWorker:
     ) -> None:
         import torch
 
-        from fastface.metrics import METRICS
         from fastface.metrics.identity import DEFAULT_FACE_BACKEND
-        from fastface.metrics.runner import _SHARED, _SHARED_OPTIONS, _factory_parameters
+        from fastface.metrics.runner import build_metrics
 
         self.store = store
         self.metrics = list(dict.fromkeys(metrics))
-        if not self.metrics:
-            raise ValueError(f"no metrics selected; choose from {', '.join(sorted(METRICS.names()))}")
         self.device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
         self.batch_size = int(batch_size)
-        options = dict(metric_options)
-        specs = [METRICS.get(name) for name in self.metrics]  # unknown names fail here, with close names
-        # A typo in an option fails here, once, rather than on every batch (build_metrics's rule).
-        known = set().union(*(_factory_parameters(spec.factory) for _, spec in METRICS.items())) | _SHARED_OPTIONS
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"unknown metric option(s) {unknown}; metrics accept: {sorted(known - set(_SHARED))}")
-        # Load what the selected metrics share once per worker (score_images would load it per call).
-        accepted = set().union(*(_factory_parameters(spec.factory) for spec in specs))
-        for key, build in _SHARED.items():
-            if key in accepted and key not in options:
-                options[key] = build(dict(options, device=self.device))
-        self.options = options
-        faces = options.get("faces")
+        # Models load once per worker; unknown metric names and option typos fail here, not per batch.
+        self._built = build_metrics(self.metrics, device=self.device, **metric_options)
+        faces = metric_options.get("faces")
         self.face_backend_name = (
-            faces.backend.name if faces is not None else options.get("face_backend", DEFAULT_FACE_BACKEND)
+            faces.backend.name if faces is not None else metric_options.get("face_backend", DEFAULT_FACE_BACKEND)
         )
         self._identity_rows = identity_index(identities)
         self._sources: dict[str, Any] = {}
@@ -139,7 +125,8 @@ class MetricWorker:
                     out[row["example_id"], metric] = {"value": None, "detail": None, "error": error}
             if inputs:
                 scored = score_images(
-                    inputs, list(wanted), batch_size=self.batch_size, device=self.device, progress=False, **self.options
+                    inputs, list(wanted), batch_size=self.batch_size, device=self.device, progress=False,
+                    built=self._built,
                 )
                 for result in scored:
                     out[result["key"], result["metric"]] = result

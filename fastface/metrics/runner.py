@@ -16,7 +16,7 @@ import math
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from fastface.metrics.base import METRICS, MetricInput, MetricResult
 
@@ -123,9 +123,13 @@ def score_images(
     batch_size: int = 16,
     device: Any = None,
     progress: bool = True,
+    built: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> list[dict]:
     """One row ``{key, metric, value, detail, error}`` per (input, metric), in input order.
+
+    ``built`` passes metrics already made by :func:`build_metrics` (a worker that scores
+    many batches loads its models once); otherwise they are built from ``options``.
 
     Options go to the metric factories that accept them (``clip_model``,
     ``clip_pretrained``, ``clip_precision``, ``aesthetic_checkpoint``, ``fsc_mode``,
@@ -137,7 +141,13 @@ def score_images(
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    built = build_metrics(list(metrics), device=device, **options)
+    if built is None:
+        built = build_metrics(list(metrics), device=device, **options)
+    else:
+        missing = [m for m in metrics if m not in built]
+        if missing:
+            raise ValueError(f"metric(s) {missing} were not built (have {sorted(built)})")
+        built = {m: built[m] for m in metrics}
     keys = [item.key if item.key is not None else str(index) for index, item in enumerate(inputs)]
     results: dict[str, list[MetricResult | None]] = {name: [None] * len(inputs) for name in built}
     sources = _SourceImages()
