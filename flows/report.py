@@ -182,7 +182,11 @@ def thumbnail_b64(data: bytes, size: int = 96) -> str:
 
 
 def image_grids(store: Store, catalog: Catalog, run_id: str, *, max_identities: int, baseline: str) -> list[str]:
-    """HTML grids per model and prompt kind: identity × (preset, λ), first prompt, first lora scale and seed."""
+    """HTML grids per model and prompt kind: identity × (preset, λ) for the first prompt and the largest lora scale.
+
+    Every cell of a row shares the identity, prompt and seed (seeds depend on those only), so a row
+    shows what the preset and λ change.
+    """
     examples = catalog.rows(
         "SELECT e.*, g.image_uri FROM examples e JOIN generations g ON e.example_id = g.example_id "
         "AND e.run_id = g.run_id WHERE e.run_id = ? AND g.status = 'ok'", [run_id])
@@ -197,7 +201,6 @@ def image_grids(store: Store, catalog: Catalog, run_id: str, *, max_identities: 
                 continue
             prompt = sorted({e["prompt"] for e in chosen})[0]
             lora = max(e["lora_scale"] for e in chosen)
-            seed = min(e["seed"] for e in chosen)  # noqa: F841 (documented choice; seeds are per identity/prompt)
             chosen = [e for e in chosen if e["prompt"] == prompt and e["lora_scale"] == lora]
             columns = sorted({(e["preset"], e["ip_adapter_scale"]) for e in chosen},
                              key=lambda c: (c[0] != baseline, c[0], c[1]))

@@ -62,6 +62,12 @@ def prefect_server(tmp_path_factory):
         with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_LOCAL_STORAGE_PATH: str(home / "storage")}):
             yield {"url": url, "home": home}
     finally:
+        # Flush Prefect's log and event queues while the server is still up (else they retry at exit).
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)
+        EventsWorker.drain_all(timeout=10)
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=20)
@@ -158,8 +164,10 @@ def test_killed_run_resumes_with_exactly_the_planned_rows(prefect_server, ray_cl
 
     root = tmp_path / "killed"
     overrides = {"execution.cache_dir": cache_dir, "execution.batch_size": 1, "sweep.ip_adapter_scales": [0.5, 0.8]}
+    # The subprocess joins this session's Ray (no Ray processes of its own to leak); Ray ends its actors
+    # when the driver dies.
     env = dict(os.environ, PREFECT_API_URL=prefect_server["url"], PREFECT_HOME=str(prefect_server["home"]),
-               PYTHONPATH=str(REPO))
+               PYTHONPATH=str(REPO), RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
     command = [sys.executable, "-m", "fastface.cli", "evaluate", "--config", CI_CONFIG, "--root", str(root)]
     command += [arg for key, value in overrides.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
     log = open(tmp_path / "evaluate.log", "w")
@@ -174,7 +182,18 @@ def test_killed_run_resumes_with_exactly_the_planned_rows(prefect_server, ray_cl
                 break
             time.sleep(0.02)
     finally:
+        import psutil
+
+        try:
+            descendants = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            descendants = []
         os.killpg(proc.pid, signal.SIGKILL)
+        for child in descendants:  # anything it started outside its process group
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
         proc.wait()
         log.close()
     assert 1 <= len(files) < planned, f"not killed mid-generation ({len(files)} files): " + \
