@@ -17,7 +17,7 @@ from flows.dataset import (
     prompt_row,
     synthesise_identities,
 )
-from metrics_fixtures import dlib_backend, group_photo, hanks, load_rgb, noise_image, sample_photo  # noqa: F401
+from metrics_fixtures import dlib_backend, group_photo, hanks, noise_image  # noqa: F401  (fixtures)
 from storage import Store, content_hash
 
 
