@@ -53,6 +53,16 @@ def test_generate_every_tiny_model(fastface_cache, face_photo, tmp_path, model, 
     assert meta["model"] == model and meta["steps"] == 4 and meta["height"] == size
 
 
+@pytest.mark.parametrize("preset", ["baseline", "dcg", "am1", "am2", "ff-am1", "ff-am2"])
+@pytest.mark.parametrize("model", ["tiny-hyper", "tiny-lightning", "tiny-lcm", "tiny-turbo"])
+def test_generate_every_preset_on_every_tiny_model(fastface_cache, face_photo, tmp_path, model, preset):
+    out = tmp_path / "image.png"
+    assert generate(fastface_cache, face_photo, out, "--model", model, "--preset", preset, "--size", "32") == 0
+    assert Image.open(out).size == (32, 32)
+    meta = sidecar(out)
+    assert (meta["model"], meta["preset"], meta["face_backend"]) == (model, preset, "dlib")
+
+
 def test_batch_file_matches_single_runs(fastface_cache, face_photo, tmp_path):
     batch = tmp_path / "jobs.jsonl"
     rows = [{"face": str(face_photo), "prompt": PROMPT, "seed": 3, "out": "a.png"},
