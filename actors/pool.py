@@ -77,32 +77,21 @@ def pool_shape(num_workers: int | None = None, *, cpus_per_worker: float = 1.0) 
     return workers, (1.0 if workers <= gpus else gpus / workers)
 
 
-class _GeneratorActor:
-    """Ray actor around :class:`GeneratorWorker`; an out-of-memory error comes back as a marker, not a crash."""
+class _WorkerActor:
+    """Ray actor around a worker (:class:`GeneratorWorker` or :class:`MetricWorker`) that loads its models once.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.worker = GeneratorWorker(*args, **kwargs)
+    ``method`` is the worker's batch method; an out-of-memory error comes back as a marker, not a crash.
+    """
 
-    def run(self, batch: list[dict]) -> Any:
-        import torch
-
-        try:
-            return self.worker.generate(batch)
-        except torch.OutOfMemoryError as exc:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            return {_OOM: str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"}
-
-
-class _MetricActor:
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.worker = MetricWorker(*args, **kwargs)
+    def __init__(self, worker_class: type, method: str, *args: Any, **kwargs: Any) -> None:
+        self.worker = worker_class(*args, **kwargs)
+        self._run = getattr(self.worker, method)
 
     def run(self, batch: list[dict]) -> Any:
         import torch
 
         try:
-            return self.worker.score(batch)
+            return self._run(batch)
         except torch.OutOfMemoryError as exc:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -303,7 +292,7 @@ def run_generation(
             bar.set_description(f"generating {model}")
             _drive(
                 store, "generations", batches,
-                actor_class=_GeneratorActor, actor_args=(store, model),
+                actor_class=_WorkerActor, actor_args=(GeneratorWorker, "generate", store, model),
                 actor_kwargs=dict(options, steps=steps, identities=index),
                 kind="generator", num_workers=num_workers, cpus_per_worker=cpus_per_worker,
                 max_retries=max_retries, failed_rows=failed_generation_rows, units=len, bar=bar,
@@ -374,7 +363,7 @@ def run_scoring(
     with tqdm(total=stats["planned"], desc=f"scoring {', '.join(metrics)}", unit="score", disable=not progress) as bar:
         _drive(
             store, "metrics", batches,
-            actor_class=_MetricActor, actor_args=(store, metrics),
+            actor_class=_WorkerActor, actor_args=(MetricWorker, "score", store, metrics),
             actor_kwargs=dict(dict(metric_options or {}), identities=index, batch_size=batch_size),
             kind="scorer", num_workers=num_workers, cpus_per_worker=cpus_per_worker, max_retries=max_retries,
             failed_rows=lambda batch, error: failed_metric_rows(batch, metrics, error), units=len, bar=bar,
