@@ -328,9 +328,21 @@ register_command("models", "list checkpoints: steps, size, guidance, weight sour
 register_command("faces", "face tools (compare)", add_faces_arguments, run_faces)
 register_command("score", "score generated images (CLIP, AE, ID, FFC, ...)",
                  "fastface.metrics.runner:add_score_arguments", "fastface.metrics.runner:run_score_command")
-register_command("evaluate", "run an evaluation config end to end (Prefect)", "flows.cli:add_evaluate_arguments", "flows.cli:run_evaluate")
-register_command("sql", "query the result tables with DuckDB", "flows.cli:add_sql_arguments", "flows.cli:run_sql")
-register_command("report", "write the evaluation report of a run", "flows.cli:add_report_arguments", "flows.cli:run_report")
+
+
+def _load_plugin_commands() -> None:
+    """Subcommands of other packages (the ``fastface.commands`` entry-point group, e.g. ``flows``).
+
+    Each entry point is a function called with :func:`register_command`; the library never
+    names the layers above it.
+    """
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group="fastface.commands"):
+        entry.load()(register_command)
+
+
+_load_plugin_commands()
 
 
 def build_parser(with_arguments_of: str | None = None) -> argparse.ArgumentParser:

@@ -1,4 +1,8 @@
-"""``fastface evaluate``, ``fastface sql`` and ``fastface report`` (registered in :mod:`fastface.cli`)."""
+"""``fastface evaluate``, ``fastface sql`` and ``fastface report``.
+
+Added to the ``fastface`` command through the ``fastface.commands`` entry point
+(:func:`register_commands`), so the library does not import this layer.
+"""
 
 from __future__ import annotations
 
@@ -87,3 +91,10 @@ def run_report(args: argparse.Namespace) -> int:
     for name, uri in report["files"].items():
         print(f"  {name}: {uri}", file=sys.stderr)
     return 0
+
+
+def register_commands(register) -> None:
+    """Entry point of the ``fastface.commands`` group: one line per subcommand."""
+    register("evaluate", "run an evaluation config end to end (Prefect)", add_evaluate_arguments, run_evaluate)
+    register("sql", "query the result tables with DuckDB", add_sql_arguments, run_sql)
+    register("report", "write the evaluation report of a run", add_report_arguments, run_report)
