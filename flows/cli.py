@@ -31,6 +31,19 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check", action="store_true", help="validate the config and exit")
 
 
+def _prepare_prefect_environment() -> None:
+    """Embedded default: no usage reporting, a Prefect home that exists, time for a first migration.
+
+    Prefect does not create missing parents of ``PREFECT_HOME``, and the ephemeral server's first
+    start (database migrations) can exceed its 20 s default on a busy 2-core machine.
+    """
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    home = os.environ.get("PREFECT_HOME")
+    if home:
+        os.makedirs(os.path.expanduser(home), exist_ok=True)
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     from flows.config import ConfigError, load_config
 
@@ -43,7 +56,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         print(f"config {args.config} is valid: run {config.name!r}, {len(config.presets())} presets, "
               f"{len(config.sweep.models)} models")
         return 0
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    _prepare_prefect_environment()
     from flows.evaluate import evaluate_flow
 
     evaluate_flow(config=str(args.config), root=args.root, overrides=overrides or None)

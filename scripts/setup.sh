@@ -16,4 +16,5 @@ if [ "${1:-}" = "--install-only" ]; then
   exit 0
 fi
 export PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_HOME="${PREFECT_HOME:-$PWD/runs/.prefect}"
+mkdir -p "$PREFECT_HOME"
 exec .venv/bin/fastface evaluate --config configs/smoke.yaml --root runs/smoke
