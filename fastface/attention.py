@@ -79,7 +79,12 @@ class AMConfig:
     steps: tuple[int, ...] | None = (0, 1, 2, 3)  # None: every step
     tokens: tuple[int, ...] = (0, 1, 2, 3)
     scale_cap: float = 10.0
-    quantile_fp16: bool = True  # the authors round AM2's quantile to float16
+    # The authors' code rounds AM2's quantile to float16 even in float32 runs (their runs were
+    # float16, where the map itself is float16 and so is q — as ours is in float16). True
+    # reproduces that rounding bit for bit; the default keeps the exact quantile of Eq. 9: the
+    # rounding is a step function that lets last-bit BLAS differences between batch sizes flip
+    # q by one fp16 ulp, so only the exact quantile keeps batched images equal to single ones.
+    quantile_fp16: bool = False
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -209,7 +214,7 @@ def attention_quantile(a: torch.Tensor, q: float) -> torch.Tensor:
 
 
 def adaptive_softmask(a: torch.Tensor, *, sharpness: float, quantile: float, num_images: int = 1,
-                      quantile_fp16: bool = True) -> torch.Tensor:
+                      quantile_fp16: bool = False) -> torch.Tensor:
     """Eq. 9: ``norm(σ(d·(norm(A) − q)))`` with ``q`` the quantile of the raw map over L, clamped ≥ 1e-6."""
     q = attention_quantile(a, quantile)
     if quantile_fp16:

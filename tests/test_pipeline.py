@@ -167,19 +167,17 @@ def test_identity_am_equals_diffusers_processor(pipes, scheduler, preset):
 def test_batch_equals_one_at_a_time(pipes, singles, scheduler, preset):
     batched, meta = _run(pipes[scheduler], [0, 1, 2], preset)
     assert [m["seed"] for m in meta] == [10, 11, 12] and meta[0]["batch_size"] == 3
-    diff = np.abs(batched - singles(scheduler, preset))
-    am = PRESETS.get(preset).am
-    if am is None or am.transform != "adaptive_softmask":
-        assert diff.max() <= 1e-4
-        return
-    # AM2 rounds its quantile to float16 as the authors do: a step function. BLAS kernels for
-    # other batch sizes differ in the last bit, which flips an occasional quantile by one fp16
-    # ulp. With the exact quantile, batching changes nothing beyond float noise:
-    exact = dataclasses.replace(am, quantile_fp16=False)
-    batched_exact, _ = _run(pipes[scheduler], [0, 1, 2], preset, am=exact)
-    singles_exact = np.concatenate([_run(pipes[scheduler], [i], preset, am=exact)[0] for i in range(3)])
-    assert np.abs(batched_exact - singles_exact).max() <= 1e-4
-    # and with the rounding, the flips stay isolated and small
+    assert np.abs(batched - singles(scheduler, preset)).max() <= 1e-4
+
+
+@pytest.mark.parametrize("preset", ["am2", "ff-am2"])
+def test_authors_quantile_rounding_stays_close_when_batched(pipes, preset):
+    """With the authors' float16 rounding of AM2's quantile (opt-in), last-bit BLAS differences between
+    batch sizes can flip a quantile by one fp16 ulp: isolated pixels move, by at most ~1e-3."""
+    am = dataclasses.replace(PRESETS.get(preset).am, quantile_fp16=True)
+    batched, _ = _run(pipes["ddim"], [0, 1, 2], preset, am=am)
+    alone = np.concatenate([_run(pipes["ddim"], [i], preset, am=am)[0] for i in range(3)])
+    diff = np.abs(batched - alone)
     assert diff.max() <= 1e-3 and (diff > 1e-4).mean() < 0.01
 
 
