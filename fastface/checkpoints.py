@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from fastface.cache import cache_root
+
 from fastface.presets import get_preset
 from fastface.registry import Registry
 from fastface.tiny_checkpoints import (
@@ -203,7 +205,7 @@ def check_steps(model: str | Checkpoint, preset: str, steps: int | None = None) 
 
 # -- locating sources ----------------------------------------------------------------
 def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    return Path(cache_dir or os.environ.get("FASTFACE_CACHE") or "~/.cache/fastface").expanduser()
+    return cache_root(cache_dir)
 
 
 def _looks_like_path(value: str) -> bool:

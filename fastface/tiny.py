@@ -221,8 +221,9 @@ def build_tiny_faceid_adapter(path: str | os.PathLike, *, seed: int = 0) -> Path
 
 
 def default_tiny_root() -> Path:
-    base = os.environ.get("FASTFACE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fastface")
-    return Path(base) / f"tiny-v{TINY_VERSION}"
+    from fastface.cache import cache_root
+
+    return cache_root() / f"tiny-v{TINY_VERSION}"
 
 
 def ensure_tiny_models(root: str | os.PathLike | None = None, *, seed: int = 0) -> TinyModels:

@@ -114,7 +114,7 @@ def test_cache_matches_a_fresh_computation_and_array_input(dlib_backend, hanks_p
 def test_cache_dir_from_environment(dlib_backend, hanks_path, tmp_path, monkeypatch):
     monkeypatch.setenv("FASTFACE_CACHE", str(tmp_path / "env_cache"))
     result = prepare_identity(hanks_path, dlib_backend)
-    assert identity_cache_files(tmp_path / "env_cache", result.content_hash)
+    assert identity_cache_files(tmp_path / "env_cache" / "identities", result.content_hash)
 
 
 def test_clip_states_cached_per_encoder(dlib_backend, hanks_path, tiny_clip, tmp_path):

@@ -30,7 +30,10 @@ class IdentityInputs:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("FASTFACE_CACHE") or "~/.cache/fastface/identities").expanduser()
+    """``<FastFace cache>/identities`` (``$FASTFACE_CACHE``, else ``~/.cache/fastface``)."""
+    from fastface.cache import cache_root
+
+    return cache_root() / "identities"
 
 
 def _processor_size(feature_extractor: Any, image_encoder: Any) -> tuple[int, int]:
