@@ -7,7 +7,6 @@ stored examples into :class:`~fastface.metrics.MetricInput` and results into row
 
 from __future__ import annotations
 
-import io
 import os
 import socket
 from typing import Any, Iterable, Mapping, Sequence
@@ -15,15 +14,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from actors.generator import identity_index, read_uri
+from fastface.faces import load_image_rgb
 from storage.store import Store
-
-
-def _decode_rgb(data: bytes) -> np.ndarray:
-    from PIL import Image, ImageOps
-
-    with Image.open(io.BytesIO(data)) as image:
-        # Rotated as load_image_rgb rotates a photo read from a path (EXIF orientation).
-        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
 
 
 class MetricWorker:
@@ -81,7 +73,7 @@ class MetricWorker:
                 source = {"source_embedding": np.asarray(embedding, dtype=np.float32)}
             elif row.get("image_uri"):
                 try:
-                    source = {"source_image": _decode_rgb(read_uri(self.store, row["image_uri"]))}
+                    source = {"source_image": load_image_rgb(read_uri(self.store, row["image_uri"]))}
                 except Exception as exc:  # the ID metric reports it on each row that needs the source
                     source = {"source_image": f"{row['image_uri']} (unreadable: {type(exc).__name__}: {exc})"}
             else:
@@ -112,7 +104,7 @@ class MetricWorker:
             for row in rows:
                 uri = row.get("image_uri") or self.store.image_uri(row["run_id"], row["example_id"])
                 try:
-                    image = _decode_rgb(read_uri(self.store, uri))
+                    image = load_image_rgb(read_uri(self.store, uri))
                 except Exception as exc:
                     unreadable.append((row, f"cannot read generated image {uri}: {type(exc).__name__}: {exc}"))
                     continue

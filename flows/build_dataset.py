@@ -23,7 +23,6 @@ from flows.dataset import (
     authors_layout,
     crop_face,
     curated_prompts,
-    decode_rgb,
     encode_png,
     identity_name,
     limit_prompts,
@@ -32,6 +31,7 @@ from flows.dataset import (
     synthesise_identities,
     text_to_image_renderer,
 )
+from fastface.faces import load_image_rgb
 from storage import Store, content_hash
 
 PHOTOS_DIR = "identity_photos"
@@ -50,7 +50,7 @@ def embed_photos(photos: list[dict], backend: str) -> list[dict]:
     face_backend = get_face_backend(backend)
     out = []
     for photo in photos:
-        faces = face_backend.detect(decode_rgb(photo["data"]))
+        faces = face_backend.detect(load_image_rgb(photo["data"]))
         out.append({
             "faces": len(faces),
             "embedding": None if not faces else np.asarray(faces[0].embedding, np.float32).tolist(),
@@ -90,7 +90,7 @@ def gather_photos(config: EvaluationConfig, backend: str) -> tuple[list[dict], l
                     from fastface.faces import get_face_backend
 
                     face_backend = get_face_backend(backend)
-                rgb = decode_rgb(raw)
+                rgb = load_image_rgb(raw)
                 faces = sorted(face_backend.detect(rgb), key=lambda f: -f.area)[: source.crop_faces]
                 for k, face in enumerate(faces):
                     photos.append({"id": identity_name(f"{path.stem}-face{k}"), "data": encode_png(crop_face(rgb, face.bbox)),

@@ -144,16 +144,6 @@ def encode_png(rgb: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def decode_rgb(data: bytes) -> np.ndarray:
-    from PIL import Image
-
-    from fastface.faces import load_image_rgb
-
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()
-        return load_image_rgb(image)
-
-
 def crop_face(rgb: np.ndarray, bbox: Sequence[float], *, margin: float = 0.6, min_size: int = 256) -> np.ndarray:
     """A square crop around a face box with ``margin`` × box size on each side, upscaled to ``min_size``.
 

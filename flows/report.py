@@ -271,7 +271,7 @@ def calibration_summary(pairs: list[dict], threshold: float) -> list[dict]:
 
 
 def _calibrate(store: Store, catalog: Catalog, max_identities: int) -> tuple[list[dict], list[dict], str]:
-    from flows.dataset import decode_rgb
+    from fastface.faces import load_image_rgb
     from fastface.faces import get_face_backend
 
     identities = catalog.rows("SELECT identity_id, image_uri, face_backend FROM identities ORDER BY identity_id")
@@ -283,7 +283,7 @@ def _calibrate(store: Store, catalog: Catalog, max_identities: int) -> tuple[lis
         backend = get_face_backend(backend_name)
     except Exception as exc:  # e.g. buffalo_l weights not on this machine
         return [], [], f"face backend {backend_name!r} unavailable: {exc}"
-    photos = {r["identity_id"]: decode_rgb(store.read_bytes(r["image_uri"])) for r in identities}
+    photos = {r["identity_id"]: load_image_rgb(store.read_bytes(r["image_uri"])) for r in identities}
     pairs = calibration_pairs(photos, backend)
     return pairs, calibration_summary(pairs, backend.same_person_threshold), f"{backend.name}, threshold {backend.same_person_threshold:g}"
 

@@ -99,3 +99,19 @@ def test_content_hash(tmp_path):
     changed[0, 0, 0] ^= 1
     assert content_hash(changed) != content_hash(rgb)
     assert content_hash(rgb.reshape(5, 6, 3)) != content_hash(rgb)  # shape is part of the key
+
+
+def test_encoded_bytes_decode_like_the_file(tmp_path):
+    """Bytes read from a store decode exactly as the same file on disk, EXIF rotation included."""
+    path = tmp_path / "rotated.jpg"
+    image = Image.fromarray(_pixels((8, 12, 3)))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
+    image.save(path, exif=exif, quality=95)
+    from_file = load_image_rgb(path)
+    assert from_file.shape == (12, 8, 3)  # rotated
+    assert np.array_equal(load_image_rgb(path.read_bytes()), from_file)
+    with pytest.raises(ImageReadError, match="not a readable image"):
+        load_image_rgb(b"definitely not an image")
+    with pytest.raises(ImageReadError, match="zero size"):
+        load_image_rgb(b"")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from pathlib import Path
 from typing import Union
@@ -10,7 +11,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, bytes]
 
 # Modes PIL converts to 8-bit RGB without losing range. 16-bit and float modes
 # ("I;16", "I", "F") would be clipped to 0-255 by convert("RGB"), i.e. silently wrong.
@@ -26,6 +27,8 @@ def _describe(image: object) -> str:
         return str(image)
     if isinstance(image, Image.Image):
         return getattr(image, "filename", "") or "PIL image"
+    if isinstance(image, (bytes, bytearray)):
+        return f"<{len(image)} bytes>"
     return f"{type(image).__name__} input"
 
 
@@ -65,7 +68,10 @@ def _array_to_rgb(array: np.ndarray, source: str) -> np.ndarray:
 
 
 def load_image_rgb(image: ImageInput) -> np.ndarray:
-    """A path, PIL image or uint8 array as an HxWx3 uint8 RGB array (arrays are taken to be RGB already)."""
+    """A path, encoded file bytes, PIL image or uint8 array as an HxWx3 uint8 RGB array.
+
+    Arrays are taken to be RGB already; files and bytes are decoded with their EXIF rotation applied.
+    """
     source = _describe(image)
     if isinstance(image, np.ndarray):
         return _array_to_rgb(image, source)
@@ -78,23 +84,31 @@ def load_image_rgb(image: ImageInput) -> np.ndarray:
             raise ImageReadError(f"cannot read image {source}: {what}")
         if path.stat().st_size == 0:
             raise ImageReadError(f"cannot read image {source}: the file is empty (zero size)")
-        try:
-            with Image.open(path) as img:
-                img.load()  # decode now, so truncated files fail here and not later
-                # Phone photos carry their rotation in EXIF; cv2.imread applies it too.
-                img = ImageOps.exif_transpose(img)
-                return _pil_to_rgb(img, source)
-        except UnidentifiedImageError:
-            raise ImageReadError(
-                f"cannot read image {source}: not a readable image (corrupt, empty or unsupported format)"
-            ) from None
-        except (OSError, SyntaxError, ValueError) as exc:
-            if isinstance(exc, ImageReadError):
-                raise
-            raise ImageReadError(f"cannot read image {source}: corrupt or truncated image data ({exc})") from exc
+        return _decode_file(path, source)
+    if isinstance(image, (bytes, bytearray)):  # an encoded file read from a store or URI
+        if not image:
+            raise ImageReadError(f"cannot read image {source}: no data (zero size)")
+        return _decode_file(io.BytesIO(image), source)
     raise ImageReadError(
-        f"cannot read image {source}: expected a path, a PIL.Image or an HxWx3 uint8 array"
+        f"cannot read image {source}: expected a path, encoded bytes, a PIL.Image or an HxWx3 uint8 array"
     )
+
+
+def _decode_file(file: Path | io.BytesIO, source: str) -> np.ndarray:
+    try:
+        with Image.open(file) as img:
+            img.load()  # decode now, so truncated files fail here and not later
+            # Phone photos carry their rotation in EXIF; cv2.imread applies it too.
+            img = ImageOps.exif_transpose(img)
+            return _pil_to_rgb(img, source)
+    except UnidentifiedImageError:
+        raise ImageReadError(
+            f"cannot read image {source}: not a readable image (corrupt, empty or unsupported format)"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        if isinstance(exc, ImageReadError):
+            raise
+        raise ImageReadError(f"cannot read image {source}: corrupt or truncated image data ({exc})") from exc
 
 
 def content_hash(image: ImageInput) -> str:
