@@ -23,7 +23,6 @@ from flows.dataset import (
     authors_layout,
     crop_face,
     curated_prompts,
-    encode_png,
     identity_name,
     limit_prompts,
     list_photos,
@@ -32,13 +31,14 @@ from flows.dataset import (
     text_to_image_renderer,
 )
 from fastface.faces import load_image_rgb
-from storage import Store, content_hash
+from fastface.faces.images import encode_png
+from storage import Store, bytes_sha256
 
 PHOTOS_DIR = "identity_photos"
 
 
 def _embed_cache_key(context: Any, parameters: dict) -> str:
-    hashes = ",".join(content_hash(p["data"]) for p in parameters["photos"])
+    hashes = ",".join(bytes_sha256(p["data"]) for p in parameters["photos"])
     return "embed-" + hashlib.sha256(f"{parameters['backend']}|{hashes}".encode()).hexdigest()[:32]
 
 
@@ -119,7 +119,7 @@ def import_identities(root: str, dataset_run: str, photos: list[dict], embedding
     rows, skipped, counts = [], [], {"photos": len(photos), "no_face": 0, "multi_face": 0, "new": 0, "existing": 0}
     taken: set[str] = set(existing)
     for photo, emb in zip(photos, embeddings):
-        digest = content_hash(photo["data"])
+        digest = bytes_sha256(photo["data"])
         if emb["faces"] == 0:
             counts["no_face"] += 1
             skipped.append({"identity": photo["id"], "reason": "no face"})

@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.cache_policies import NONE
 
+from fastface.cache import identities_dir
 from flows.config import EvaluationConfig
 from storage import Store, Sweep, plan_missing_examples, plan_missing_generations, plan_missing_metrics
 
@@ -29,9 +30,9 @@ def artifact_key(*parts: str) -> str:
 
 
 def cache_root(config: EvaluationConfig) -> Path:
-    from fastface.checkpoints import default_cache_dir
+    from fastface.cache import cache_root as root
 
-    return default_cache_dir(config.execution.cache_dir)
+    return root(config.execution.cache_dir)
 
 
 # -- planning ------------------------------------------------------------------------------------
@@ -78,7 +79,7 @@ def shards(examples: list[dict], size: int) -> list[list[dict]]:
 
 def pipeline_options(config: EvaluationConfig) -> dict:
     ex = config.execution
-    options = {"cache_dir": str(cache_root(config)), "identity_cache_dir": str(cache_root(config) / "identities"),
+    options = {"cache_dir": str(cache_root(config)), "identity_cache_dir": str(identities_dir(config.execution.cache_dir)),
                "face_backend": config.face_backend, "device": ex.device, "dtype": ex.dtype}
     return {k: v for k, v in options.items() if v is not None}
 

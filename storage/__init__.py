@@ -27,12 +27,13 @@ This layer imports pyarrow, duckdb and fsspec (s3fs for ``s3://``), never Ray or
 """
 
 from storage.catalog import Catalog, format_table
-from storage.ids import canonical_json, config_hash, content_hash, derive_seed, example_id
+from storage.ids import bytes_sha256, canonical_json, config_hash, derive_seed, example_id
 from storage.plan import Sweep, plan_missing_examples, plan_missing_generations, plan_missing_metrics
 from storage.schemas import KEYS, SCHEMA_VERSION, TABLES, SchemaError, schema
 from storage.store import Store, latest_rows
 
 __all__ = [
+    "bytes_sha256",
     "Catalog",
     "KEYS",
     "SCHEMA_VERSION",
@@ -42,7 +43,6 @@ __all__ = [
     "TABLES",
     "canonical_json",
     "config_hash",
-    "content_hash",
     "derive_seed",
     "example_id",
     "format_table",
