@@ -26,6 +26,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
+from fastface.extras import require
+
+require("ray", needed_for="the Ray actor pools")
+
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 

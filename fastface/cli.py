@@ -369,6 +369,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _user_errors() as exc:
         if args.debug:
             raise
+        if isinstance(exc, ImportError):
+            from fastface.extras import explain
+
+            exc = explain(exc, needed_for=f"fastface {args.command}")
         message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
         print(f"error: {message}", file=sys.stderr)
         return 2

@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from fastface.extras import require  # noqa: E402
+
+require('prefect', 'ray', 'pyarrow', 'duckdb', needed_for='the evaluation flows')
+
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE

@@ -13,6 +13,10 @@ import socket
 import time
 from typing import Any
 
+from fastface.extras import require  # noqa: E402
+
+require('prefect', 'ray', 'pyarrow', 'duckdb', needed_for='the evaluation flows')
+
 from prefect import flow, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE

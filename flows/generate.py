@@ -13,6 +13,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fastface.extras import require  # noqa: E402
+
+require('prefect', 'ray', 'pyarrow', 'duckdb', needed_for='the evaluation flows')
+
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.cache_policies import NONE
