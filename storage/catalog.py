@@ -42,7 +42,8 @@ class Catalog:
         read_only: bool = False,
     ) -> None:
         self.store = store
-        self.con = store.connect(database, read_only=read_only)
+        with store.catalog_lock(exclusive=False):
+            self.con = store.connect(database, read_only=read_only)
         self.refresh()
 
     def close(self) -> None:
@@ -56,6 +57,10 @@ class Catalog:
 
     def refresh(self, force: bool = False) -> None:
         """(Re)create the views (cheap: they name the tables, not files)."""
+        with self.store.catalog_lock(exclusive=False):
+            self._create_views()
+
+    def _create_views(self) -> None:
         for table in TABLES:
             columns = ", ".join(_quote(n) for n in schema(table).names)
             keys = ", ".join(_quote(k) for k in KEYS[table])
@@ -70,8 +75,9 @@ class Catalog:
 
     def query(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table:
         """Run ``sql`` against the views and return the result as a pyarrow table."""
-        relation = self.con.sql(sql, params=params)
-        return pa.table({}) if relation is None else relation.to_arrow_table()  # None: a statement (CREATE...)
+        with self.store.catalog_lock(exclusive=False):
+            relation = self.con.sql(sql, params=params)
+            return pa.table({}) if relation is None else relation.to_arrow_table()  # None: a statement (CREATE...)
 
     def rows(self, sql: str, params: Sequence[Any] | None = None) -> list[dict]:
         return self.query(sql, params).to_pylist()

@@ -11,11 +11,11 @@ one machine may write), or PostgreSQL for drivers on several machines (``catalog
 ``$FASTFACE_CATALOG``; an ``s3://`` root needs one of them, see docs/storage.md).
 
 - Each :meth:`Store.append` is one DuckLake transaction: it commits whole or not at all,
-  so a writer killed at any point leaves nothing a reader sees. Batches smaller than
-  :data:`INLINE_ROW_LIMIT` rows go into the catalog itself (data inlining) instead of a
-  Parquet file each; :meth:`Store.compact` (``fastface compact``) flushes them to Parquet,
-  merges small files and expires old snapshots. Readers read one snapshot per query, so
-  compaction never shows them a row twice or hides one.
+  so a writer killed at any point leaves nothing a reader sees. Each append writes one
+  small Parquet file; writers merge a table's small files every :data:`MERGE_EVERY_FILES`
+  appends, and :meth:`Store.compact` (``fastface compact``, the end of each flow) merges
+  everything, expires old snapshots and deletes unused files. Readers read one snapshot
+  per query, so compaction never shows them a row twice or hides one.
 - Tables, columns and types are those of :mod:`storage.schemas`, enforced by the format
   (NOT NULL included) and checked when a store is opened.
 - A retried write adds another row with the same key (:data:`storage.schemas.KEYS`);
@@ -27,6 +27,8 @@ one machine may write), or PostgreSQL for drivers on several machines (``catalog
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import random
 import re
@@ -54,12 +56,16 @@ DATA_DIR = "tables"
 LAKE = "fastface_lake"
 """The name the DuckLake is attached under in every connection (``fastface_lake.metrics``...)."""
 META_TABLE = "fastface_store"
-INLINE_ROW_LIMIT = 1000
-"""Appends of fewer rows go into the catalog (DuckLake data inlining), not a Parquet file each:
-a metrics batch (32 images × 7 metrics = 224 rows) and a generations batch (8) both do."""
-FLUSH_EVERY_ROWS = 50_000
-"""A Store flushes a table's inlined rows to Parquet after it has inlined this many into it,
-so the catalog never holds more than about this many rows per writing process and table."""
+INLINE_ROW_LIMIT = 0
+"""DuckLake's data inlining (small inserts kept in the catalog) stays off: in DuckLake 1.5.5 a
+flush of inlined rows racing a reader makes that reader miss the rows (measured here with a
+SQLite catalog; duckdb/ducklake#1413, #650 report the same with PostgreSQL and duplicates with
+concurrent inserts). Every append is one small Parquet file instead, merged as below."""
+MERGE_EVERY_FILES = 200
+"""A Store merges a table's small files after it has appended this many to it, so planning
+and reports read a bounded number of files however long a run is."""
+MERGE_MAX_FILE_BYTES = 32 * 2**20
+"""Writers' merges leave files above this size alone (no rewriting of large files on every merge)."""
 MIGRATE_COMMAND = "fastface migrate-store"
 
 PAUSE_AT_ENV = "FASTFACE_STORAGE_PAUSE_AT"
@@ -231,7 +237,9 @@ class Store:
         self._attach, self._catalog_extension = catalog_attach_string(self.catalog)
         self.data_path = f"{self.uri(self.root)}/{DATA_DIR}/"
         self._lock = threading.RLock()
-        self._inlined_since_flush = {t: 0 for t in TABLES}
+        self._lock_depth = 0
+        self._lock_file = None
+        self._appended_files = {t: 0 for t in TABLES}
         self._con: duckdb.DuckDBPyConnection | None = None
         self._pid = None
         self._connection()  # fail now, not at the first write
@@ -247,6 +255,38 @@ class Store:
             if self._con is not None:
                 self._con.close()
                 self._con = None
+            if self._lock_file is not None:
+                self._lock_file.close()
+                self._lock_file = None
+
+    @contextlib.contextmanager
+    def catalog_lock(self, exclusive: bool):
+        """Hold the catalog: shared to read, exclusive to commit (SQLite catalogs; a no-op for PostgreSQL).
+
+        DuckLake 1.5.5 reads a snapshot's metadata from SQLite in several statements; a commit
+        landing between them (a merge, measured here) can make a query see no rows at all. An
+        ``flock`` on ``<catalog>.lock`` keeps commits and reads apart: readers share it,
+        each commit takes it alone for the commit's duration. Re-entrant within a Store.
+        """
+        with self._lock:
+            if self._catalog_extension not in ("sqlite", None) or self._lock_depth:
+                self._lock_depth += 1
+                try:
+                    yield
+                finally:
+                    self._lock_depth -= 1
+                return
+            if self._lock_file is None or self._pid != os.getpid():
+                path = (self._attach.split(":", 2)[2] if self._catalog_extension == "sqlite"
+                        else self._attach[len("ducklake:"):]) + ".lock"
+                self._lock_file = open(path, "a+b")
+            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+                fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
 
     def __enter__(self) -> "Store":
         return self
@@ -288,7 +328,7 @@ class Store:
         con.execute("SET ducklake_retry_wait_ms = 20")
         con.execute("SET ducklake_retry_backoff = 1.5")
         if self._catalog_extension == "sqlite":
-            os.makedirs(os.path.dirname(self._attach.split(":", 2)[2]), exist_ok=True)
+            _sqlite_wal(self._attach.split(":", 2)[2])
         try:
             con.execute(f"ATTACH {_lit(self._attach)} AS {LAKE} (DATA_PATH {_lit(self.data_path)})")
         except duckdb.Error as exc:
@@ -307,8 +347,11 @@ class Store:
 
     def _connection(self) -> duckdb.DuckDBPyConnection:
         if self._con is None or self._pid != os.getpid():
-            con = self.connect()
-            self._ensure_tables(con)
+            if self._pid != os.getpid():
+                self._lock_file = None  # a forked child needs its own lock file description
+            with self.catalog_lock(exclusive=True):
+                con = self.connect()
+                self._ensure_tables(con)
             self._con, self._pid = con, os.getpid()
         return self._con
 
@@ -371,8 +414,9 @@ class Store:
                                       f"{have[name]}, expected {schema(table).field(name).type} ({type_})")
 
     def _sql(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table:
-        with self._lock:
-            return self._connection().execute(sql, params).to_arrow_table()
+        con = self._connection()
+        with self.catalog_lock(exclusive=False):
+            return con.execute(sql, params).to_arrow_table()
 
     # -- paths ---------------------------------------------------------------
 
@@ -495,8 +539,8 @@ class Store:
         """Insert a schema-exact table in one transaction, retrying when another writer won the commit."""
         schema(table)
         for attempt in range(_WRITE_ATTEMPTS):
-            with self._lock:
-                con = self._connection()
+            con = self._connection()
+            with self.catalog_lock(exclusive=True):
                 con.register("fastface_rows", data)
                 try:
                     con.execute("BEGIN TRANSACTION")
@@ -512,55 +556,69 @@ class Store:
                 finally:
                     con.unregister("fastface_rows")
             time.sleep(0.05 * 2**attempt * (0.5 + random.random()))
-        if data.num_rows < INLINE_ROW_LIMIT:
-            self._inlined_since_flush[table] += data.num_rows
-            if self._inlined_since_flush[table] >= FLUSH_EVERY_ROWS:
-                try:
-                    self.flush(table)
-                except StorageError:
-                    pass  # another process is flushing or compacting; the next append tries again
+        self._appended_files[table] += 1
+        if self._appended_files[table] >= MERGE_EVERY_FILES:
+            self._appended_files[table] = 0
+            try:
+                self.merge(table, max_file_bytes=MERGE_MAX_FILE_BYTES)
+            except StorageError:
+                pass  # another process is merging or compacting; the next round tries again
+
+    def merge(self, table: str | None = None, *, max_file_bytes: int | None = None) -> None:
+        """Merge small adjacent Parquet files (of ``table``, or all); files above ``max_file_bytes`` stay."""
+        args = [_lit(LAKE)] + ([_lit(table)] if table else [])
+        if max_file_bytes:
+            args.append(f"max_file_size => {int(max_file_bytes)}")
+        con = self._connection()
+        with self.catalog_lock(exclusive=True):
+            self._call_retrying(con, f"CALL ducklake_merge_adjacent_files({', '.join(args)})", "merging files of")
 
     def flush(self, table: str | None = None) -> int:
         """Write the rows inlined in the catalog (of ``table``, or all) to Parquet; returns rows flushed."""
-        with self._lock:
-            con = self._connection()
-            try:
-                extra = f", table_name => {_lit(table)}" if table else ""
-                flushed = con.execute(f"CALL ducklake_flush_inlined_data({_lit(LAKE)}{extra})").fetchall()
-            except duckdb.Error as exc:
-                raise StorageError(f"flushing inlined rows of {self.uri(self.root)} failed: {exc}") from None
-            for t in ([table] if table else TABLES):
-                self._inlined_since_flush[t] = 0
+        con = self._connection()
+        with self.catalog_lock(exclusive=True):
+            extra = f", table_name => {_lit(table)}" if table else ""
+            flushed = self._call_retrying(con, f"CALL ducklake_flush_inlined_data({_lit(LAKE)}{extra})", "flushing")
             return int(sum(r[-1] for r in flushed))
 
     def compact(self, *, expire_older_than: timedelta = timedelta(days=7),
                 cleanup_older_than: timedelta = timedelta(hours=1)) -> dict[str, int]:
         """Maintenance: flush inlined rows, merge small Parquet files, expire old snapshots, delete unused files.
 
-        Snapshots older than ``expire_older_than`` stop being readable by time travel; files
+        Snapshots older than ``expire_older_than`` stop being readable by time travel (keep it
+        longer than the longest query: a query still reading an expired snapshot loses rows); files
         that merging or expiry made unused (and files of writers that died before committing)
         are deleted once older than ``cleanup_older_than``, so queries running meanwhile keep
         their files. Readers never see a row twice or miss one while this runs: each query
         reads one snapshot. Returns counts of what was done.
         """
         now = datetime.now(timezone.utc)
-        with self._lock:
-            con = self._connection()
+        con = self._connection()
+        with self.catalog_lock(exclusive=True):
             before = self._file_count(con)
-            try:
-                flushed = self.flush()
-                con.execute(f"CALL ducklake_merge_adjacent_files({_lit(LAKE)})").fetchall()
-                expired = con.execute(f"CALL ducklake_expire_snapshots({_lit(LAKE)}, older_than => ?)",
-                                      [now - expire_older_than]).fetchall()
-                cleaned = con.execute(f"CALL ducklake_cleanup_old_files({_lit(LAKE)}, older_than => ?)",
-                                      [now - cleanup_older_than]).fetchall()
-                orphans = con.execute(f"CALL ducklake_delete_orphaned_files({_lit(LAKE)}, older_than => ?)",
-                                      [now - cleanup_older_than]).fetchall()
-            except duckdb.Error as exc:
-                raise StorageError(f"compacting {self.uri(self.root)} failed: {str(exc).splitlines()[0]}") from None
+            flushed = self.flush()  # rows inlined by other tools or older versions (this one inlines none)
+            call = self._call_retrying
+            self.merge()
+            expired = call(con, f"CALL ducklake_expire_snapshots({_lit(LAKE)}, older_than => ?)",
+                           "expiring snapshots of", [now - expire_older_than])
+            cleaned = call(con, f"CALL ducklake_cleanup_old_files({_lit(LAKE)}, older_than => ?)",
+                           "deleting old files of", [now - cleanup_older_than])
+            orphans = call(con, f"CALL ducklake_delete_orphaned_files({_lit(LAKE)}, older_than => ?)",
+                           "deleting orphaned files of", [now - cleanup_older_than])
             after = self._file_count(con)
         return {"rows_flushed": flushed, "files_before": before, "files_after": after,
                 "snapshots_expired": len(expired), "files_deleted": len(cleaned) + len(orphans)}
+
+    def _call_retrying(self, con, sql: str, what: str, params: Sequence[Any] | None = None) -> list[tuple]:
+        for attempt in range(_WRITE_ATTEMPTS):
+            try:
+                return con.execute(sql, params).fetchall()
+            except duckdb.Error as exc:
+                _rollback(con)
+                if attempt == _WRITE_ATTEMPTS - 1 or not _retryable(exc):
+                    raise StorageError(f"{what} {self.uri(self.root)} failed: {str(exc).splitlines()[0]}") from None
+            time.sleep(0.05 * 2**attempt * (0.5 + random.random()))
+        raise AssertionError("unreachable")
 
     def _file_count(self, con) -> int:
         return sum(con.execute(f"SELECT count(*) FROM ducklake_list_files({_lit(LAKE)}, ?)", [t]).fetchone()[0]
@@ -640,8 +698,8 @@ class Store:
 
         ``tables`` are pyarrow tables made visible to the query under their keyword names.
         """
-        with self._lock:
-            con = self._connection()
+        con = self._connection()
+        with self.catalog_lock(exclusive=False):
             for name, value in tables.items():
                 con.register(name, value)
             try:
@@ -653,6 +711,19 @@ class Store:
 
 def _restore_store(root: str, storage_options: Mapping[str, Any], catalog: str | None) -> Store:
     return Store(root, storage_options, catalog=catalog)
+
+
+def _sqlite_wal(path: str) -> None:
+    """Put a SQLite catalog in WAL mode (persistent in the file): readers then never block a writer's commit."""
+    import sqlite3
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        with sqlite3.connect(path, timeout=30) as db:
+            if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                db.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot open the SQLite catalog {path}: {exc}") from None
 
 
 def _rollback(con) -> None:

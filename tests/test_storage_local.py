@@ -40,8 +40,10 @@ def test_append_read_roundtrip_and_layout(tmp_path):
         store.append("metrics", _metric_rows(1), run_id="r/1")
     with pytest.raises(ValueError, match="run_id other than 'r1'"):
         store.append("metrics", [dict(_metric_rows(1)[0], run_id="r2")], run_id="r1")
-    # small batches are inlined in the catalog: no Parquet file per batch
-    assert store.data_files("metrics") == [] and not list(tmp_path.rglob("*.parquet"))
+    # each append one Parquet file under tables/, partitioned by run
+    files = store.data_files("metrics")
+    assert len(files) == 2 and sorted(str(p) for p in tmp_path.rglob("*.parquet") if "/metrics/" in str(p)) == files
+    assert files[0].startswith(str(tmp_path / "tables" / "main" / "metrics" / "run_id="))
     # a Store travels to other processes (Ray) as its root
     assert pickle.loads(pickle.dumps(store)).read("metrics").equals(everything)
 
@@ -104,7 +106,7 @@ def test_killed_writer_leaves_nothing_visible_locally(tmp_path):
     # killed inside the transaction: 100,000 rows already written to a Parquet file, not committed
     kill_writer_at(root, "in-transaction", tmp_path, rows=100_000)
     assert list((tmp_path / "store" / "tables").rglob("*.parquet"))  # the uncommitted file really is there
-    # killed inside the transaction of a small (inlined) batch
+    # killed inside the transaction of a small batch
     kill_writer_at(root, "in-transaction", tmp_path, rows=5)
     after = Store(root).read("metrics")
     assert after.equals(before)
