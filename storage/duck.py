@@ -74,6 +74,8 @@ def connect(extensions: Iterable[str] = ("ducklake",), threads: int | None = Non
     con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False,
                                              "autoload_known_extensions": False})
     con.execute("SET TimeZone='UTC'")
+    # DuckDB's default is 80 % of the machine's memory; a driver shares its machine with pools.
+    con.execute(f"SET memory_limit={quote_literal(os.environ.get('FASTFACE_DUCKDB_MEMORY_LIMIT', '4GB'))}")
     if threads is None and os.environ.get("FASTFACE_DUCKDB_THREADS"):
         threads = int(os.environ["FASTFACE_DUCKDB_THREADS"])
     if threads:
