@@ -200,12 +200,22 @@ def _runs_in(keys: pa.Table) -> str:
     return "(" + ", ".join(_lit(r) for r in runs) + ")" if runs else "(NULL)"
 
 
-# Latest row per key with ties broken by insertion order, as Store.latest and the views do.
-_LATEST_GENERATIONS = (
-    "SELECT run_id, example_id, arg_max(status, (created_at, rowid)) AS status "
-    f"FROM {LAKE}.generations WHERE run_id IN {{runs}} AND example_id IN (SELECT example_id FROM plan_keys) "
-    "GROUP BY run_id, example_id"
-)
+SEMI_JOIN_MAX_KEYS = 200_000
+"""Up to this many planned examples, the tables are first filtered to them (a shard's cost is the
+shard's); above it (a whole sweep) scanning the run's rows directly is cheaper."""
+
+
+def _only_planned(keys: pa.Table, source: str = "plan_keys") -> str:
+    return f" AND example_id IN (SELECT example_id FROM {source})" if keys.num_rows <= SEMI_JOIN_MAX_KEYS else ""
+
+
+def _latest_generations(keys: pa.Table) -> str:
+    """Latest status per (run, example) of the planned runs; ties broken by insertion, as the views do."""
+    return (
+        "SELECT run_id, example_id, arg_max(status, (created_at, rowid)) AS status "
+        f"FROM {LAKE}.generations WHERE run_id IN {_runs_in(keys)}{_only_planned(keys)} "
+        "GROUP BY run_id, example_id"
+    )
 
 
 def plan_missing_examples(store: Store, examples: "Sequence[Mapping] | pa.Table") -> list[dict]:
@@ -248,7 +258,7 @@ def plan_missing_generations(
         image_test = (" OR NOT EXISTS (SELECT 1 FROM plan_images i "
                       "WHERE i.run_id = p.run_id AND i.example_id = p.example_id)")
     positions = store.query(
-        f"WITH g AS ({_LATEST_GENERATIONS.format(runs=_runs_in(keys))}) "
+        f"WITH g AS ({_latest_generations(keys)}) "
         "SELECT p.pos FROM plan_keys p LEFT JOIN g ON g.run_id = p.run_id AND g.example_id = p.example_id "
         f"WHERE g.status IS DISTINCT FROM 'ok'{image_test} ORDER BY p.pos",
         **tables,
@@ -277,21 +287,26 @@ def plan_missing_metrics(
     metrics = list(dict.fromkeys(metrics))
     if keys.num_rows == 0 or not metrics:
         return []
+    if len(metrics) > 62:
+        raise ValueError(f"plan_missing_metrics plans at most 62 metrics at once, got {len(metrics)}")
     wanted = pa.table({"metric": pa.array(metrics, pa.string()), "i": pa.array(range(len(metrics)), pa.int64())})
-    runs_sql = _runs_in(keys)
     planned = "plan_keys"
     if require_generation:
-        planned = (f"(SELECT p.* FROM plan_keys p JOIN ({_LATEST_GENERATIONS.format(runs=runs_sql)}) g "
+        planned = (f"(SELECT p.* FROM plan_keys p JOIN ({_latest_generations(keys)}) g "
                    "ON g.run_id = p.run_id AND g.example_id = p.example_id WHERE g.status = 'ok')")
+    # Scored metrics per example as a bit mask (one row per example, not per pair), so only the
+    # examples with something missing are expanded into (example, metric) pairs.
     found = store.query(
         f"WITH p AS (SELECT * FROM {planned}), "
         "m AS (SELECT example_id, metric, arg_max(error IS NULL, (created_at, rowid)) AS scored "
-        f"FROM {LAKE}.metrics WHERE run_id IN {runs_sql} AND metric IN (SELECT metric FROM plan_metrics) "
-        "AND example_id IN (SELECT example_id FROM p) GROUP BY example_id, metric) "
-        "SELECT p.pos, w.i FROM p CROSS JOIN plan_metrics w "
-        "LEFT JOIN m ON m.example_id = p.example_id AND m.metric = w.metric "
-        "WHERE m.scored IS NOT TRUE ORDER BY p.pos, w.i",
+        f"FROM {LAKE}.metrics WHERE run_id IN {_runs_in(keys)} AND metric IN (SELECT metric FROM plan_metrics)"
+        f"{_only_planned(keys, 'p')} GROUP BY example_id, metric), "
+        "s AS (SELECT m.example_id, bit_or(CAST(1 AS BIGINT) << w.i) AS mask FROM m JOIN plan_metrics w "
+        "ON w.metric = m.metric WHERE m.scored GROUP BY m.example_id), "
+        "miss AS (SELECT p.pos, p.example_id, coalesce(s.mask, 0) AS mask FROM p LEFT JOIN s "
+        f"ON s.example_id = p.example_id WHERE coalesce(s.mask, 0) <> {(1 << len(metrics)) - 1}) "
+        "SELECT miss.example_id, w.i FROM miss CROSS JOIN plan_metrics w "
+        "WHERE (miss.mask >> w.i) & 1 = 0 ORDER BY miss.pos, w.i",
         plan_keys=keys, plan_metrics=wanted,
     )
-    example_ids = pc.take(keys.column("example_id"), found.column("pos")).to_pylist()
-    return list(zip(example_ids, [metrics[i] for i in found.column("i").to_pylist()]))
+    return list(zip(found.column(0).to_pylist(), [metrics[i] for i in found.column(1).to_pylist()]))

@@ -299,7 +299,8 @@ class Store:
     def _check_not_old_layout(self) -> None:
         """Roots written by the per-file layout (``<table>/run_id=*/part-*.parquet``) need migrating."""
         if self.is_local:
-            old = [t for t in TABLES if os.path.isdir(os.path.join(self.root, t))]
+            old = [t for t in TABLES if os.path.isdir(os.path.join(self.root, t))
+                   and any(n.startswith("run_id=") for n in os.listdir(os.path.join(self.root, t)))]
         else:
             try:
                 names = {p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)}

@@ -110,8 +110,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def postgres_server(dbname: str = "fastface"):
-    """A throwaway PostgreSQL on 127.0.0.1 (initdb in a temp dir, trust auth); yields a libpq conninfo.
+def postgres_server():
+    """A throwaway PostgreSQL on 127.0.0.1 (initdb in a temp dir, trust auth).
+
+    Yields ``new_database(name) -> libpq conninfo``: one database per store (a DuckLake catalog
+    belongs to one data path).
 
     Runs the server as the ``postgres`` user when this process is root (PostgreSQL refuses root).
     Skips, saying why, where PostgreSQL is not installed or cannot start.
@@ -155,9 +158,13 @@ def postgres_server(dbname: str = "fastface"):
                 os.path.join(work, "server.log")) else ""
             pytest.skip(f"PostgreSQL did not start: {start.stderr.strip()[-300:]} {log}")
         started = True
-        created = run(f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", dbname)
-        assert created.returncode == 0, created.stderr
-        yield f"dbname={dbname} host=127.0.0.1 port={port} user=postgres"
+
+        def new_database(name: str) -> str:
+            created = run(f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", name)
+            assert created.returncode == 0, created.stderr
+            return f"dbname={name} host=127.0.0.1 port={port} user=postgres"
+
+        yield new_database
     finally:
         if started:
             run(f"{bindir}/pg_ctl", "-D", data, "-m", "immediate", "-w", "stop")

@@ -27,8 +27,8 @@ BUCKET = "fastface-pg"
 
 @pytest.fixture(scope="module")
 def postgres():
-    with postgres_server() as conninfo:
-        yield conninfo
+    with postgres_server() as new_database:
+        yield new_database
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,7 @@ def endpoint():
 
 def test_postgres_catalog_two_writers_and_a_reader(postgres, tmp_path, monkeypatch):
     monkeypatch.delenv(CATALOG_ENV, raising=False)
+    postgres = postgres("fastface")
     root = str(tmp_path / "data")
     a, b = Store(root, catalog=f"postgres:{postgres}"), Store(root, catalog=f"postgres:{postgres}")
     assert not (tmp_path / "data" / "catalog.sqlite").exists()
@@ -66,6 +67,7 @@ def _evaluate(env: dict, root: str, cache: str) -> subprocess.CompletedProcess:
 
 
 def test_evaluate_ci_config_on_postgres_catalog_and_s3(postgres, endpoint, tmp_path, tmp_path_factory, monkeypatch):
+    postgres = postgres("fastface_ci")
     root = f"s3://{BUCKET}/{uuid.uuid4().hex[:8]}/ci"
     cache = str(tmp_path_factory.mktemp("fastface-cache"))
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "RAY_ADDRESS", "AWS_PROFILE")}
