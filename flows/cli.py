@@ -1,4 +1,4 @@
-"""``fastface evaluate``, ``fastface sql`` and ``fastface report``.
+"""``fastface evaluate``, ``sql``, ``report``, ``compact`` and ``migrate-store``.
 
 Added to the ``fastface`` command through the ``fastface.commands`` entry point
 (:func:`register_commands`), so the library does not import this layer.
@@ -111,3 +111,7 @@ def register_commands(register) -> None:
     register("evaluate", "run an evaluation config end to end (Prefect)", add_evaluate_arguments, run_evaluate)
     register("sql", "query the result tables with DuckDB", add_sql_arguments, run_sql)
     register("report", "write the evaluation report of a run", add_report_arguments, run_report)
+    register("compact", "flush, merge and expire the store's tables (DuckLake maintenance)",
+             "storage.commands:add_compact_arguments", "storage.commands:run_compact")
+    register("migrate-store", "convert a store of the one-file-per-batch layout to DuckLake",
+             "storage.commands:add_migrate_arguments", "storage.commands:run_migrate")

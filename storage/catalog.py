@@ -1,17 +1,15 @@
-"""A DuckDB catalog over a Store: one SQL view per table, deduplicated, offline for ``s3://`` too.
+"""SQL over a Store's tables: one view per table, deduplicated, for ``fastface sql`` and reports.
 
-Views (temporary, per connection; re-created by :meth:`Catalog.refresh`):
+Views (temporary, per connection), over the store's DuckLake attached as
+:data:`storage.store.LAKE`:
 
 - ``<table>``: one row per key (:data:`storage.schemas.KEYS`), the latest by
-  ``created_at`` (ties: the later file name, then the later row), so a retried write
-  never shows a row twice;
-- ``<table>_raw``: every row of every visible file.
+  ``created_at`` (ties: the later insert), so a retried write never shows a row twice;
+- ``<table>_raw``: every row ever appended.
 
-Both have exactly the schema's columns and types; a table with no files yet is an empty
-view with those columns. For remote stores the Store's fsspec filesystem is registered
-with DuckDB (``register_filesystem``), so ``s3://`` needs neither the httpfs extension
-nor a network beyond the S3 endpoint. Views read only ``run_id=*/part-*.parquet``, so a
-writer's temporary or hidden files are never seen.
+Both have exactly the schema's columns and types. Every query reads the latest committed
+snapshot, so rows appended by other processes after the catalog was opened show up in the
+next query, and a query running during compaction sees each row exactly once.
 """
 
 from __future__ import annotations
@@ -19,28 +17,19 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-import duckdb
 import pyarrow as pa
 
-from storage.schemas import KEYS, SCHEMA_VERSION, TABLES, VERSION_KEY, SchemaError, schema
-from storage.store import Store
-
-
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
+from storage.duck import quote_identifier as _quote
+from storage.schemas import KEYS, TABLES, schema
+from storage.store import LAKE, Store
 
 
 class Catalog:
-    """DuckDB views over ``store``'s tables. ``database`` is ``":memory:"`` or a file path.
+    """DuckDB views over ``store``'s tables. ``database`` is ``":memory:"`` or a DuckDB file.
 
-    With ``auto_refresh`` (default) every :meth:`query` first re-creates the views of
-    tables that had no files, so tables written after the catalog was opened appear.
-    ``check_schemas`` verifies, when a table's view is first built over files, that every
-    file's schema version is not newer than this code's and that the column types match.
+    The file (if any) holds the user's own tables (``CREATE TABLE saved AS ...``); the
+    views are re-created on every open. ``auto_refresh``, ``check_schemas`` are kept for
+    callers of the per-file layout and have no effect: the table format keeps both.
     """
 
     def __init__(
@@ -53,20 +42,9 @@ class Catalog:
         read_only: bool = False,
     ) -> None:
         self.store = store
-        self.auto_refresh = auto_refresh
-        self.check_schemas = check_schemas
-        self.con = duckdb.connect(database, read_only=read_only)
-        # Timestamps come back in UTC whatever the machine's zone.
-        self.con.execute("SET TimeZone='UTC'")
-        # Data files are never rewritten (new rows go to new files), so footers can be cached.
-        self.con.execute("SET parquet_metadata_cache=true")
-        if not store.is_local:
-            self.con.register_filesystem(store.fs)
-        self._with_files: set[str] = set()
-        self._duck_types = {
-            t: [str(x) for x in self.con.from_arrow(schema(t).empty_table()).types] for t in TABLES
-        }
-        self.refresh(force=True)
+        with store.catalog_lock(exclusive=False):
+            self.con = store.connect(database, read_only=read_only)
+        self.refresh()
 
     def close(self) -> None:
         self.con.close()
@@ -77,82 +55,29 @@ class Catalog:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # -- views -----------------------------------------------------------------
-
     def refresh(self, force: bool = False) -> None:
-        """(Re)create the views; without ``force`` only of tables that had no files."""
+        """(Re)create the views (cheap: they name the tables, not files)."""
+        with self.store.catalog_lock(exclusive=False):
+            self._create_views()
+
+    def _create_views(self) -> None:
         for table in TABLES:
-            if force or table not in self._with_files:
-                self._create_views(table)
-
-    def _create_views(self, table: str) -> None:
-        fields = schema(table)
-        types = self._duck_types[table]
-        has_files = bool(self.store.files(table))
-        q = _quote
-        if has_files:
-            glob = _literal(self.store.parquet_glob(table))
-            if self.check_schemas:
-                self._check_files(table, glob)
-            casts = ", ".join(f"CAST({q(f.name)} AS {t}) AS {q(f.name)}" for f, t in zip(fields, types))
-            source = (
-                f"SELECT {casts}, filename AS __file, file_row_number AS __row "
-                f"FROM read_parquet({glob}, hive_partitioning=true, hive_types_autocast=false, "
-                f"union_by_name=true, filename=true, file_row_number=true)"
+            columns = ", ".join(_quote(n) for n in schema(table).names)
+            keys = ", ".join(_quote(k) for k in KEYS[table])
+            source = f"{LAKE}.main.{_quote(table)}"
+            self.con.execute(f"CREATE OR REPLACE TEMP VIEW {_quote(table + '_raw')} AS SELECT {columns} FROM {source}")
+            self.con.execute(
+                f"CREATE OR REPLACE TEMP VIEW {_quote(table)} AS SELECT {columns} FROM {source} "
+                f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY created_at DESC, rowid DESC) = 1"
             )
-        else:
-            nulls = ", ".join(f"CAST(NULL AS {t}) AS {q(f.name)}" for f, t in zip(fields, types))
-            source = f"SELECT {nulls}, CAST(NULL AS VARCHAR) AS __file, CAST(NULL AS BIGINT) AS __row WHERE false"
-        columns = ", ".join(q(n) for n in fields.names)
-        keys = ", ".join(q(k) for k in KEYS[table])
-        try:
-            self.con.execute(f"CREATE OR REPLACE TEMP VIEW {q('_' + table + '_files')} AS {source}")
-        except duckdb.Error as exc:
-            raise SchemaError(f"table {table!r}: cannot build its view over {self.store.parquet_glob(table)}: {exc}") from exc
-        self.con.execute(f"CREATE OR REPLACE TEMP VIEW {q(table + '_raw')} AS SELECT {columns} FROM {q('_' + table + '_files')}")
-        self.con.execute(
-            f"CREATE OR REPLACE TEMP VIEW {q(table)} AS SELECT {columns} FROM {q('_' + table + '_files')} "
-            f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY created_at DESC, __file DESC, __row DESC) = 1"
-        )
-        if has_files:
-            self._with_files.add(table)
-        else:
-            self._with_files.discard(table)
-
-    def _check_files(self, table: str, glob: str) -> None:
-        versions = self.con.sql(
-            f"SELECT file_name, decode(value) FROM parquet_kv_metadata({glob}) "
-            f"WHERE decode(key) = {_literal(VERSION_KEY.decode())}"
-        ).fetchall()
-        for file_name, value in versions:
-            if int(value) > SCHEMA_VERSION:
-                raise SchemaError(
-                    f"table {table!r} in {file_name}: schema version {value} is newer than this code's "
-                    f"version {SCHEMA_VERSION}; upgrade fastface to read it"
-                )
-        found = {
-            row[0]: row[1]
-            for row in self.con.sql(
-                f"DESCRIBE SELECT * FROM read_parquet({glob}, union_by_name=true, hive_partitioning=false)"
-            ).fetchall()
-        }
-        for field, duck_type in zip(schema(table), self._duck_types[table]):
-            if field.name not in found:
-                raise SchemaError(f"table {table!r}: no file has column {field.name!r} (expected type {field.type})")
-            if found[field.name] != duck_type:
-                raise SchemaError(
-                    f"table {table!r}: column {field.name!r} is stored as {found[field.name]} in some file(s) "
-                    f"under {self.store.parquet_glob(table)}, expected {field.type} ({duck_type}); "
-                    "Store.read names the file"
-                )
 
     # -- queries ---------------------------------------------------------------
 
     def query(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table:
         """Run ``sql`` against the views and return the result as a pyarrow table."""
-        if self.auto_refresh:
-            self.refresh()
-        return self.con.sql(sql, params=params).to_arrow_table()
+        with self.store.catalog_lock(exclusive=False):
+            relation = self.con.sql(sql, params=params)
+            return pa.table({}) if relation is None else relation.to_arrow_table()  # None: a statement (CREATE...)
 
     def rows(self, sql: str, params: Sequence[Any] | None = None) -> list[dict]:
         return self.query(sql, params).to_pylist()

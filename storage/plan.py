@@ -3,18 +3,22 @@
 A :class:`Sweep` expands to ``examples`` rows, each with a stable ``example_id``
 (:func:`storage.ids.example_id`). The ``plan_missing_*`` functions compare those rows
 with what the store already holds, so re-running a flow after a crash does only what
-is missing, and re-planning a finished sweep yields no work.
+is missing, and re-planning a finished sweep yields no work. They run as anti-joins in
+DuckDB over the DuckLake tables: only the given examples' keys go in, only the missing
+positions come out, so a shard (a subset of the sweep) is planned at the cost of the shard.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from storage.duck import quote_literal as _lit
 from storage.ids import config_hash, derive_seed, example_id
-from storage.store import Store, check_name
+from storage.store import LAKE, Store, check_name
 
 
 def _rows(items: "Sequence[Mapping] | pa.Table") -> list[dict]:
@@ -152,26 +156,78 @@ class Sweep:
         return rows
 
 
-def _keyed(examples: "Sequence[Mapping] | pa.Table") -> list[dict]:
-    rows = _rows(examples)
-    for i, row in enumerate(rows):
-        if not row.get("example_id") or not row.get("run_id"):
-            raise ValueError(f"examples[{i}] needs 'example_id' and 'run_id' (rows from Sweep.examples())")
-    return rows
+def _plan_keys(examples: "Sequence[Mapping] | pa.Table") -> tuple["list[dict] | pa.Table", pa.Table]:
+    """The examples as given, and an Arrow table ``(run_id, example_id, pos)`` for DuckDB to join."""
+    if isinstance(examples, pa.Table):
+        missing = [c for c in ("run_id", "example_id") if c not in examples.column_names]
+        if missing:
+            raise ValueError(f"examples need columns 'example_id' and 'run_id' (rows from Sweep.examples()); "
+                             f"missing {missing}")
+        run_ids, example_ids = examples.column("run_id"), examples.column("example_id")
+        rows: "list[dict] | pa.Table" = examples
+    else:
+        rows = examples if isinstance(examples, list) else list(examples)
+        try:
+            run_ids = pa.array([r.get("run_id") for r in rows], pa.string())
+            example_ids = pa.array([r.get("example_id") for r in rows], pa.string())
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise ValueError(f"examples' 'example_id' and 'run_id' must be strings: {exc}") from None
+    for name, column in (("example_id", example_ids), ("run_id", run_ids)):
+        bad = pc.or_(pc.is_null(column), pc.equal(pc.fill_null(column, ""), ""))
+        if pc.any(bad).as_py():
+            first = pc.index(bad, True).as_py()
+            raise ValueError(f"examples[{first}] needs 'example_id' and 'run_id' (rows from Sweep.examples())")
+    keys = pa.table({"run_id": run_ids, "example_id": example_ids,
+                     "pos": pa.array(range(len(example_ids)), pa.int64())})
+    return rows, keys
 
 
-def _latest_by_run(store: Store, table: str, run_ids: Iterable[str]) -> list[dict]:
-    out: list[dict] = []
-    for run in sorted(set(run_ids)):
-        out += store.latest(table, run_id=run).to_pylist()
-    return out
+def _pick(rows: "list[dict] | pa.Table", positions: pa.Array) -> list[dict]:
+    if isinstance(rows, pa.Table):
+        return rows.take(positions).to_pylist()
+    return [rows[i] for i in positions.to_pylist()]
+
+
+def _runs_in(keys: pa.Table) -> str:
+    """A SQL ``IN (...)`` list of the runs, a constant DuckLake can prune partitions with."""
+    runs = pc.unique(keys.column("run_id")).to_pylist()
+    return "(" + ", ".join(_lit(r) for r in runs) + ")" if runs else "(NULL)"
+
+
+SEMI_JOIN_MAX_KEYS = 200_000
+"""Up to this many planned examples, the tables are first filtered to them (a shard's cost is the
+shard's); above it (a whole sweep) scanning the run's rows directly is cheaper."""
+
+
+def _only_planned(keys: pa.Table, source: str = "plan_keys") -> str:
+    return f" AND example_id IN (SELECT example_id FROM {source})" if keys.num_rows <= SEMI_JOIN_MAX_KEYS else ""
+
+
+def _latest_generations(keys: pa.Table) -> str:
+    """Latest status per (run, example) of the planned runs; ties broken by insertion, as the views do."""
+    return (
+        "SELECT run_id, example_id, arg_max(status, (created_at, rowid)) AS status "
+        f"FROM {LAKE}.generations WHERE run_id IN {_runs_in(keys)}{_only_planned(keys)} "
+        "GROUP BY run_id, example_id"
+    )
 
 
 def plan_missing_examples(store: Store, examples: "Sequence[Mapping] | pa.Table") -> list[dict]:
-    """Example rows not yet in the ``examples`` table (so re-planning appends nothing twice)."""
-    rows = _keyed(examples)
-    have = {(r["run_id"], r["example_id"]) for r in _latest_by_run(store, "examples", (r["run_id"] for r in rows))}
-    return [r for r in rows if (r["run_id"], r["example_id"]) not in have]
+    """Example rows not yet in the ``examples`` table (so re-planning appends nothing twice).
+
+    One anti-join in DuckDB; only the given examples' keys are sent to it, so planning a
+    shard costs what the shard does, not the sweep.
+    """
+    rows, keys = _plan_keys(examples)
+    if keys.num_rows == 0:
+        return []
+    positions = store.query(
+        "SELECT p.pos FROM plan_keys p ANTI JOIN "
+        f"(SELECT run_id, example_id FROM {LAKE}.examples WHERE run_id IN {_runs_in(keys)}) e "
+        "ON e.run_id = p.run_id AND e.example_id = p.example_id ORDER BY p.pos",
+        plan_keys=keys,
+    ).column(0)
+    return _pick(rows, positions)
 
 
 def plan_missing_generations(
@@ -181,16 +237,27 @@ def plan_missing_generations(
 
     A failed attempt is planned again. With ``check_images`` an ok row also needs its image
     under ``images/<run>/`` (one listing per run), for stores whose images may be pruned.
+    Computed in DuckDB (latest row per key, then an anti-join against the given examples).
     """
-    rows = _keyed(examples)
-    runs = {r["run_id"] for r in rows}
-    done = {
-        (g["run_id"], g["example_id"]) for g in _latest_by_run(store, "generations", runs) if g["status"] == "ok"
-    }
+    rows, keys = _plan_keys(examples)
+    if keys.num_rows == 0:
+        return []
+    tables = {"plan_keys": keys}
+    image_test = ""
     if check_images:
-        with_image = {(run, eid) for run in runs for eid in store.image_ids(run)}
-        done &= with_image
-    return [r for r in rows if (r["run_id"], r["example_id"]) not in done]
+        runs = pc.unique(keys.column("run_id")).to_pylist()
+        images = [(run, eid) for run in runs for eid in store.image_ids(run)]
+        tables["plan_images"] = pa.table({"run_id": pa.array([r for r, _ in images], pa.string()),
+                                          "example_id": pa.array([e for _, e in images], pa.string())})
+        image_test = (" OR NOT EXISTS (SELECT 1 FROM plan_images i "
+                      "WHERE i.run_id = p.run_id AND i.example_id = p.example_id)")
+    positions = store.query(
+        f"WITH g AS ({_latest_generations(keys)}) "
+        "SELECT p.pos FROM plan_keys p LEFT JOIN g ON g.run_id = p.run_id AND g.example_id = p.example_id "
+        f"WHERE g.status IS DISTINCT FROM 'ok'{image_test} ORDER BY p.pos",
+        **tables,
+    ).column(0)
+    return _pick(rows, positions)
 
 
 def plan_missing_metrics(
@@ -200,22 +267,40 @@ def plan_missing_metrics(
     *,
     require_generation: bool = True,
 ) -> list[tuple[str, str]]:
-    """``(example_id, metric)`` pairs of one run not yet scored.
+    """``(example_id, metric)`` pairs of one run not yet scored, in example then metric order.
 
     Scored means the latest ``metrics`` row for (run, example, metric) has no ``error``
     (a null value with no error — e.g. no face found — counts as scored). With
     ``require_generation`` only examples whose generation is ok are planned: there is
-    nothing to score before the image exists.
+    nothing to score before the image exists. Computed in DuckDB as for generations.
     """
-    rows = _keyed(examples)
-    runs = {r["run_id"] for r in rows}
+    rows, keys = _plan_keys(examples)
+    runs = pc.unique(keys.column("run_id")).to_pylist()
     if len(runs) > 1:
         raise ValueError(f"plan_missing_metrics takes examples of one run, got runs {sorted(runs)}; call it per run")
     metrics = list(dict.fromkeys(metrics))
+    if keys.num_rows == 0 or not metrics:
+        return []
+    if len(metrics) > 62:
+        raise ValueError(f"plan_missing_metrics plans at most 62 metrics at once, got {len(metrics)}")
+    wanted = pa.table({"metric": pa.array(metrics, pa.string()), "i": pa.array(range(len(metrics)), pa.int64())})
+    planned = "plan_keys"
     if require_generation:
-        pending = {r["example_id"] for r in plan_missing_generations(store, rows)}
-        rows = [r for r in rows if r["example_id"] not in pending]
-    scored = {
-        (m["example_id"], m["metric"]) for m in _latest_by_run(store, "metrics", runs) if m["error"] is None
-    }
-    return [(r["example_id"], m) for r in rows for m in metrics if (r["example_id"], m) not in scored]
+        planned = (f"(SELECT p.* FROM plan_keys p JOIN ({_latest_generations(keys)}) g "
+                   "ON g.run_id = p.run_id AND g.example_id = p.example_id WHERE g.status = 'ok')")
+    # Scored metrics per example as a bit mask (one row per example, not per pair), so only the
+    # examples with something missing are expanded into (example, metric) pairs.
+    found = store.query(
+        f"WITH p AS (SELECT * FROM {planned}), "
+        "m AS (SELECT example_id, metric, arg_max(error IS NULL, (created_at, rowid)) AS scored "
+        f"FROM {LAKE}.metrics WHERE run_id IN {_runs_in(keys)} AND metric IN (SELECT metric FROM plan_metrics)"
+        f"{_only_planned(keys, 'p')} GROUP BY example_id, metric), "
+        "s AS (SELECT m.example_id, bit_or(CAST(1 AS BIGINT) << w.i) AS mask FROM m JOIN plan_metrics w "
+        "ON w.metric = m.metric WHERE m.scored GROUP BY m.example_id), "
+        "miss AS (SELECT p.pos, p.example_id, coalesce(s.mask, 0) AS mask FROM p LEFT JOIN s "
+        f"ON s.example_id = p.example_id WHERE coalesce(s.mask, 0) <> {(1 << len(metrics)) - 1}) "
+        "SELECT miss.example_id, w.i FROM miss CROSS JOIN plan_metrics w "
+        "WHERE (miss.mask >> w.i) & 1 = 0 ORDER BY miss.pos, w.i",
+        plan_keys=keys, plan_metrics=wanted,
+    )
+    return list(zip(found.column(0).to_pylist(), [metrics[i] for i in found.column(1).to_pylist()]))

@@ -1,44 +1,83 @@
-"""A folder of Parquet tables and images on a local disk or any fsspec URL (``s3://`` via s3fs).
+"""The result tables as DuckLake tables, and image files, under one root (a folder or ``s3://``).
 
 Layout under ``root``::
 
-    <table>/run_id=<run>/part-<uuid>.parquet     one file per append, never rewritten
-    images/<run>/<example_id>.png                generated images
+    catalog.sqlite                          the DuckLake catalog (local roots, by default)
+    tables/main/<table>/run_id=<run>/*.parquet   table data, written and merged by DuckLake
+    images/<run>/<example_id>.png           generated images (plain files)
 
-Writes are atomic: a writer that dies at any point leaves nothing a reader sees.
-Locally a file is written under a hidden name (``.tmp-...``) in the same folder and
-moved into place with ``os.replace``; on S3 the object is sent in one PUT (S3 never
-shows a partial object, and no multipart upload is ever started). Readers only see
-``part-*.parquet`` files and skip every name that starts with ``.`` or ``_``.
+The catalog is a SQL database: a SQLite file in the root by default (several processes on
+one machine may write), or PostgreSQL for drivers on several machines (``catalog=`` or
+``$FASTFACE_CATALOG``; an ``s3://`` root needs one of them, see docs/storage.md).
+
+- Each :meth:`Store.append` is one DuckLake transaction: it commits whole or not at all,
+  so a writer killed at any point leaves nothing a reader sees. Each append writes one
+  small Parquet file; writers merge a table's small files every :data:`MERGE_EVERY_FILES`
+  appends, and :meth:`Store.compact` (``fastface compact``, the end of each flow) merges
+  everything, expires old snapshots and deletes unused files. Readers read one snapshot
+  per query, so compaction never shows them a row twice or hides one.
+- Tables, columns and types are those of :mod:`storage.schemas`, enforced by the format
+  (NOT NULL included) and checked when a store is opened.
+- A retried write adds another row with the same key (:data:`storage.schemas.KEYS`);
+  :meth:`Store.latest` and the catalog's views keep the latest by ``created_at`` (ties:
+  the later insert).
+- Images are written atomically through fsspec (local: hidden ``.tmp-*`` name +
+  ``os.replace``; S3: one PUT).
 """
 
 from __future__ import annotations
 
-import io
+import contextlib
+import fcntl
 import os
+import random
 import re
+import socket
+import threading
 import time
 import uuid
-from datetime import datetime, timezone
-from typing import Any, Iterable, Mapping, Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Any, Mapping, Sequence
+from urllib.parse import urlparse
 
+import duckdb
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from storage.schemas import KEYS, SchemaError, check_table, conform, schema
+from storage.duck import StorageError, connect, load_extensions, quote_identifier as _q, quote_literal as _lit
+from storage.schemas import KEYS, SCHEMA_VERSION, TABLES, SchemaError, conform, schema
 
 ENDPOINT_ENV_VARS = ("FASTFACE_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
+CATALOG_ENV = "FASTFACE_CATALOG"
+CATALOG_FILE = "catalog.sqlite"
+DATA_DIR = "tables"
+LAKE = "fastface_lake"
+"""The name the DuckLake is attached under in every connection (``fastface_lake.metrics``...)."""
+META_TABLE = "fastface_store"
+INLINE_ROW_LIMIT = 0
+"""DuckLake's data inlining (small inserts kept in the catalog) stays off: in DuckLake 1.5.5 a
+flush of inlined rows racing a reader makes that reader miss the rows (measured here with a
+SQLite catalog; duckdb/ducklake#1413, #650 report the same with PostgreSQL and duplicates with
+concurrent inserts). Every append is one small Parquet file instead, merged as below."""
+MERGE_EVERY_FILES = 200
+"""A Store merges a table's small files after it has appended this many to it, so planning
+and reports read a bounded number of files however long a run is."""
+MERGE_MAX_FILE_BYTES = 32 * 2**20
+"""Writers' merges leave files above this size alone (no rewriting of large files on every merge)."""
+MIGRATE_COMMAND = "fastface migrate-store"
+
 PAUSE_AT_ENV = "FASTFACE_STORAGE_PAUSE_AT"
-"""Test hook: name of a point in the write path ("mid-write", "before-commit") at which
-the writer touches the file named by ``FASTFACE_STORAGE_PAUSE_MARKER`` and sleeps for
-``FASTFACE_STORAGE_PAUSE_S`` seconds (default an hour), so a test can kill it there."""
+"""Test hook: name of a point in the write path ("in-transaction": rows inserted, not yet
+committed) at which the writer touches the file named by ``FASTFACE_STORAGE_PAUSE_MARKER``
+and sleeps for ``FASTFACE_STORAGE_PAUSE_S`` seconds (default an hour), so a test can kill it there."""
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _S3_PROTOCOLS = ("s3", "s3a")
 _MAX_SINGLE_PUT = 5 * 2**30  # S3's limit for one PUT
-_ROW_GROUP_ROWS = 64 * 1024
+_WRITE_ATTEMPTS = 8
+_CONNECT_TIMEOUT_S = 3.0
 
 
 def _pause_point(point: str) -> None:
@@ -61,53 +100,329 @@ def check_name(kind: str, value: str) -> str:
     return value
 
 
-def _visible(parts: Iterable[str]) -> bool:
-    return not any(p.startswith((".", "_")) for p in parts)
+def _visible(name: str) -> bool:
+    return not name.startswith((".", "_"))
+
+
+def catalog_attach_string(spec: str) -> tuple[str, str | None]:
+    """``(ATTACH string, DuckDB extension it needs)`` of a catalog spec.
+
+    ``sqlite:/path/catalog.sqlite``; ``postgres:dbname=fastface host=db.internal user=ff``
+    (a libpq connection string; the password from ``$PGPASSWORD`` or ``~/.pgpass``) or
+    ``postgresql://user@host:5432/db``; ``duckdb:/path/catalog.ducklake`` (one process only).
+    A leading ``ducklake:`` is accepted too.
+    """
+    text = spec.strip()
+    if text.startswith("ducklake:"):
+        text = text[len("ducklake:"):]
+    if text.startswith(("postgresql://", "postgres://")):
+        return f"ducklake:postgres:{text}", "postgres"
+    kind, sep, rest = text.partition(":")
+    if sep and kind in ("postgres", "postgresql") and rest.strip():
+        return f"ducklake:postgres:{rest.strip()}", "postgres"
+    if sep and kind == "sqlite" and rest.strip():
+        return f"ducklake:sqlite:{os.path.abspath(os.path.expanduser(rest.strip()))}", "sqlite"
+    if sep and kind == "duckdb" and rest.strip():
+        return f"ducklake:{os.path.abspath(os.path.expanduser(rest.strip()))}", None
+    raise StorageError(
+        f"catalog {spec!r} is not understood: use sqlite:/path/catalog.sqlite, "
+        "postgres:dbname=NAME host=HOST user=USER (or postgresql://USER@HOST/NAME), or duckdb:/path/catalog.ducklake"
+    )
+
+
+def _redact(spec: str) -> str:
+    return re.sub(r"(password\s*=\s*)\S+", r"\1***", re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", spec))
+
+
+def s3_endpoint() -> str | None:
+    return next((os.environ[v] for v in ENDPOINT_ENV_VARS if os.environ.get(v)), None)
+
+
+def _s3_settings() -> dict[str, str]:
+    """The S3 secret's fields, from the environment only; fails naming what is missing."""
+    missing = [v for v in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if not os.environ.get(v)]
+    if missing:
+        raise StorageError(
+            f"an s3:// root needs credentials in the environment: set {' and '.join(missing)}"
+            + (" (and AWS_SESSION_TOKEN for temporary credentials)" if len(missing) == 2 else "")
+        )
+    out = {
+        "KEY_ID": os.environ["AWS_ACCESS_KEY_ID"],
+        "SECRET": os.environ["AWS_SECRET_ACCESS_KEY"],
+        "REGION": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+    }
+    if os.environ.get("AWS_SESSION_TOKEN"):
+        out["SESSION_TOKEN"] = os.environ["AWS_SESSION_TOKEN"]
+    endpoint = s3_endpoint()
+    if endpoint:
+        url = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        if not url.hostname:
+            raise StorageError(f"S3 endpoint {endpoint!r} (from {'/'.join(ENDPOINT_ENV_VARS)}) has no host")
+        out["ENDPOINT"] = url.netloc
+        out["USE_SSL"] = "true" if url.scheme == "https" else "false"
+        out["URL_STYLE"] = "path"
+    return out
+
+
+def _check_endpoint_reachable(endpoint: str) -> None:
+    """One TCP connect (a few seconds at most) so a wrong endpoint fails now, in one line."""
+    url = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=_CONNECT_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        raise StorageError(
+            f"cannot reach the S3 endpoint {endpoint} (from ${next(v for v in ENDPOINT_ENV_VARS if os.environ.get(v))}): "
+            f"{exc.strerror or exc}; check the URL or unset it to use AWS"
+        ) from None
+
+
+def _retryable(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(s in text for s in ("conflict", "locked", "busy", "could not serialize", "retry"))
 
 
 class Store:
-    """Parquet tables and image bytes under ``root`` (a local folder or an fsspec URL).
+    """DuckLake tables and image files under ``root`` (a local folder or ``s3://bucket/prefix``).
 
-    ``storage_options`` go to the fsspec filesystem. For ``s3://`` credentials come from
-    the environment / the standard AWS chain only; the endpoint defaults to
-    ``$FASTFACE_S3_ENDPOINT_URL`` or ``$AWS_ENDPOINT_URL`` when set.
-    A Store pickles as its (root, storage_options), so it can be handed to Ray workers.
+    ``catalog``: where the table catalog lives (default ``$FASTFACE_CATALOG``, else the
+    SQLite file ``<root>/catalog.sqlite``); see :func:`catalog_attach_string`.
+    ``storage_options`` go to the fsspec filesystem used for images. For ``s3://``,
+    credentials come from the environment only (``AWS_ACCESS_KEY_ID``,
+    ``AWS_SECRET_ACCESS_KEY``, optional ``AWS_SESSION_TOKEN``, ``AWS_REGION``); the endpoint
+    from ``$FASTFACE_S3_ENDPOINT_URL`` or ``$AWS_ENDPOINT_URL`` when set.
+    A Store pickles as its (root, storage_options, catalog), so it can be handed to Ray workers.
     """
 
-    def __init__(self, root: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, root: str, storage_options: Mapping[str, Any] | None = None, *,
+                 catalog: str | None = None) -> None:
         if not root:
             raise ValueError("Store root is empty: pass a local folder or a URL such as s3://bucket/prefix")
         self._root_arg = root
         self.storage_options = dict(storage_options or {})
         protocol = root.split("://", 1)[0] if "://" in root else "file"
+        self.is_local = protocol in ("file", "local")
+        self.is_s3 = protocol in _S3_PROTOCOLS
+        if not (self.is_local or self.is_s3):
+            raise StorageError(f"store root {root!r}: tables live in a local folder or on s3://bucket/prefix, "
+                               f"not {protocol}://")
         options = dict(self.storage_options)
-        if protocol in _S3_PROTOCOLS:
-            endpoint = next((os.environ[v] for v in ENDPOINT_ENV_VARS if os.environ.get(v)), None)
+        if self.is_s3:
+            self._s3 = _s3_settings()
+            endpoint = s3_endpoint()
+            if endpoint:
+                _check_endpoint_reachable(endpoint)
             client_kwargs = options.get("client_kwargs") or {}
             if endpoint and "endpoint_url" not in options and "endpoint_url" not in client_kwargs:
                 options["endpoint_url"] = endpoint
             # Other processes write here: a cached listing would hide their files.
             options.setdefault("use_listings_cache", False)
         self.fs, path = fsspec.core.url_to_fs(root, **options)
-        self.is_local = protocol in ("file", "local")
-        self.is_s3 = protocol in _S3_PROTOCOLS
         # DuckDB knows s3fs by its first protocol name, so URIs always say s3://.
-        self.protocol = "file" if self.is_local else ("s3" if self.is_s3 else protocol)
+        self.protocol = "file" if self.is_local else "s3"
         if self.is_local:
             path = os.path.abspath(path)
             os.makedirs(path, exist_ok=True)
         self.root = path.rstrip("/")
+        self._check_not_old_layout()
+        self.catalog = catalog or os.environ.get(CATALOG_ENV) or (
+            f"sqlite:{os.path.join(self.root, CATALOG_FILE)}" if self.is_local else None)
+        if not self.catalog:
+            raise StorageError(
+                f"an s3:// root keeps its tables' catalog in a database: set {CATALOG_ENV}="
+                "postgres:dbname=NAME host=HOST user=USER (several machines) or "
+                f"{CATALOG_ENV}=sqlite:/local/path/catalog.sqlite (one machine); see docs/storage.md"
+            )
+        self._attach, self._catalog_extension = catalog_attach_string(self.catalog)
+        self.data_path = f"{self.uri(self.root)}/{DATA_DIR}/"
+        self._lock = threading.RLock()
+        self._lock_depth = 0
+        self._lock_file = None
+        self._appended_files = {t: 0 for t in TABLES}
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._pid = None
+        self._connection()  # fail now, not at the first write
 
     def __reduce__(self):
-        return (Store, (self._root_arg, self.storage_options))
+        return (_restore_store, (self._root_arg, self.storage_options, self.catalog))
 
     def __repr__(self) -> str:
-        return f"Store({self.uri(self.root)!r})"
+        return f"Store({self.uri(self.root)!r}, catalog={_redact(self.catalog)!r})"
+
+    def close(self) -> None:
+        with self._lock:
+            if self._con is not None:
+                self._con.close()
+                self._con = None
+            if self._lock_file is not None:
+                self._lock_file.close()
+                self._lock_file = None
+
+    @contextlib.contextmanager
+    def catalog_lock(self, exclusive: bool):
+        """Hold the catalog: shared to read, exclusive to commit (SQLite catalogs; a no-op for PostgreSQL).
+
+        DuckLake 1.5.5 reads a snapshot's metadata from SQLite in several statements; a commit
+        landing between them (a merge, measured here) can make a query see no rows at all. An
+        ``flock`` on ``<catalog>.lock`` keeps commits and reads apart: readers share it,
+        each commit takes it alone for the commit's duration. Re-entrant within a Store.
+        """
+        with self._lock:
+            if self._catalog_extension not in ("sqlite", None) or self._lock_depth:
+                self._lock_depth += 1
+                try:
+                    yield
+                finally:
+                    self._lock_depth -= 1
+                return
+            if self._lock_file is None or self._pid != os.getpid():
+                path = (self._attach.split(":", 2)[2] if self._catalog_extension == "sqlite"
+                        else self._attach[len("ducklake:"):]) + ".lock"
+                self._lock_file = open(path, "a+b")
+            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+                fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- the DuckLake connection --------------------------------------------------
+
+    def _check_not_old_layout(self) -> None:
+        """Roots written by the per-file layout (``<table>/run_id=*/part-*.parquet``) need migrating."""
+        if self.is_local:
+            old = [t for t in TABLES if os.path.isdir(os.path.join(self.root, t))
+                   and any(n.startswith("run_id=") for n in os.listdir(os.path.join(self.root, t)))]
+        else:
+            try:
+                names = {p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)}
+            except FileNotFoundError:
+                names = set()
+            old = [t for t in TABLES if t in names]
+        if old:
+            raise StorageError(
+                f"{self.uri(self.root)} holds tables in the old one-file-per-batch layout ({', '.join(old)}/); "
+                f"convert it once with: {MIGRATE_COMMAND} {self.uri(self.root)} NEW_ROOT"
+            )
+
+    def attach(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Attach this store's DuckLake to ``con`` as :data:`LAKE` (extensions, S3 secret, retries)."""
+        needed = ["ducklake"] + ([self._catalog_extension] if self._catalog_extension else [])
+        if self.is_s3:
+            needed.append("httpfs")
+        load_extensions(con, needed)
+        con.execute("SET TimeZone='UTC'")
+        if self.is_s3:
+            fields = ", ".join(f"{k} {_lit(v)}" if k not in ("USE_SSL",) else f"{k} {v}" for k, v in self._s3.items())
+            bucket = self.root.split("/", 1)[0]
+            con.execute(f"CREATE OR REPLACE SECRET fastface_s3 (TYPE s3, {fields}, SCOPE {_lit('s3://' + bucket)})")
+        # Concurrent appends race for the next snapshot id; DuckLake retries them itself.
+        con.execute("SET ducklake_max_retry_count = 50")
+        con.execute("SET ducklake_retry_wait_ms = 20")
+        con.execute("SET ducklake_retry_backoff = 1.5")
+        if self._catalog_extension == "sqlite":
+            _sqlite_wal(self._attach.split(":", 2)[2])
+        try:
+            con.execute(f"ATTACH {_lit(self._attach)} AS {LAKE} (DATA_PATH {_lit(self.data_path)})")
+        except duckdb.Error as exc:
+            raise StorageError(f"cannot open the table catalog {_redact(self.catalog)} of {self.uri(self.root)}: "
+                               f"{str(exc).splitlines()[0]}") from None
+
+    def connect(self, database: str = ":memory:", read_only: bool = False) -> duckdb.DuckDBPyConnection:
+        """A new DuckDB connection with this store's lake attached as :data:`LAKE`."""
+        if database == ":memory:":
+            con = connect(())
+        else:
+            con = duckdb.connect(database, read_only=read_only,
+                                 config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+        self.attach(con)
+        return con
+
+    def _connection(self) -> duckdb.DuckDBPyConnection:
+        if self._con is None or self._pid != os.getpid():
+            if self._pid != os.getpid():
+                self._lock_file = None  # a forked child needs its own lock file description
+            with self.catalog_lock(exclusive=True):
+                con = self.connect()
+                self._ensure_tables(con)
+            self._con, self._pid = con, os.getpid()
+        return self._con
+
+    def _columns(self, con) -> dict[str, list[tuple[str, str, bool]]]:
+        rows = con.execute(
+            "SELECT table_name, column_name, data_type, is_nullable FROM duckdb_columns() "
+            "WHERE database_name = ? AND schema_name = 'main' ORDER BY table_name, column_index", [LAKE]
+        ).fetchall()
+        out: dict[str, list[tuple[str, str, bool]]] = {}
+        for table, column, type_, nullable in rows:
+            out.setdefault(table, []).append((column, type_, nullable))
+        return out
+
+    def _ensure_tables(self, con) -> None:
+        """Create the tables on first use; check the stored schema version and columns afterwards."""
+        expected = {t: duck_columns(con, t) for t in TABLES}
+        for attempt in range(_WRITE_ATTEMPTS):
+            found = self._columns(con)
+            missing = [t for t in (*TABLES, META_TABLE) if t not in found]
+            if not missing:
+                break
+            try:
+                con.execute("BEGIN TRANSACTION")
+                if META_TABLE in missing:
+                    con.execute(f"CREATE TABLE IF NOT EXISTS {LAKE}.{META_TABLE} (key VARCHAR NOT NULL, value VARCHAR)")
+                    con.execute(f"INSERT INTO {LAKE}.{META_TABLE} VALUES ('schema_version', ?), ('root', ?)",
+                                [str(SCHEMA_VERSION), self.uri(self.root)])
+                for table in TABLES:
+                    if table in missing:
+                        cols = ", ".join(f"{_q(n)} {t}{'' if nullable else ' NOT NULL'}"
+                                         for n, t, nullable in expected[table])
+                        con.execute(f"CREATE TABLE IF NOT EXISTS {LAKE}.{table} ({cols})")
+                        con.execute(f"ALTER TABLE {LAKE}.{table} SET PARTITIONED BY (run_id)")
+                con.execute("COMMIT")
+                con.execute(f"CALL {LAKE}.set_option('data_inlining_row_limit', {INLINE_ROW_LIMIT})")
+                con.execute(f"CALL {LAKE}.set_option('parquet_compression', 'zstd')")
+            except duckdb.Error as exc:
+                _rollback(con)
+                if attempt == _WRITE_ATTEMPTS - 1 or not _retryable(exc) and "already exists" not in str(exc):
+                    raise StorageError(f"cannot create the tables of {self.uri(self.root)}: {exc}") from None
+                time.sleep(0.05 + random.random() * 0.2)  # another process is creating them: look again
+        meta = dict(con.execute(f"SELECT key, value FROM {LAKE}.{META_TABLE}").fetchall())
+        version = int(meta.get("schema_version", "0"))
+        if version > SCHEMA_VERSION:
+            raise SchemaError(f"the tables of {self.uri(self.root)} have schema version {version}, newer than this "
+                              f"code's version {SCHEMA_VERSION}; upgrade fastface to read them")
+        own_file = self.catalog == f"sqlite:{os.path.join(self.root, CATALOG_FILE)}"  # moves with the folder
+        if not own_file and meta.get("root") not in (None, self.uri(self.root)):
+            raise StorageError(f"catalog {_redact(self.catalog)} belongs to the store {meta['root']}, not "
+                               f"{self.uri(self.root)}; give each root its own catalog (database or file)")
+        found = found or self._columns(con)
+        for table in TABLES:
+            have = {n: t for n, t, _ in found[table]}
+            for name, type_, _ in expected[table]:
+                if name not in have:
+                    raise SchemaError(f"table {table!r} in {self.uri(self.root)} has no column {name!r} "
+                                      f"(expected type {schema(table).field(name).type})")
+                if have[name] != type_:
+                    raise SchemaError(f"table {table!r} in {self.uri(self.root)}: column {name!r} is stored as "
+                                      f"{have[name]}, expected {schema(table).field(name).type} ({type_})")
+
+    def _sql(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table:
+        con = self._connection()
+        with self.catalog_lock(exclusive=False):
+            return con.execute(sql, params).to_arrow_table()
 
     # -- paths ---------------------------------------------------------------
 
     def uri(self, path: str) -> str:
-        """A user-facing address of a path: a plain absolute path locally, else ``proto://...``."""
+        """A user-facing address of a path: a plain absolute path locally, else ``s3://...``."""
         return path if self.is_local else f"{self.protocol}://{path}"
 
     def _path(self, key_or_uri: str) -> str:
@@ -126,64 +441,38 @@ class Store:
             raise ValueError(f"invalid storage key {key_or_uri!r}")
         return f"{self.root}/{rel}"
 
-    def table_dir(self, table: str) -> str:
-        schema(table)  # validates the name
-        return f"{self.root}/{table}"
-
-    def partition_dir(self, table: str, run_id: str) -> str:
-        return f"{self.table_dir(table)}/run_id={check_name('run_id', run_id)}"
-
-    def parquet_glob(self, table: str) -> str:
-        """The glob (as a URI) matching every visible data file of ``table``, for DuckDB."""
-        return self.uri(f"{self.table_dir(table)}/run_id=*/part-*.parquet")
-
     def image_key(self, run_id: str, example_id: str, ext: str = "png") -> str:
         return f"images/{check_name('run_id', run_id)}/{check_name('example_id', example_id)}.{ext}"
 
     def image_uri(self, run_id: str, example_id: str, ext: str = "png") -> str:
         return self.uri(self._path(self.image_key(run_id, example_id, ext)))
 
-    # -- atomic byte writes --------------------------------------------------
+    # -- atomic byte writes (images, reports) ----------------------------------
 
     def _commit_bytes(self, path: str, data: bytes) -> None:
         if self.is_local:
-            self._commit_local(path, lambda f: f.write(data))
-        elif self.is_s3:
-            self._put_s3(path, data)
-        else:
-            # gcs/azure/memory: a one-shot pipe of the whole object is the atomic primitive there.
-            _pause_point("before-commit")
-            self.fs.pipe_file(path, data)
-
-    def _commit_local(self, path: str, write) -> None:
-        directory, name = os.path.split(path)
-        os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}-{name}")
-        try:
-            with open(tmp, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            _pause_point("before-commit")
-            os.replace(tmp, path)
-        except BaseException:
+            directory, name = os.path.split(path)
+            os.makedirs(directory, exist_ok=True)
+            tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}-{name}")
             try:
-                os.remove(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-
-    def _put_s3(self, path: str, data: bytes) -> None:
-        if len(data) >= _MAX_SINGLE_PUT:
-            raise ValueError(
-                f"{self.uri(path)}: {len(data)} bytes exceed one S3 PUT (5 GiB); append fewer rows per call"
-            )
-        bucket, key, _ = self.fs.split_path(path)
-        _pause_point("before-commit")
-        # One PutObject: S3 shows the whole object or nothing. (s3fs.pipe_file would switch
-        # to a multipart upload above its chunk size.)
-        self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data)
-        self.fs.invalidate_cache(path)
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                try:
+                    os.remove(tmp)
+                except FileNotFoundError:
+                    pass
+                raise
+        else:
+            if len(data) >= _MAX_SINGLE_PUT:
+                raise ValueError(f"{self.uri(path)}: {len(data)} bytes exceed one S3 PUT (5 GiB)")
+            bucket, key, _ = self.fs.split_path(path)
+            # One PutObject: S3 shows the whole object or nothing (s3fs.pipe_file may go multipart).
+            self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data)
+            self.fs.invalidate_cache(path)
 
     def write_bytes(self, key: str, data: bytes) -> str:
         """Write ``data`` atomically at ``key`` (relative to the root, or a URI under it); return its URI."""
@@ -207,20 +496,36 @@ class Store:
     def image_ids(self, run_id: str, ext: str = "png") -> set[str]:
         """Example ids with an image under ``images/<run>/`` (one listing, not one request per image)."""
         directory = self._path(f"images/{check_name('run_id', run_id)}")
+        if not self.is_local:
+            self.fs.invalidate_cache(directory)
+        try:
+            paths = self.fs.find(directory)
+        except FileNotFoundError:
+            return set()
         suffix = "." + ext
-        return {
-            name[: -len(suffix)]
-            for name in (p.rsplit("/", 1)[-1] for p in self._find(directory))
-            if name.endswith(suffix) and _visible([name])
-        }
+        names = (p.rsplit("/", 1)[-1] for p in paths)
+        return {n[: -len(suffix)] for n in names if n.endswith(suffix) and _visible(n)}
+
+    def remove_stale_temp_files(self, older_than_s: float = 3600.0) -> int:
+        """Delete local ``.tmp-*`` image files left by writers that died (S3 never has any). Returns the count."""
+        if not self.is_local:
+            return 0
+        removed, now = 0, time.time()
+        for dirpath, _, names in os.walk(os.path.join(self.root, "images")):
+            for name in names:
+                full = os.path.join(dirpath, name)
+                if name.startswith(".tmp-") and now - os.path.getmtime(full) > older_than_s:
+                    os.remove(full)
+                    removed += 1
+        return removed
 
     # -- tables --------------------------------------------------------------
 
-    def append(self, table: str, rows: "Sequence[Mapping] | pa.Table", run_id: str) -> str | None:
-        """Validate ``rows`` against ``table``'s schema and write them as one new file, atomically.
+    def append(self, table: str, rows: "Sequence[Mapping] | pa.Table", run_id: str) -> int | None:
+        """Validate ``rows`` against ``table``'s schema and append them in one transaction.
 
         ``run_id`` and ``created_at`` (now, UTC) fill rows that lack them; a row with another
-        run id is an error. Returns the new file's URI, or None when there were no rows.
+        run id is an error. Returns the number of rows written, or None when there were none.
         """
         check_name("run_id", run_id)
         data = conform(table, rows, defaults={"run_id": run_id, "created_at": datetime.now(timezone.utc)})
@@ -228,53 +533,115 @@ class Store:
             return None
         if not pc.all(pc.equal(data.column("run_id"), run_id)).as_py():
             raise ValueError(f"table {table!r}: rows carry a run_id other than {run_id!r}; append each run separately")
-        path = f"{self.partition_dir(table, run_id)}/part-{uuid.uuid4().hex}.parquet"
-        self._write_parquet(path, data)
-        return self.uri(path)
+        self._insert(table, data)
+        return data.num_rows
 
-    def _write_parquet(self, path: str, data: pa.Table) -> None:
-        def write(f) -> None:
-            with pq.ParquetWriter(f, data.schema, compression="zstd") as writer:
-                for i, batch in enumerate(data.to_batches(max_chunksize=_ROW_GROUP_ROWS)):
-                    writer.write_table(pa.Table.from_batches([batch], schema=data.schema))
-                    if i == 0:
-                        f.flush()
-                        _pause_point("mid-write")
+    def _insert(self, table: str, data: pa.Table) -> None:
+        """Insert a schema-exact table in one transaction, retrying when another writer won the commit."""
+        schema(table)
+        for attempt in range(_WRITE_ATTEMPTS):
+            con = self._connection()
+            with self.catalog_lock(exclusive=True):
+                con.register("fastface_rows", data)
+                try:
+                    con.execute("BEGIN TRANSACTION")
+                    con.execute(f"INSERT INTO {LAKE}.{table} SELECT * FROM fastface_rows")
+                    _pause_point("in-transaction")
+                    con.execute("COMMIT")
+                    break
+                except duckdb.Error as exc:
+                    _rollback(con)
+                    if attempt == _WRITE_ATTEMPTS - 1 or not _retryable(exc):
+                        raise StorageError(f"append to {table!r} in {self.uri(self.root)} failed: "
+                                           f"{str(exc).splitlines()[0]}") from None
+                finally:
+                    con.unregister("fastface_rows")
+            time.sleep(0.05 * 2**attempt * (0.5 + random.random()))
+        self._appended_files[table] += 1
+        if self._appended_files[table] >= MERGE_EVERY_FILES:
+            self._appended_files[table] = 0
+            try:
+                self.merge(table, max_file_bytes=MERGE_MAX_FILE_BYTES)
+            except StorageError:
+                pass  # another process is merging or compacting; the next round tries again
 
-        if self.is_local:
-            self._commit_local(path, write)
-        else:
-            buffer = io.BytesIO()
-            write(buffer)
-            self._commit_bytes(path, buffer.getvalue())
+    def merge(self, table: str | None = None, *, max_file_bytes: int | None = None) -> None:
+        """Merge small adjacent Parquet files (of ``table``, or all); files above ``max_file_bytes`` stay."""
+        args = [_lit(LAKE)] + ([_lit(table)] if table else [])
+        if max_file_bytes:
+            args.append(f"max_file_size => {int(max_file_bytes)}")
+        con = self._connection()
+        with self.catalog_lock(exclusive=True):
+            self._call_retrying(con, f"CALL ducklake_merge_adjacent_files({', '.join(args)})", "merging files of")
 
-    def _find(self, directory: str) -> list[str]:
-        if not self.is_local:
-            self.fs.invalidate_cache(directory)
-        try:
-            return sorted(self.fs.find(directory))
-        except FileNotFoundError:
-            return []
+    def flush(self, table: str | None = None) -> int:
+        """Write the rows inlined in the catalog (of ``table``, or all) to Parquet; returns rows flushed."""
+        con = self._connection()
+        with self.catalog_lock(exclusive=True):
+            extra = f", table_name => {_lit(table)}" if table else ""
+            flushed = self._call_retrying(con, f"CALL ducklake_flush_inlined_data({_lit(LAKE)}{extra})", "flushing")
+            return int(sum(r[-1] for r in flushed))
 
-    def files(self, table: str, run_id: str | None = None) -> list[str]:
-        """Visible data files of ``table`` (all runs, or one), as filesystem paths, sorted."""
-        base = self.partition_dir(table, run_id) if run_id is not None else self.table_dir(table)
-        out = []
-        for path in self._find(base):
-            rel = path[len(self.table_dir(table)) + 1 :].split("/")
-            if (
-                len(rel) == 2
-                and rel[0].startswith("run_id=")
-                and rel[1].startswith("part-")
-                and rel[1].endswith(".parquet")
-                and _visible(rel)
-            ):
-                out.append(path)
-        return out
+    def compact(self, *, expire_older_than: timedelta = timedelta(days=7),
+                cleanup_older_than: timedelta = timedelta(hours=1)) -> dict[str, int]:
+        """Maintenance: flush inlined rows, merge small Parquet files, expire old snapshots, delete unused files.
+
+        Snapshots older than ``expire_older_than`` stop being readable by time travel (keep it
+        longer than the longest query: a query still reading an expired snapshot loses rows); files
+        that merging or expiry made unused (and files of writers that died before committing)
+        are deleted once older than ``cleanup_older_than``, so queries running meanwhile keep
+        their files. Readers never see a row twice or miss one while this runs: each query
+        reads one snapshot. Returns counts of what was done.
+        """
+        now = datetime.now(timezone.utc)
+        con = self._connection()
+        with self.catalog_lock(exclusive=True):
+            before = self._file_count(con)
+            flushed = self.flush()  # rows inlined by other tools or older versions (this one inlines none)
+            call = self._call_retrying
+            self.merge()
+            expired = call(con, f"CALL ducklake_expire_snapshots({_lit(LAKE)}, older_than => ?)",
+                           "expiring snapshots of", [now - expire_older_than])
+            cleaned = call(con, f"CALL ducklake_cleanup_old_files({_lit(LAKE)}, older_than => ?)",
+                           "deleting old files of", [now - cleanup_older_than])
+            orphans = call(con, f"CALL ducklake_delete_orphaned_files({_lit(LAKE)}, older_than => ?)",
+                           "deleting orphaned files of", [now - cleanup_older_than])
+            after = self._file_count(con)
+        return {"rows_flushed": flushed, "files_before": before, "files_after": after,
+                "snapshots_expired": len(expired), "files_deleted": len(cleaned) + len(orphans)}
+
+    def _call_retrying(self, con, sql: str, what: str, params: Sequence[Any] | None = None) -> list[tuple]:
+        for attempt in range(_WRITE_ATTEMPTS):
+            try:
+                return con.execute(sql, params).fetchall()
+            except duckdb.Error as exc:
+                _rollback(con)
+                if attempt == _WRITE_ATTEMPTS - 1 or not _retryable(exc):
+                    raise StorageError(f"{what} {self.uri(self.root)} failed: {str(exc).splitlines()[0]}") from None
+            time.sleep(0.05 * 2**attempt * (0.5 + random.random()))
+        raise AssertionError("unreachable")
+
+    def _file_count(self, con) -> int:
+        return sum(con.execute(f"SELECT count(*) FROM ducklake_list_files({_lit(LAKE)}, ?)", [t]).fetchone()[0]
+                   for t in TABLES)
+
+    def data_files(self, table: str) -> list[str]:
+        """The Parquet files of ``table``'s current snapshot (rows inlined in the catalog have none)."""
+        if table != META_TABLE:
+            schema(table)
+        return sorted(self._sql(f"SELECT data_file FROM ducklake_list_files({_lit(LAKE)}, ?)", [table])
+                      .column(0).to_pylist())
 
     def run_ids(self, table: str) -> list[str]:
-        """Runs with at least one visible file in ``table``."""
-        return sorted({p.rsplit("/", 2)[-2][len("run_id=") :] for p in self.files(table)})
+        """Runs with at least one row in ``table``."""
+        schema(table)
+        return self._sql(f"SELECT DISTINCT run_id FROM {LAKE}.{table} ORDER BY run_id").column(0).to_pylist()
+
+    def count(self, table: str, run_id: str | None = None) -> int:
+        """Rows of ``table`` (all runs, or one), retried writes included."""
+        where, params = _run_filter(run_id)
+        schema(table)
+        return self._sql(f"SELECT count(*) FROM {LAKE}.{table}{where}", params).column(0)[0].as_py()
 
     def read(
         self,
@@ -283,37 +650,17 @@ class Store:
         filters: "pc.Expression | Sequence[tuple] | None" = None,
         columns: Sequence[str] | None = None,
     ) -> pa.Table:
-        """All rows of ``table`` (or of one run), every file schema-checked, in file order.
+        """All rows of ``table`` (or of one run), in insertion order.
 
         ``filters`` is a pyarrow compute expression or a list of ``(column, op, value)``
         tuples (ANDed, as in ``pyarrow.parquet``). Retried writes show up as several rows;
         use :meth:`latest` for one row per key.
         """
-        paths = self.files(table, run_id)
-        if self.is_local:
-            blobs = {p: p for p in paths}
-        else:
-            blobs = {p: pa.BufferReader(b) for p, b in self.fs.cat(paths).items()} if paths else {}
-        parts = []
-        for path in paths:
-            source = self.uri(path)
-            try:
-                raw = pq.read_table(blobs[path])
-            except (pa.ArrowInvalid, OSError) as exc:
-                raise SchemaError(f"table {table!r}: cannot read {source}: {exc}") from exc
-            part = check_table(table, raw, source=source)
-            partition = path.rsplit("/", 2)[-2][len("run_id=") :]
-            if part.num_rows and not pc.all(pc.equal(part.column("run_id"), partition)).as_py():
-                raise SchemaError(f"table {table!r} in {source}: run_id column disagrees with partition {partition!r}")
-            parts.append(part)
-        data = pa.concat_tables(parts) if parts else schema(table).empty_table()
-        if filters is not None:
-            if not isinstance(filters, pc.Expression):
-                filters = pq.filters_to_expression(list(filters))
-            data = data.filter(filters)
-        if columns is not None:
-            data = data.select(list(columns))
-        return data
+        fields = schema(table)
+        where, params = _run_filter(run_id)
+        names = ", ".join(_q(n) for n in fields.names)
+        data = self._sql(f"SELECT {names} FROM {LAKE}.{table}{where} ORDER BY rowid", params)
+        return _finish(table, data, filters, columns)
 
     def latest(
         self,
@@ -324,28 +671,92 @@ class Store:
     ) -> pa.Table:
         """One row per key (default :data:`storage.schemas.KEYS`), the latest by ``created_at``.
 
-        Ties are broken by file name and row order, as in the catalog's views.
+        Ties are broken by insertion order, as in the catalog's views. ``filters`` apply to
+        the latest rows.
         """
-        return latest_rows(self.read(table, run_id=run_id, filters=filters), keys or KEYS[table])
+        fields = schema(table)
+        keys = list(keys or KEYS[table])
+        for k in keys:
+            if k not in fields.names:
+                raise SchemaError(f"table {table!r} has no column {k!r}; columns are {fields.names}")
+        where, params = _run_filter(run_id)
+        names = ", ".join(_q(n) for n in fields.names)
+        data = self._sql(
+            f"SELECT {names} FROM {LAKE}.{table}{where} "
+            f"QUALIFY row_number() OVER (PARTITION BY {', '.join(_q(k) for k in keys)} "
+            "ORDER BY created_at DESC, rowid DESC) = 1 ORDER BY rowid", params)
+        return _finish(table, data, filters, None)
 
     def list_ids(self, table: str, column: str, run_id: str | None = None) -> set:
         """The distinct values of ``column`` in ``table`` (all runs, or one)."""
         if column not in schema(table).names:
             raise SchemaError(f"table {table!r} has no column {column!r}; columns are {schema(table).names}")
-        return set(pc.unique(self.read(table, run_id=run_id).column(column)).to_pylist())
+        where, params = _run_filter(run_id)
+        return set(self._sql(f"SELECT DISTINCT {_q(column)} FROM {LAKE}.{table}{where}", params).column(0).to_pylist())
 
-    def remove_stale_temp_files(self, older_than_s: float = 3600.0) -> int:
-        """Delete local ``.tmp-*`` files left by writers that died (S3 never has any). Returns the count."""
-        if not self.is_local:
-            return 0
-        removed, now = 0, time.time()
-        for dirpath, _, names in os.walk(self.root):
-            for name in names:
-                full = os.path.join(dirpath, name)
-                if name.startswith(".tmp-") and now - os.path.getmtime(full) > older_than_s:
-                    os.remove(full)
-                    removed += 1
-        return removed
+    def query(self, sql: str, params: Sequence[Any] | None = None, **tables: pa.Table) -> pa.Table:
+        """Run ``sql`` on this store's connection (tables as ``fastface_lake.<table>``).
+
+        ``tables`` are pyarrow tables made visible to the query under their keyword names.
+        """
+        con = self._connection()
+        with self.catalog_lock(exclusive=False):
+            for name, value in tables.items():
+                con.register(name, value)
+            try:
+                return con.execute(sql, params).to_arrow_table()
+            finally:
+                for name in tables:
+                    con.unregister(name)
+
+
+def _restore_store(root: str, storage_options: Mapping[str, Any], catalog: str | None) -> Store:
+    return Store(root, storage_options, catalog=catalog)
+
+
+def _sqlite_wal(path: str) -> None:
+    """Put a SQLite catalog in WAL mode (persistent in the file): readers then never block a writer's commit."""
+    import sqlite3
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        with sqlite3.connect(path, timeout=30) as db:
+            if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                db.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot open the SQLite catalog {path}: {exc}") from None
+
+
+def _rollback(con) -> None:
+    try:
+        con.execute("ROLLBACK")
+    except duckdb.Error:
+        pass  # no transaction was open
+
+
+def _run_filter(run_id: str | None) -> tuple[str, list]:
+    if run_id is None:
+        return "", []
+    check_name("run_id", run_id)
+    return " WHERE run_id = ?", [run_id]
+
+
+def _finish(table: str, data: pa.Table, filters, columns) -> pa.Table:
+    data = data.cast(schema(table))
+    if filters is not None:
+        if not isinstance(filters, pc.Expression):
+            filters = pq.filters_to_expression(list(filters))
+        data = data.filter(filters)
+    if columns is not None:
+        data = data.select(list(columns))
+    return data
+
+
+def duck_columns(con, table: str) -> list[tuple[str, str, bool]]:
+    """``(name, DuckDB type, nullable)`` of ``table``'s declared schema."""
+    fields = schema(table)
+    types = [str(t) for t in con.from_arrow(fields.empty_table()).types]
+    return [(f.name, t, f.nullable) for f, t in zip(fields, types)]
 
 
 def latest_rows(data: pa.Table, keys: Sequence[str]) -> pa.Table:

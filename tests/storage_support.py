@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import signal
 import socket
@@ -100,3 +101,71 @@ def kill_writer_at(root: str, point: str, tmp_path, rows: int = 100_000, env: di
         proc.stdout.close()
         proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL, "the writer was not killed at the pause point"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def postgres_server():
+    """A throwaway PostgreSQL on 127.0.0.1 (initdb in a temp dir, trust auth).
+
+    Yields ``new_database(name) -> libpq conninfo``: one database per store (a DuckLake catalog
+    belongs to one data path).
+
+    Runs the server as the ``postgres`` user when this process is root (PostgreSQL refuses root).
+    Skips, saying why, where PostgreSQL is not installed or cannot start.
+    """
+    import glob
+    import pwd
+    import shutil
+    import tempfile
+
+    import pytest
+
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    initdb = bins[-1] if bins else shutil.which("initdb")
+    if not initdb:
+        pytest.skip("PostgreSQL is not installed (scripts/ci-deps.sh installs Debian's postgresql package)")
+    bindir = os.path.dirname(initdb)
+    as_user: list[str] = []
+    work = tempfile.mkdtemp(prefix="fastface-pg-")
+    if os.geteuid() == 0:
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            shutil.rmtree(work, ignore_errors=True)
+            pytest.skip("running as root and there is no 'postgres' user to run PostgreSQL as")
+        os.chown(work, user.pw_uid, user.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data, port = os.path.join(work, "data"), free_port()
+
+    def run(*cmd: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*as_user, *cmd], capture_output=True, text=True, timeout=120)
+
+    started = False
+    try:
+        init = run(f"{bindir}/initdb", "-D", data, "-A", "trust", "-U", "postgres", "--no-sync")
+        if init.returncode != 0:
+            pytest.skip(f"initdb failed, cannot start PostgreSQL here: {init.stderr.strip()[-300:]}")
+        start = run(f"{bindir}/pg_ctl", "-D", data, "-l", os.path.join(work, "server.log"), "-w", "-t", "60",
+                    "-o", f"-p {port} -k {work} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+        if start.returncode != 0:
+            log = open(os.path.join(work, "server.log")).read()[-500:] if os.path.exists(
+                os.path.join(work, "server.log")) else ""
+            pytest.skip(f"PostgreSQL did not start: {start.stderr.strip()[-300:]} {log}")
+        started = True
+
+        def new_database(name: str) -> str:
+            created = run(f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", name)
+            assert created.returncode == 0, created.stderr
+            return f"dbname={name} host=127.0.0.1 port={port} user=postgres"
+
+        yield new_database
+    finally:
+        if started:
+            run(f"{bindir}/pg_ctl", "-D", data, "-m", "immediate", "-w", "stop")
+        shutil.rmtree(work, ignore_errors=True)

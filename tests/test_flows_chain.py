@@ -172,12 +172,14 @@ def test_killed_run_resumes_with_exactly_the_planned_rows(prefect_server, ray_cl
     command += [arg for key, value in overrides.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
     log = open(tmp_path / "evaluate.log", "w")
     proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    planned = 16  # 2 identities × 2 prompts × 2 presets × 2 scales, one generations file per example
-    files = []
+    planned = 16  # 2 identities × 2 prompts × 2 presets × 2 scales, one generations append per example
+    files, watcher = [], None
     try:
         deadline = time.monotonic() + 150
         while time.monotonic() < deadline and proc.poll() is None:
-            files = list((root / "generations").glob("run_id=*/part-*.parquet"))
+            if (root / "catalog.sqlite").exists():  # committed generations rows, one append per example
+                watcher = watcher or Store(str(root))
+                files = [None] * watcher.count("generations")
             if files:
                 break
             time.sleep(0.02)

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from storage import ids
-from storage.catalog import Catalog
+from storage.migrate import migrate_store
 from storage.schemas import SCHEMA_VERSION, TABLES, VERSION_KEY, SchemaError, conform, schema
-from storage.store import Store
+from storage.store import LAKE, Store
 
 BASE = dict(
     identity_hash="a" * 64,
@@ -65,43 +65,53 @@ def test_conform_rejects_bad_rows_naming_column():
 
 
 def _write_raw(tmp_path, table, data: pa.Table):
+    """A file as the old one-file-per-batch layout had it (what ``fastface migrate-store`` reads)."""
     d = tmp_path / table / "run_id=r1"
     d.mkdir(parents=True)
     pq.write_table(data, d / "part-bad.parquet")
 
 
-def test_read_fails_clearly_on_wrong_column_type(tmp_path):
+def test_old_layout_is_checked_when_migrated(tmp_path):
     good = conform("metrics", [{"example_id": "e", "run_id": "r1", "metric": "id", "value": 0.5}],
                    defaults={"created_at": 0})
     bad = good.set_column(3, pa.field("value", pa.string()), pa.array(["0.5"]))
-    _write_raw(tmp_path, "metrics", bad.replace_schema_metadata(schema("metrics").metadata))
-    store = Store(str(tmp_path))
+    _write_raw(tmp_path / "a", "metrics", bad.replace_schema_metadata(schema("metrics").metadata))
     with pytest.raises(SchemaError, match=r"table 'metrics' in .*part-bad.parquet: column 'value' has type string, "
                                           r"expected double"):
-        store.read("metrics")
-    with pytest.raises(SchemaError, match="column 'value' is stored as VARCHAR.*expected double"):
-        Catalog(store)
+        migrate_store(str(tmp_path / "a"), str(tmp_path / "new-a"))
+    assert not (tmp_path / "new-a").exists()  # checked before anything is written
 
-
-def test_read_fails_on_missing_column_and_newer_version(tmp_path):
-    good = conform("metrics", [{"example_id": "e", "run_id": "r1", "metric": "id", "value": 0.5}],
-                   defaults={"created_at": 0})
     newer = good.replace_schema_metadata({VERSION_KEY: str(SCHEMA_VERSION + 1).encode(), b"fastface.table": b"metrics"})
-    _write_raw(tmp_path / "a", "metrics", newer)
+    _write_raw(tmp_path / "b", "metrics", newer)
     with pytest.raises(SchemaError, match=f"table 'metrics' .*schema version {SCHEMA_VERSION + 1} is newer than "
                                           f"this code's version {SCHEMA_VERSION}"):
-        Store(str(tmp_path / "a")).read("metrics")
-    with pytest.raises(SchemaError, match="is newer than"):
-        Catalog(Store(str(tmp_path / "a")))
+        migrate_store(str(tmp_path / "b"), str(tmp_path / "new-b"))
 
     missing = good.drop_columns(["metric"]).replace_schema_metadata(schema("metrics").metadata)
-    _write_raw(tmp_path / "b", "metrics", missing)
+    _write_raw(tmp_path / "c", "metrics", missing)
     with pytest.raises(SchemaError, match="missing column 'metric' \\(expected type string\\)"):
-        Store(str(tmp_path / "b")).read("metrics")
+        migrate_store(str(tmp_path / "c"), str(tmp_path / "new-c"))
 
-    _write_raw(tmp_path / "c", "metrics", good.replace_schema_metadata(None))
+    _write_raw(tmp_path / "d", "metrics", good.replace_schema_metadata(None))
     with pytest.raises(SchemaError, match="not written by storage.Store"):
-        Store(str(tmp_path / "c")).read("metrics")
+        migrate_store(str(tmp_path / "d"), str(tmp_path / "new-d"))
+
+
+def test_tables_enforce_the_declared_schema(tmp_path):
+    store = Store(str(tmp_path))
+    with store.connect() as con:
+        described = {r[0]: (r[1], r[2]) for r in con.execute(f"DESCRIBE {LAKE}.generations").fetchall()}
+    assert described["example_id"] == ("VARCHAR", "NO") and described["seconds"] == ("DOUBLE", "YES")
+    assert described["created_at"] == ("TIMESTAMP WITH TIME ZONE", "NO")
+    # a writer that bypasses conform() still cannot store a null key: the format refuses it
+    with store.connect() as con, pytest.raises(Exception, match="NOT NULL"):
+        con.execute(f"INSERT INTO {LAKE}.generations (example_id, run_id, status, created_at) "
+                    "VALUES (NULL, 'r', 'ok', now())")
+    # a store whose tables are of a newer schema version is refused, naming the versions
+    with store.connect() as con:
+        con.execute(f"UPDATE {LAKE}.fastface_store SET value = '{SCHEMA_VERSION + 1}' WHERE key = 'schema_version'")
+    with pytest.raises(SchemaError, match=f"schema version {SCHEMA_VERSION + 1}, newer than this code's version"):
+        Store(str(tmp_path))
 
 
 # -- ids -----------------------------------------------------------------------------

@@ -1,8 +1,9 @@
-"""Store, Catalog and planning on a local folder, including a writer killed mid-write."""
+"""Store, Catalog and planning on a local folder (DuckLake, SQLite catalog), including a killed writer."""
 
 import os
 import pickle
 import sys
+from datetime import timedelta
 
 import pyarrow as pa
 import pytest
@@ -12,6 +13,7 @@ from storage_support import kill_writer_at  # noqa: E402
 
 from storage.catalog import Catalog  # noqa: E402
 from storage.plan import Sweep, plan_missing_examples, plan_missing_generations, plan_missing_metrics  # noqa: E402
+from storage.duck import StorageError  # noqa: E402
 from storage.schemas import SchemaError  # noqa: E402
 from storage.store import Store  # noqa: E402
 
@@ -22,8 +24,8 @@ def _metric_rows(n, metric="clip", offset=0):
 
 def test_append_read_roundtrip_and_layout(tmp_path):
     store = Store(str(tmp_path))
-    uri = store.append("metrics", _metric_rows(3), run_id="r1")
-    assert uri.startswith(str(tmp_path / "metrics" / "run_id=r1" / "part-")) and uri.endswith(".parquet")
+    assert store.append("metrics", _metric_rows(3), run_id="r1") == 3
+    assert (tmp_path / "catalog.sqlite").is_file()
     store.append("metrics", _metric_rows(2, offset=10), run_id="r2")
     assert store.run_ids("metrics") == ["r1", "r2"]
     everything = store.read("metrics")
@@ -38,8 +40,10 @@ def test_append_read_roundtrip_and_layout(tmp_path):
         store.append("metrics", _metric_rows(1), run_id="r/1")
     with pytest.raises(ValueError, match="run_id other than 'r1'"):
         store.append("metrics", [dict(_metric_rows(1)[0], run_id="r2")], run_id="r1")
-    # no temp files left behind by successful writes
-    assert not [p for p in tmp_path.rglob(".tmp-*")]
+    # each append one Parquet file under tables/, partitioned by run
+    files = store.data_files("metrics")
+    assert len(files) == 2 and sorted(str(p) for p in tmp_path.rglob("*.parquet") if "/metrics/" in str(p)) == files
+    assert files[0].startswith(str(tmp_path / "tables" / "main" / "metrics" / "run_id="))
     # a Store travels to other processes (Ray) as its root
     assert pickle.loads(pickle.dumps(store)).read("metrics").equals(everything)
 
@@ -99,19 +103,21 @@ def test_killed_writer_leaves_nothing_visible_locally(tmp_path):
     store = Store(root)
     store.append("metrics", _metric_rows(3), run_id="r1")
     before = store.read("metrics")
-    # killed with a half-written Parquet file on disk (first row group, no footer)
-    kill_writer_at(root, "mid-write", tmp_path, rows=100_000)
-    temps = list((tmp_path / "store" / "metrics" / "run_id=r1").glob(".tmp-*"))
-    assert len(temps) == 1 and temps[0].stat().st_size > 0  # the partial file really is there
-    # killed after the file is complete but before the rename
-    kill_writer_at(root, "before-commit", tmp_path, rows=100_000)
-    assert len(list((tmp_path / "store" / "metrics" / "run_id=r1").glob(".tmp-*"))) == 2
-    after = store.read("metrics")
+    # killed inside the transaction: 100,000 rows already written to a Parquet file, not committed
+    kill_writer_at(root, "in-transaction", tmp_path, rows=100_000)
+    assert list((tmp_path / "store" / "tables").rglob("*.parquet"))  # the uncommitted file really is there
+    # killed inside the transaction of a small batch
+    kill_writer_at(root, "in-transaction", tmp_path, rows=5)
+    after = Store(root).read("metrics")
     assert after.equals(before)
     with Catalog(store) as cat:
         assert cat.query("SELECT count(*) AS n, sum(value) AS s FROM metrics_raw").to_pylist() == [{"n": 3, "s": 3.0}]
-    assert store.remove_stale_temp_files(older_than_s=0) == 2
-    # a normal write still works afterwards
+    # compaction deletes the dead writer's file (it is in no snapshot); what is left is what the tables use
+    store.compact(cleanup_older_than=timedelta(0))
+    on_disk = {str(p) for p in (tmp_path / "store" / "tables").rglob("*.parquet")}
+    assert on_disk == set(store.data_files("metrics")) | set(store.data_files("fastface_store"))
+    assert store.read("metrics").equals(before)
+    # a normal write still works afterwards, and the next run completes exactly what was planned
     store.append("metrics", _metric_rows(1, metric="ae"), run_id="r1")
     assert store.read("metrics").num_rows == 4
 
@@ -227,12 +233,9 @@ def test_append_accepts_arrow_tables_and_checks_them(tmp_path):
         store.append("metrics", pa.table({"example_id": ["a"]}), run_id="r1")
 
 
-def test_any_fsspec_url_works(tmp_path):
-    store = Store(f"memory://fastface-{tmp_path.name}/root")
-    store.append("metrics", _metric_rows(3), run_id="r1")
-    assert store.read("metrics").column("value").to_pylist() == [0.0, 1.0, 2.0]
-    with Catalog(store) as cat:
-        assert cat.rows("SELECT sum(value) AS s FROM metrics") == [{"s": 3.0}]
+def test_other_urls_fail_clearly():
+    with pytest.raises(StorageError, match="tables live in a local folder or on s3://bucket/prefix, not memory://"):
+        Store("memory://fastface/root")
 
 
 def test_example_id_rejects_a_boolean_seed():
