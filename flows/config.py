@@ -130,7 +130,10 @@ class MetricsConfig(_Model):
     clip_model: str | None = None  # None: ViT-L/14 (openai), or the tiny CLIP when weights: tiny
     clip_pretrained: str | None = None
     aesthetic_checkpoint: str | None = None
+    # Metric modes (docs/metrics.md): "authors" reproduces the FastFace evaluation code where a
+    # paper number depends on it; configs/paper.yaml uses it for FSC and face size.
     fsc_mode: Literal["aligned", "authors"] = "aligned"
+    face_size_mode: Literal["clipped", "authors"] = "clipped"
 
 
 class ExecutionConfig(_Model):
