@@ -326,6 +326,8 @@ register_command("generate", "generate identity-preserving images", add_generate
 register_command("presets", "list FastFace presets and their parameters", add_json_argument, run_presets)
 register_command("models", "list checkpoints: steps, size, guidance, weight sources", add_json_argument, run_models)
 register_command("faces", "face tools (compare)", add_faces_arguments, run_faces)
+register_command("attention-maps", "identity-attention maps per UNet part and step for several presets (PNG grid)",
+                 "fastface.attention_maps:add_attention_maps_arguments", "fastface.attention_maps:run_attention_maps")
 register_command("score", "score generated images (CLIP, AE, ID, FFC, ...)",
                  "fastface.metrics.runner:add_score_arguments", "fastface.metrics.runner:run_score_command")
 
