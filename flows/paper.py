@@ -156,6 +156,10 @@ def paper_comparison(
             result["ours_change"] = (None if not ours_base or result["ours"] is None
                                      else (result["ours"] - ours_base) / abs(ours_base))
         result["note"] = "; ".join(notes)
+        if not result["comparable"] and result["verdict"] in ("inside", "outside"):
+            # A verdict on numbers that cannot be compared would read as a finding; keep it in the note only.
+            result["note"] += f" (paper value {result['verdict']} this run's interval)"
+            result["verdict"] = "not comparable"
         out.append(result)
     return out
 

@@ -532,7 +532,7 @@ def build_report(
         "<!doctype html><html><head><meta charset='utf-8'><title>FastFace report " + html.escape(run_id) + "</title>",
         "<style>body{font-family:sans-serif;margin:2em} table{border-collapse:collapse;margin:1em 0} "
         "td,th{border:1px solid #ccc;padding:3px 6px;font-size:12px;text-align:center} .warn{background:#fee;"
-        "padding:1em;border:1px solid #c00} img{display:block;margin:auto} tr.inside{background:#efe} "
+        "padding:1em;border:1px solid #c00} img{display:block;margin:auto;max-width:100%;height:auto} tr.inside{background:#efe} "
         "tr.outside{background:#fdd}</style></head><body>",
         f"<h1>FastFace evaluation: run {html.escape(run_id)}</h1>",
         f"<p class='warn'>{html.escape(warning.replace('**', ''))}</p>" if warning else "",

@@ -114,9 +114,15 @@ class Chromium:
             raise RuntimeError(f"JavaScript error: {result['exceptionDetails']}")
         return result["result"].get("value")
 
-    def screenshot(self, out: str | Path, *, width: int = 1280, height: int = 1600) -> Path:
+    def screenshot(self, out: str | Path, *, width: int = 1280, height: int = 1600, from_element: str | None = None) -> Path:
+        """PNG of ``width`` × ``height`` pixels of the page, from its top or from the element ``from_element`` (CSS)."""
         self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
-        data = self.call("Page.captureScreenshot", format="png")["data"]
+        top = 0
+        if from_element:
+            top = self.evaluate(f"document.querySelector({json.dumps(from_element)}).getBoundingClientRect().top"
+                                " + window.scrollY")
+        clip = {"x": 0, "y": max(0, top - 8), "width": width, "height": height, "scale": 1}
+        data = self.call("Page.captureScreenshot", format="png", clip=clip, captureBeyondViewport=True)["data"]
         Path(out).write_bytes(base64.b64decode(data))
         return Path(out)
 

@@ -101,7 +101,8 @@ def test_tiny_runs_and_other_metric_modes_are_marked_not_comparable():
     comparison = paper.paper_comparison(rows, samples=50)
     clip = [c for c in comparison if c["model"] == "hyper" and c["preset"] == "baseline" and c["metric"] == "clip"][0]
     assert clip["paper"] == 0.244 and clip["ours"] == pytest.approx(np.mean([r["value"] for r in rows]))
-    assert not clip["comparable"] and "tiny" in clip["note"]
+    assert not clip["comparable"] and "tiny" in clip["note"] and clip["verdict"] == "not comparable"
+    assert "outside" in clip["note"]  # the raw verdict stays visible in the note
     unmeasured = [c for c in comparison if c["metric"] == "id"]
     assert unmeasured and all(c["verdict"] == "no data" and not c["comparable"] for c in unmeasured)
     # A Table 2 FSC cell scored in our aligned mode cannot be compared with the paper's.
