@@ -59,10 +59,15 @@ class _Model(BaseModel):
 
 
 class IdentitySource(_Model):
-    """A photo, or a folder of photos. ``crop_faces: n`` cuts the n largest faces of a group photo into identities."""
+    """A photo, or a folder of photos. ``crop_faces: n`` cuts the n largest faces of a group photo into identities.
+
+    ``identity_folders: true``: ``uri`` is a folder with one subfolder per identity, each holding
+    several photos of that person (combined as :func:`fastface.faces.identity.combine_face_records` says).
+    """
 
     uri: str
     crop_faces: int | None = Field(default=None, ge=1)
+    identity_folders: bool = False
     gender: str | None = None
     age: str | None = None
     ethnicity: str | None = None

@@ -85,3 +85,50 @@ def test_generate_with_repeated_face(photos, tmp_path):
     combined = prepare_identity([photos["original"], photos["mirror"]], get_face_backend("dlib"),
                                 cache_dir=default_cache_dir() / "identities")
     assert sidecar["face_content_hash"] == combined.content_hash
+
+
+def test_dataset_import_of_identity_folders_and_the_generator_uses_all_photos(photos, backend, tmp_path):
+    import shutil
+    from types import SimpleNamespace
+
+    from actors.generator import GeneratorWorker
+    from flows.build_dataset import embed_photos, gather_photos, import_identities
+    from flows.config import config_from_dict
+    from fastface.faces import prepare_identity
+    from storage import Store
+
+    people = tmp_path / "people"
+    (people / "hanks").mkdir(parents=True)
+    shutil.copy(photos["original"], people / "hanks" / "a.png")
+    shutil.copy(photos["large"], people / "hanks" / "b.png")
+    (people / "hanks-mirror").mkdir()
+    shutil.copy(photos["mirror"], people / "hanks-mirror" / "only.png")
+    config = config_from_dict({
+        "name": "multi", "weights": "tiny", "face_backend": "dlib",
+        "dataset": {"identities": [{"uri": str(people), "identity_folders": True}], "prompts": ["a photo of a person"]},
+        "sweep": {"models": ["tiny-hyper"], "sets": [{"prompts": "realistic", "presets": ["am1"]}]},
+    })
+    gathered, _ = gather_photos(config, "dlib")
+    assert [p["id"] for p in gathered] == ["hanks", "hanks-mirror"] and len(gathered[0]["members"]) == 2
+    embeddings = embed_photos.fn(gathered, "dlib")
+    store = Store(str(tmp_path / "store"))
+    import_identities.fn(str(tmp_path / "store"), "multi-dataset", gathered, embeddings, "dlib")
+    rows = {r["identity_id"]: r for r in store.read("identities").to_pylist()}
+    expected = prepare_identity([photos["original"], photos["large"]], backend, cache_dir=tmp_path / "c")
+    assert rows["hanks"]["content_hash"] == expected.content_hash
+    np.testing.assert_allclose(rows["hanks"]["embedding"], expected.embedding, rtol=1e-5)
+    assert len(json.loads(rows["hanks"]["provenance"])["photos"]) == 2
+    assert len(json.loads(rows["hanks-mirror"]["provenance"])["photos"]) == 1  # a one-photo folder: a plain identity
+    assert rows["hanks-mirror"]["content_hash"] == prepare_identity(photos["mirror"], backend, cache_dir=tmp_path / "c").content_hash
+    # Importing again adds nothing (the identity is keyed by the set of its photos).
+    assert import_identities.fn(str(tmp_path / "store"), "multi-dataset", gathered, embeddings, "dlib")["counts"]["new"] == 0
+
+    # The generator prepares the identity from all its photos (a stand-in pipeline: only identities are used).
+    projection = SimpleNamespace(proj=SimpleNamespace(net=[SimpleNamespace(proj=SimpleNamespace(in_features=128))]))
+    pipe = SimpleNamespace(set_progress_bar_config=lambda **_: None, _faceid_projection=lambda: projection,
+                           image_encoder=None, feature_extractor=None)
+    worker = GeneratorWorker(store, "tiny-hyper", pipeline_factory=lambda *a, **k: pipe,
+                             identity_cache_dir=tmp_path / "worker-cache")
+    prepared = worker.identity(expected.content_hash)
+    assert prepared.content_hash == expected.content_hash and len(prepared.photos) == 2
+    np.testing.assert_array_equal(prepared.crop_bgr, expected.crop_bgr)

@@ -177,6 +177,15 @@ def _box_area(bbox: np.ndarray) -> float:
     return max(0.0, x2 - x1) * max(0.0, y2 - y1)
 
 
+def combine_embeddings(embeddings: Sequence[np.ndarray]) -> np.ndarray:
+    """Identity embedding of several photos of one person: the mean of their L2-normalised embeddings.
+
+    Not renormalised, as ComfyUI_IPAdapter_plus' ``combine_embeds="average"`` (see :func:`combine_face_records`).
+    """
+    rows = np.stack([np.asarray(e, dtype=np.float32).ravel() for e in embeddings])
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).mean(axis=0).astype(np.float32)
+
+
 def combine_face_records(records: dict[str, tuple]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Several photos of one person → (embedding, crop, bbox).
 
@@ -188,9 +197,8 @@ def combine_face_records(records: dict[str, tuple]) -> tuple[np.ndarray, np.ndar
     photos never matters.
     """
     digests = sorted(records)
-    embeddings = np.stack([records[d][0] / np.linalg.norm(records[d][0]) for d in digests]).astype(np.float32)
     best = max(digests, key=lambda d: (_box_area(records[d][2]), [-ord(c) for c in d]))
-    return embeddings.mean(axis=0), records[best][1], records[best][2]
+    return combine_embeddings([records[d][0] for d in digests]), records[best][1], records[best][2]
 
 
 def prepare_identity(
@@ -256,6 +264,7 @@ def identity_cache_files(cache_dir: str | os.PathLike, digest: str) -> list[Path
 
 __all__ = [
     "IdentityInputs",
+    "combine_embeddings",
     "combine_face_records",
     "identity_set_hash",
     "prepare_identity",
