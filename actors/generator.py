@@ -62,6 +62,15 @@ def identity_index(rows: "Iterable[Mapping[str, Any]] | Mapping[str, Mapping[str
     return out
 
 
+def identity_photos(row: Mapping[str, Any]) -> list[dict]:
+    """``[{uri, content_hash}]`` of an identity imported with several photos (``provenance.photos``), else []."""
+    provenance = row.get("provenance")
+    if isinstance(provenance, str):
+        provenance = json.loads(provenance) if provenance else {}
+    photos = (provenance or {}).get("photos") or []
+    return photos if len(photos) > 1 else []
+
+
 def read_uri(store: Store, uri: str) -> bytes:
     """Bytes of a URI or path: through the store when it lies under the store's root, else through fsspec."""
     try:
@@ -201,7 +210,12 @@ class GeneratorWorker:
                     )
                 if not row.get("image_uri"):
                     raise ValueError(f"identity {row.get('identity_id')!r} has no image_uri to read its photo from")
-                path = self._photo_path(row["image_uri"], identity_hash)
+                path = row["image_uri"]
+                members = identity_photos(row)
+                if members:  # several photos of one person (an identity folder): all of them, checked one by one
+                    path = [self._photo_path(m["uri"], m["content_hash"]) for m in members]
+                else:
+                    path = self._photo_path(path, identity_hash)
                 cached = prepare_identity(
                     path,
                     self.face_backend,

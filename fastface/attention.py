@@ -16,7 +16,7 @@ import contextlib
 import math
 import re
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -266,16 +266,23 @@ def _adain(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 def manipulated_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, am: AMConfig, part: str, step: int,
-    num_images: int = 1,
+    num_images: int = 1, on_map=None,
 ) -> torch.Tensor:
-    """Explicit identity attention with AM applied: ``Ã V'`` (Eq. 7-10)."""
+    """Explicit identity attention with AM applied: ``Ã V'`` (Eq. 7-10).
+
+    ``on_map`` (optional, attention-map capture): called with the map ``Ã`` that multiplies ``V'``.
+    """
     scale = 1 / math.sqrt(query.shape[-1])
     attn = torch.softmax(query @ key.transpose(-2, -1) * scale, dim=-1)
     new = transform_attention_map(attn, am, part, step, num_images)
     w = am.adain_weight
     if w is None:
+        if on_map is not None:
+            on_map(new)
         return new @ value
     new = w * new + (1 - w) * _adain(new, attn)
+    if on_map is not None:
+        on_map(new)
     hs = new @ value
     hs_orig = attn @ value
     blended = w * hs + (1 - w) * _adain(hs, hs_orig)
@@ -309,10 +316,17 @@ def decoupled_attention(
 
 @dataclass
 class DenoisingStep:
-    """Set by the pipeline before every UNet call: the 0-based step and the images in the batch."""
+    """Set by the pipeline before every UNet call: the 0-based step and the images in the batch.
+
+    ``recorder`` (optional; None costs nothing): an attention-map capture, e.g.
+    :class:`fastface.attention_maps.AttentionMapRecorder`, with a method
+    ``record(layer, part, step, probs, num_images)`` that receives the identity-attention
+    probabilities ``[B, heads, L, T]`` each processor uses (after AM where AM is active).
+    """
 
     index: int = 0
     num_images: int = 1
+    recorder: Any = None
 
 
 _PART_RE = re.compile(r"^(down|mid|up)_block")
@@ -327,7 +341,8 @@ def unet_part(layer_name: str) -> str | None:
 class FastFaceIPAttnProcessor(IPAdapterAttnProcessor2_0):
     """diffusers' IP-Adapter processor with AM on the identity attention of one layer."""
 
-    def __init__(self, original: IPAdapterAttnProcessor2_0, *, part: str, am: AMConfig, step: DenoisingStep):
+    def __init__(self, original: IPAdapterAttnProcessor2_0, *, part: str, am: AMConfig | None, step: DenoisingStep,
+                 layer: str = ""):
         torch.nn.Module.__init__(self)
         self.hidden_size = original.hidden_size
         self.cross_attention_dim = original.cross_attention_dim
@@ -338,6 +353,7 @@ class FastFaceIPAttnProcessor(IPAdapterAttnProcessor2_0):
         self.part = part
         self.am = am
         self.step = step
+        self.layer = layer
 
     def __call__(
         self,
@@ -385,16 +401,20 @@ class FastFaceIPAttnProcessor(IPAdapterAttnProcessor2_0):
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
 
         step = self.step.index
-        active = self.am.targets(self.part, step)
+        active = self.am is not None and self.am.targets(self.part, step)
+        record = self._recorder_hook(step)
         for ip_states, ip_scale, to_k_ip, to_v_ip in zip(ip_hidden_states, self.scale, self.to_k_ip, self.to_v_ip):
             if ip_scale == 0:
                 continue
             ip_key, ip_value = heads(to_k_ip(ip_states)), heads(to_v_ip(ip_states))
             if active:
                 ip_out = manipulated_attention(
-                    query, ip_key, ip_value, am=self.am, part=self.part, step=step, num_images=self.step.num_images
+                    query, ip_key, ip_value, am=self.am, part=self.part, step=step, num_images=self.step.num_images,
+                    on_map=record,
                 )
             else:
+                if record is not None:  # capture only: the map sdpa uses, computed explicitly
+                    record(torch.softmax(query @ ip_key.transpose(-2, -1) / math.sqrt(query.shape[-1]), dim=-1))
                 ip_out = F.scaled_dot_product_attention(query, ip_key, ip_value, dropout_p=0.0, is_causal=False)
             ip_out = ip_out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
             hidden_states = hidden_states + ip_scale * ip_out
@@ -406,6 +426,14 @@ class FastFaceIPAttnProcessor(IPAdapterAttnProcessor2_0):
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+    def _recorder_hook(self, step: int):
+        """Attention-map capture (off unless the pipeline's DenoisingStep carries a recorder)."""
+        recorder = self.step.recorder
+        if recorder is None:
+            return None
+        num_images = self.step.num_images
+        return lambda probs: recorder.record(self.layer, self.part, step, probs, num_images)
 
 
 def ip_adapter_layers(unet) -> dict[str, IPAdapterAttnProcessor2_0]:
@@ -421,9 +449,12 @@ def ip_adapter_layers(unet) -> dict[str, IPAdapterAttnProcessor2_0]:
 def manipulated_attention_processors(unet, am: AMConfig | None, step: DenoisingStep) -> Iterator[list[str]]:
     """Install :class:`FastFaceIPAttnProcessor` on the ``attn2`` layers ``am`` targets; restore on exit.
 
-    Yields the names of the layers it replaced. With ``am=None`` nothing is installed.
+    Yields the names of the layers it replaced. With ``am=None`` nothing is installed — unless
+    ``step.recorder`` is set: then every IP-Adapter layer gets the processor (with AM only where
+    ``am`` targets), so the maps are captured from the processors that generate.
     """
-    if am is None:
+    recording = step.recorder is not None
+    if am is None and not recording:
         yield []
         return
     original = dict(unet.attn_processors)
@@ -437,10 +468,10 @@ def manipulated_attention_processors(unet, am: AMConfig | None, step: DenoisingS
     new = dict(original)
     for name, proc in ip_layers.items():
         part = unet_part(name)
-        if part in am.parts:
-            new[name] = FastFaceIPAttnProcessor(proc, part=part, am=am, step=step)
+        if recording or part in am.parts:
+            new[name] = FastFaceIPAttnProcessor(proc, part=part, am=am, step=step, layer=name)
             replaced.append(name)
-    if not replaced:
+    if am is not None and not any(unet_part(name) in am.parts for name in replaced):
         raise ValueError(f"AM config targets parts {am.parts} but no IP-Adapter layer lies in them")
     unet.set_attn_processor(new)
     try:

@@ -48,7 +48,8 @@ def _resolve(handler: Handler) -> Callable[..., Any]:
 
 # -- generate ------------------------------------------------------------------------------
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--face", help="identity photo (single image mode)")
+    parser.add_argument("--face", action="append", help="identity photo (single image mode); repeat it for "
+                        "several photos of one person (embeddings averaged, CLIP crop from the largest face)")
     parser.add_argument("--prompt", help="text prompt (single image mode)")
     parser.add_argument("--batch-file", help="JSONL/CSV/TSV with columns face, prompt, seed (optional), out (optional)")
     parser.add_argument("--out", required=True, help="output PNG (single mode) or output folder (--batch-file)")
@@ -74,7 +75,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 @dataclass
 class GenerationJob:
-    face: Path
+    face: Path | tuple[Path, ...]  # several photos of one person: a tuple
     prompt: str
     seed: int
     out: Path
@@ -161,10 +162,12 @@ def run_generate(args: argparse.Namespace) -> int:
     else:
         if not args.face or not args.prompt:
             raise ValueError("give --face and --prompt (or --batch-file)")
-        jobs = [GenerationJob(Path(args.face), args.prompt, args.seed, Path(args.out))]
+        faces = tuple(Path(face) for face in args.face)
+        jobs = [GenerationJob(faces if len(faces) > 1 else faces[0], args.prompt, args.seed, Path(args.out))]
     for job in jobs:
-        if not job.face.is_file():
-            raise FileNotFoundError(f"face photo {job.face} not found")
+        for face in job.face if isinstance(job.face, tuple) else (job.face,):
+            if not face.is_file():
+                raise FileNotFoundError(f"face photo {face} not found")
     sources = parse_sources(args.source)
     load_options = dict(steps=steps, cache_dir=args.cache_dir, local_files_only=args.local_files_only or None, **sources)
     find_weights(checkpoint, **load_options)  # missing weights fail here, before any face or model work
@@ -174,7 +177,9 @@ def run_generate(args: argparse.Namespace) -> int:
     identities = {}
     for job in jobs:
         if job.face not in identities:
-            identities[job.face] = prepare_identity(job.face, backend, cache_dir=identities_dir(args.cache_dir))
+            identities[job.face] = prepare_identity(
+                list(job.face) if isinstance(job.face, tuple) else job.face, backend,
+                cache_dir=identities_dir(args.cache_dir))
 
     # 3. model, then batches
     pipe = cached_pipeline(
@@ -195,7 +200,8 @@ def run_generate(args: argparse.Namespace) -> int:
                 job.out.parent.mkdir(parents=True, exist_ok=True)
                 out = job.out if job.out.suffix.lower() == ".png" else job.out.with_suffix(".png")
                 image.save(out)
-                sidecar = dict(meta, model=checkpoint.name, face=str(job.face), face_backend=backend_name,
+                face = [str(f) for f in job.face] if isinstance(job.face, tuple) else str(job.face)
+                sidecar = dict(meta, model=checkpoint.name, face=face, face_backend=backend_name,
                                face_content_hash=identities[job.face].content_hash,
                                sources=pipe.load_info["sources"], fastface_version=__version__)
                 out.with_suffix(".json").write_text(json.dumps(sidecar, indent=2, default=str))
@@ -320,6 +326,8 @@ register_command("generate", "generate identity-preserving images", add_generate
 register_command("presets", "list FastFace presets and their parameters", add_json_argument, run_presets)
 register_command("models", "list checkpoints: steps, size, guidance, weight sources", add_json_argument, run_models)
 register_command("faces", "face tools (compare)", add_faces_arguments, run_faces)
+register_command("attention-maps", "identity-attention maps per UNet part and step for several presets (PNG grid)",
+                 "fastface.attention_maps:add_attention_maps_arguments", "fastface.attention_maps:run_attention_maps")
 register_command("score", "score generated images (CLIP, AE, ID, FFC, ...)",
                  "fastface.metrics.runner:add_score_arguments", "fastface.metrics.runner:run_score_command")
 

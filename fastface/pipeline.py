@@ -183,6 +183,7 @@ class FastFacePipeline(StableDiffusionXLPipeline):
         approximate_am2_skipping: bool = False,
         force_all_branches: bool = False,
         show_progress: bool = False,
+        attention_recorder: Any = None,
     ) -> FastFaceOutput:
         """Generate one image per (identity, prompt) pair.
 
@@ -228,7 +229,7 @@ class FastFacePipeline(StableDiffusionXLPipeline):
         extra_step_kwargs = self.prepare_extra_step_kwargs(generators, 0.0)
 
         # 4. denoising
-        step = DenoisingStep(num_images=n)
+        step = DenoisingStep(num_images=n, recorder=attention_recorder)  # recorder: fastface.attention_maps
         rows_per_step: list[int] = []
         with self._adapter_state(ip_adapter_scale, lora_scale) as proj, manipulated_attention_processors(
             self.unet, am, step

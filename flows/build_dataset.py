@@ -24,6 +24,7 @@ from prefect.cache_policies import NONE
 
 from flows.config import EvaluationConfig, resolve_uri
 from flows.dataset import (
+    PHOTO_SUFFIXES,
     authors_layout,
     crop_face,
     curated_prompts,
@@ -41,8 +42,21 @@ from storage import Store, bytes_sha256
 PHOTOS_DIR = "identity_photos"
 
 
+def _photo_hashes(photo: dict) -> list[str]:
+    """Content hashes of an identity's photos (one, or the members of an identity folder)."""
+    return [bytes_sha256(m) for m in photo.get("members") or [photo["data"]]]
+
+
+def identity_hash(photo: dict) -> str:
+    """The identity's content hash: its photo's, or for several photos the hash of their set (the identity cache key)."""
+    from fastface.faces.identity import identity_set_hash
+
+    hashes = _photo_hashes(photo)
+    return hashes[0] if len(set(hashes)) == 1 else identity_set_hash(hashes)
+
+
 def _embed_cache_key(context: Any, parameters: dict) -> str:
-    hashes = ",".join(bytes_sha256(p["data"]) for p in parameters["photos"])
+    hashes = ",".join(h for p in parameters["photos"] for h in _photo_hashes(p) + ["|"])
     return "embed-" + hashlib.sha256(f"{parameters['backend']}|{hashes}".encode()).hexdigest()[:32]
 
 
@@ -51,15 +65,20 @@ def embed_photos(photos: list[dict], backend: str) -> list[dict]:
     """Detect and embed each photo's most prominent face; cached by the photos' content and the backend."""
     from fastface.faces import get_face_backend
 
+    from fastface.faces.identity import combine_embeddings
+
     face_backend = get_face_backend(backend)
     out = []
     for photo in photos:
-        faces = face_backend.detect(load_image_rgb(photo["data"]))
-        out.append({
-            "faces": len(faces),
-            "embedding": None if not faces else np.asarray(faces[0].embedding, np.float32).tolist(),
-            "threshold": face_backend.same_person_threshold,
-        })
+        members = photo.get("members") or [photo["data"]]
+        found = [face_backend.detect(load_image_rgb(data)) for data in members]
+        # Several photos of one person: every one needs a face; the embedding is their combination.
+        faces = min(len(f) for f in found)
+        embedding = None
+        if faces:
+            embedding = (np.asarray(found[0][0].embedding, np.float32) if len(members) == 1
+                         else combine_embeddings([f[0].embedding for f in found])).tolist()
+        out.append({"faces": faces, "embedding": embedding, "threshold": face_backend.same_person_threshold})
     return out
 
 
@@ -86,6 +105,21 @@ def gather_photos(config: EvaluationConfig, backend: str) -> tuple[list[dict], l
     for source in data.identities:
         uri = resolve_uri(source.uri, base)
         group = {"gender": source.gender, "age": source.age, "ethnicity": source.ethnicity}
+        if source.identity_folders:  # one subfolder per identity, several photos each
+            folders = sorted(p for p in Path(uri).iterdir() if p.is_dir() and not p.name.startswith("."))
+            if not folders:
+                raise ValueError(f"{source.uri}: identity_folders is set but the folder has no subfolders "
+                                 "(one folder per identity, holding that person's photos)")
+            for folder in folders:
+                members = list_photos(folder)
+                if not members:
+                    raise ValueError(f"{folder}: no photos ({', '.join(PHOTO_SUFFIXES)})")
+                datas = [p.read_bytes() for p in members]
+                photos.append({"id": identity_name(folder.name), "data": datas[0], "members": datas,
+                               "member_names": [p.name for p in members],
+                               "provenance": {"source": "identity-folder", "uri": source.uri, "folder": folder.name},
+                               **group})
+            continue
         for path in list_photos(uri):
             raw = path.read_bytes()
             provenance = {"source": "photo", "uri": source.uri, "file": path.name}
@@ -123,10 +157,11 @@ def import_identities(root: str, dataset_run: str, photos: list[dict], embedding
     rows, skipped, counts = [], [], {"photos": len(photos), "no_face": 0, "multi_face": 0, "new": 0, "existing": 0}
     taken: set[str] = set(existing)
     for photo, emb in zip(photos, embeddings):
-        digest = bytes_sha256(photo["data"])
+        digest = identity_hash(photo)
         if emb["faces"] == 0:
             counts["no_face"] += 1
-            skipped.append({"identity": photo["id"], "reason": "no face"})
+            skipped.append({"identity": photo["id"], "reason": "no face" if not photo.get("members")
+                            else "no face in at least one of its photos"})
             continue
         counts["multi_face"] += int(emb["faces"] > 1)  # kept: the most prominent face is used, as the authors do
         same = [i for i, r in existing.items() if r["content_hash"] == digest]
@@ -137,13 +172,19 @@ def import_identities(root: str, dataset_run: str, photos: list[dict], embedding
         if identity_id in taken:
             identity_id = f"{identity_id}-{digest[:8]}"
         taken.add(identity_id)
-        suffix = ".png" if photo["data"][:8] == b"\x89PNG\r\n\x1a\n" else ".jpg"
-        key = f"{PHOTOS_DIR}/{digest}{suffix}"
-        uri = store.uri(f"{store.root}/{key}") if store.exists(key) else store.write_bytes(key, photo["data"])
+        stored = []
+        for data, name in zip(photo.get("members") or [photo["data"]], photo.get("member_names") or [None]):
+            suffix = ".png" if data[:8] == b"\x89PNG\r\n\x1a\n" else ".jpg"
+            key = f"{PHOTOS_DIR}/{bytes_sha256(data)}{suffix}"
+            stored.append({"uri": store.uri(f"{store.root}/{key}") if store.exists(key) else store.write_bytes(key, data),
+                           "content_hash": bytes_sha256(data), "file": name})
+        provenance = dict(photo["provenance"], faces=emb["faces"])
+        if photo.get("members"):  # the generator prepares the identity from all of them (actors/generator.py)
+            provenance["photos"] = stored
         rows.append({
             "identity_id": identity_id, "gender": photo.get("gender"), "age": photo.get("age"),
-            "ethnicity": photo.get("ethnicity"), "image_uri": uri, "content_hash": digest, "face_backend": backend,
-            "embedding": emb["embedding"], "provenance": dict(photo["provenance"], faces=emb["faces"]),
+            "ethnicity": photo.get("ethnicity"), "image_uri": stored[0]["uri"], "content_hash": digest,
+            "face_backend": backend, "embedding": emb["embedding"], "provenance": provenance,
         })
     if max_identities is not None:
         rows = rows[: max(0, max_identities - len(existing))]

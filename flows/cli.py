@@ -92,13 +92,23 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-calibration", action="store_true")
+    parser.add_argument("--attention-maps", default=None, metavar="PNG",
+                        help="include a grid written by `fastface attention-maps` in the report")
 
 
 def run_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from flows.report import build_report
 
+    maps = None
+    if args.attention_maps:
+        if not Path(args.attention_maps).is_file():
+            raise FileNotFoundError(f"--attention-maps {args.attention_maps} not found (make it with `fastface attention-maps`)")
+        maps = Path(args.attention_maps).read_bytes()
     report = build_report(args.root, args.run, ip_adapter_scale=args.ip_adapter_scale, baseline=args.baseline,
-                          bootstrap_samples=args.bootstrap, seed=args.seed, calibration=not args.no_calibration)
+                          bootstrap_samples=args.bootstrap, seed=args.seed, calibration=not args.no_calibration,
+                          attention_maps_png=maps)
     print(report["summary_markdown"])
     print("\nwrote:", file=sys.stderr)
     for name, uri in report["files"].items():

@@ -59,10 +59,15 @@ class _Model(BaseModel):
 
 
 class IdentitySource(_Model):
-    """A photo, or a folder of photos. ``crop_faces: n`` cuts the n largest faces of a group photo into identities."""
+    """A photo, or a folder of photos. ``crop_faces: n`` cuts the n largest faces of a group photo into identities.
+
+    ``identity_folders: true``: ``uri`` is a folder with one subfolder per identity, each holding
+    several photos of that person (combined as :func:`fastface.faces.identity.combine_face_records` says).
+    """
 
     uri: str
     crop_faces: int | None = Field(default=None, ge=1)
+    identity_folders: bool = False
     gender: str | None = None
     age: str | None = None
     ethnicity: str | None = None
@@ -130,7 +135,10 @@ class MetricsConfig(_Model):
     clip_model: str | None = None  # None: ViT-L/14 (openai), or the tiny CLIP when weights: tiny
     clip_pretrained: str | None = None
     aesthetic_checkpoint: str | None = None
+    # Metric modes (docs/metrics.md): "authors" reproduces the FastFace evaluation code where a
+    # paper number depends on it; configs/paper.yaml uses it for FSC and face size.
     fsc_mode: Literal["aligned", "authors"] = "aligned"
+    face_size_mode: Literal["clipped", "authors"] = "clipped"
 
 
 class ExecutionConfig(_Model):

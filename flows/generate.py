@@ -94,6 +94,8 @@ def metric_options(config: EvaluationConfig) -> dict:
     options: dict[str, Any] = {"face_backend": config.face_backend}
     if "fsc" in m.names:
         options["fsc_mode"] = m.fsc_mode
+    if "face_size" in m.names:
+        options["face_size_mode"] = m.face_size_mode
     needs_clip = bool({"clip", "ae", "fsc"} & set(m.names))
     tiny = config.weights == "tiny"
     if needs_clip and (m.clip_model == "tiny" or (tiny and m.clip_model is None)):

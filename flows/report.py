@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from fastface.presets import table_ip_adapter_scale
-from flows import analysis
+from flows import analysis, paper
 from storage import Catalog, Store
 
 CURVE_METRICS = ("clip", "ae", "ir")
@@ -37,6 +37,19 @@ def metric_rows(catalog: Catalog, run_id: str) -> list[dict]:
         "WHERE m.run_id = ? AND m.error IS NULL",
         [run_id],
     )
+
+
+def run_metric_modes(catalog: Catalog, run_id: str) -> dict | None:
+    """The ``metrics`` section of the run's stored config (its metric modes), None when no config was recorded."""
+    try:
+        found = catalog.rows("SELECT config FROM runs WHERE run_id = ?", [run_id])
+    except Exception:  # no runs table (scores written without a flow)
+        return None
+    for row in found:
+        config = json.loads(row["config"]) if isinstance(row["config"], str) else row["config"]
+        if config and "metrics" in config:
+            return dict(config["metrics"])
+    return None
 
 
 def run_ids(catalog: Catalog) -> list[str]:
@@ -165,6 +178,133 @@ def _metric_by_scale(table: Sequence[dict], metric: str) -> dict[tuple, list[dic
             out.setdefault((r["model"], r["preset"], r["lora_scale"], r["set"]), []).append(
                 {"ip_adapter_scale": float(r["ip_adapter_scale"]), "y": r["value"]})
     return {k: sorted(v, key=lambda p: p["ip_adapter_scale"]) for k, v in out.items()}
+
+
+def _values(rows: Sequence[dict], metric: str) -> dict[tuple, list[float | None]]:
+    out: dict[tuple, list[float | None]] = {}
+    for r in rows:
+        if r["metric"] == metric:
+            out.setdefault((r["model"], r["preset"], r["lora_scale"]), []).append(r["value"])
+    return out
+
+
+def face_size_bins(rows: Sequence[dict], *, bins: int = 6) -> list[dict]:
+    """Mean ID per face-size bin (equal-count bins over all images with both values), per model × preset × lora.
+
+    The paper's Fig. 18 (right): identity similarity rises with the face's share of the image, so a
+    preset that changes face size changes ID for that reason alone.
+    """
+    ids = {(r["example_id"]): r["value"] for r in rows if r["metric"] == "id" and r["value"] is not None}
+    pairs: dict[tuple, list[tuple[float, float]]] = {}
+    for r in rows:
+        if r["metric"] == "face_size" and r["value"] is not None and r["example_id"] in ids:
+            pairs.setdefault((r["model"], r["preset"], r["lora_scale"]), []).append((float(r["value"]), float(ids[r["example_id"]])))
+    everything = sorted(v for ps in pairs.values() for v, _ in ps)
+    if not everything:
+        return []
+    edges = np.unique(np.quantile(everything, np.linspace(0, 1, bins + 1)))
+    out = []
+    for key, ps in sorted(pairs.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        sizes, sims = np.array([p[0] for p in ps]), np.array([p[1] for p in ps])
+        which = np.clip(np.searchsorted(edges, sizes, side="right") - 1, 0, max(len(edges) - 2, 0))
+        for b in range(max(len(edges) - 1, 1)):
+            mask = which == b
+            if mask.any():
+                out.append({"model": key[0], "preset": key[1], "lora_scale": key[2], "bin": b,
+                            "face_size_low": float(edges[b]), "face_size_high": float(edges[min(b + 1, len(edges) - 1)]),
+                            "face_size_mean": float(sizes[mask].mean()), "id_mean": float(sims[mask].mean()),
+                            "n": int(mask.sum())})
+    return out
+
+
+def plot_fig18(rows: Sequence[dict], *, scale: float) -> bytes | None:
+    """The paper's Fig. 18 at one λ: distributions of ID and face size per model × preset, and ID binned by face size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if math.isclose(float(r["ip_adapter_scale"]), scale)]
+    ids, sizes = _values(rows, "id"), _values(rows, "face_size")
+    if not ids and not sizes:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    for ax, values, name in ((axes[0], ids, "ID similarity"), (axes[1], sizes, "face size (box area / image area)")):
+        keys = sorted(values, key=lambda k: tuple(map(str, k)))
+        present = [[float(v) for v in values[k] if v is not None] for k in keys]
+        labels = [f"{m}\n{p} (lora {lo:g})" for m, p, lo in keys]
+        missing = sum(len(values[k]) for k in keys) - sum(map(len, present))
+        if any(present):
+            parts = [p if p else [np.nan] for p in present]
+            ax.boxplot(parts, showfliers=True)
+            for i, p in enumerate(present, start=1):
+                if p:
+                    jitter = np.random.default_rng(i).uniform(-0.15, 0.15, len(p))
+                    ax.scatter(i + jitter, p, s=6, alpha=0.4)
+            ax.set_xticks(range(1, len(keys) + 1), labels, fontsize=7)
+        else:
+            ax.text(0.5, 0.5, f"undefined: no face found\nin {missing} images", ha="center", va="center",
+                    transform=ax.transAxes, fontsize=11, color="#a00")
+            ax.set_xticks([])
+        ax.set_title(f"{name}" + (f" — {missing} images without a face" if missing and any(present) else ""), fontsize=9)
+        ax.grid(alpha=0.3)
+    binned = face_size_bins(rows)
+    ax = axes[2]
+    if binned:
+        for key in sorted({(b["model"], b["preset"], b["lora_scale"]) for b in binned}, key=lambda k: tuple(map(str, k))):
+            pts = [b for b in binned if (b["model"], b["preset"], b["lora_scale"]) == key]
+            ax.plot([b["face_size_mean"] for b in pts], [b["id_mean"] for b in pts], marker="o",
+                    label=f"{key[0]} {key[1]} (lora {key[2]:g})")
+        ax.set_xlabel("face size (bin mean)")
+        ax.set_ylabel("mean ID in bin")
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "needs images with a face\n(ID and face size both defined)", ha="center", va="center",
+                transform=ax.transAxes, fontsize=11, color="#a00")
+        ax.set_xticks([])
+    ax.set_title("ID binned by face size (equal-count bins)", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.suptitle(f"Fig. 18: ID similarity and face size at λ = {scale:g}", fontsize=11)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def paper_section(comparison: list[dict], tables: dict, *, tiny: list[str]) -> tuple[str, str]:
+    """HTML and markdown of "paper vs this run"."""
+    from flows import paper
+
+    intro = ("Each value the paper published (its table, row and column), beside this run's mean for the same "
+             "model × preset × lora_scale on the table's prompt set and λ, with our 95 % interval (two-way bootstrap; "
+             "FFC: Wilson interval of the failure rate, scaled to the paper's number of images), the difference, "
+             "and whether the paper's value lies inside our interval.")
+    warnings = []
+    if tiny:
+        warnings.append(f"This run used tiny random-weight models ({', '.join(tiny)}): its numbers are NOT comparable "
+                        "with the paper's. The paper's values are shown for reference.")
+    missing = paper.missing_tables(tables)
+    if missing:
+        warnings.append(f"No published values were available for {', '.join(missing)} (see flows/data/paper_tables.yaml: "
+                        "the paper could not be read from this network; only the Table 1 rows restated in the method "
+                        "specification are stored). Nothing there is estimated.")
+    columns = ["table", "set", "ip_adapter_scale", "row", "column", "model", "preset", "lora_scale", "paper", "ours",
+               "low", "high", "difference", "verdict", "n", "note"]
+    if any("paper_change" in c for c in comparison):
+        columns += ["paper_change", "ours_change"]
+    shown = [{k: c.get(k) for k in columns} for c in comparison]
+    body = "".join(
+        "<tr class='{}'>".format(html.escape(str(c["verdict"]).replace(" ", "-")))
+        + "".join(f"<td>{html.escape(_fmt(c.get(k)))}</td>" for k in columns) + "</tr>" for c in shown)
+    table_html = (f"<table class='paper'><tr>{''.join(f'<th>{html.escape(k)}</th>' for k in columns)}</tr>{body}</table>"
+                  if shown else "<p>(no published values stored)</p>")
+    html_doc = ("<section id='paper-vs-run'><h2>Paper vs this run</h2>"
+                + "".join(f"<p class='warn'>{html.escape(w)}</p>" for w in warnings)
+                + f"<p>{html.escape(intro)}</p>{table_html}</section>")
+    md = "\n\n".join(["## Paper vs this run", *[f"**{w}**" for w in warnings], intro,
+                        table_markdown_simple(shown) if shown else "_no published values stored_"])
+    return html_doc, md
 
 
 # -- images -------------------------------------------------------------------------------------
@@ -319,6 +459,8 @@ def build_report(
     seed: int = 0,
     grid_identities: int = 6,
     calibration: bool = True,
+    paper_tables: dict | None = None,
+    attention_maps_png: bytes | None = None,
 ) -> dict:
     """Write the report of one run under ``<root>/reports/<run>/``; returns paths, tables and the markdown summary."""
     store = Store(root)
@@ -354,11 +496,22 @@ def build_report(
                         plots[f"{prompt_set}-{y}"] = png
                         written[f"lambda_{prompt_set}_{y}"] = store.write_bytes(f"{prefix}/lambda_{prompt_set}_{y}.png", png)
         grids = image_grids(store, catalog, run_id, max_identities=grid_identities, baseline=baseline)
+        tables = paper.load_paper_tables() if paper_tables is None else paper_tables
+        comparison = paper.paper_comparison(rows, tables, baseline=baseline, metric_modes=run_metric_modes(catalog, run_id),
+                                            **boot)
+        written["paper"] = _write_csv(store, f"{prefix}/paper.csv", comparison)
+        fig18 = plot_fig18(rows, scale=ip_adapter_scale)
+        fig18_bins = face_size_bins([r for r in rows if math.isclose(float(r["ip_adapter_scale"]), ip_adapter_scale)])
+        if fig18:
+            written["fig18"] = store.write_bytes(f"{prefix}/fig18.png", fig18)
+        if attention_maps_png:
+            written["attention_maps"] = store.write_bytes(f"{prefix}/attention_maps.png", attention_maps_png)
         pairs, cal_summary, cal_note = _calibrate(store, catalog, grid_identities) if calibration else ([], [], "off")
         if pairs:
             written["calibration"] = _write_csv(store, f"{prefix}/calibration.csv", pairs)
 
     tiny = [m for m in models if m.startswith("tiny-")]
+    paper_html, paper_md = paper_section(comparison, tables, tiny=tiny)
     warning = (f"**These images came from tiny random-weight models ({', '.join(tiny)}): they are noise, not faces.** "
                "The numbers exercise the metric and report machinery; they say nothing about FastFace. "
                "ID is undefined (NULL) wherever no face is found, and FFC counts those images.") if tiny else ""
@@ -372,6 +525,7 @@ def build_report(
         f"changes relative to `{baseline}`; paired ΔID against `{baseline}` on the same identity, prompt and seed. "
         "ID excludes images without a face (counted in FFC).",
         table_markdown(table, metrics, baseline) if table else "_no scored examples yet_",
+        paper_md,
         "## Calibration of the ID metric on real photos (" + cal_note + ")\n\n"
         + (table_markdown_simple(cal_summary) if cal_summary else "_not available_"),
     ]))
@@ -379,7 +533,8 @@ def build_report(
         "<!doctype html><html><head><meta charset='utf-8'><title>FastFace report " + html.escape(run_id) + "</title>",
         "<style>body{font-family:sans-serif;margin:2em} table{border-collapse:collapse;margin:1em 0} "
         "td,th{border:1px solid #ccc;padding:3px 6px;font-size:12px;text-align:center} .warn{background:#fee;"
-        "padding:1em;border:1px solid #c00} img{display:block;margin:auto}</style></head><body>",
+        "padding:1em;border:1px solid #c00} img{display:block;margin:auto;max-width:100%;height:auto} tr.inside{background:#efe} "
+        "tr.outside{background:#fdd}</style></head><body>",
         f"<h1>FastFace evaluation: run {html.escape(run_id)}</h1>",
         f"<p class='warn'>{html.escape(warning.replace('**', ''))}</p>" if warning else "",
         f"<p>{html.escape(json.dumps(counts))}</p>",
@@ -388,6 +543,15 @@ def build_report(
         "<h2>λ-curves: ID against CLIP / AE / IR, traced by ip_adapter_scale</h2>",
         "".join(f"<h3>{html.escape(k)}</h3><img src='data:image/png;base64,{base64.b64encode(v).decode()}'>"
                 for k, v in plots.items()) or "<p>(need ID and CLIP/AE/IR scores)</p>",
+        paper_html,
+        f"<h2 id='fig18'>Fig. 18: ID similarity and face size (λ = {ip_adapter_scale:g})</h2>",
+        "<p>Distributions per model × preset over all identities and prompts at this λ (configs/fig18.yaml: one "
+        "identity, one neutral prompt, many seeds, as in the paper), and mean ID per face-size bin.</p>",
+        (f"<img alt='fig18' src='data:image/png;base64,{base64.b64encode(fig18).decode()}'>" if fig18
+         else "<p>(needs the id and face_size metrics)</p>"), _html_table(fig18_bins) if fig18_bins else "",
+        ("<h2>Identity-attention maps (fastface attention-maps)</h2>"
+         f"<img alt='attention maps' src='data:image/png;base64,{base64.b64encode(attention_maps_png).decode()}'>"
+         if attention_maps_png else ""),
         "<h2>Image grids</h2>", "".join(grids) or "<p>(no images)</p>",
         f"<h2>Calibration of the ID metric on real photos ({html.escape(cal_note)})</h2>",
         "<p>Same person: each identity photo against a mirrored, rescaled, rotated and cropped copy. "
@@ -399,6 +563,7 @@ def build_report(
     written["html"] = store.write_bytes(f"{prefix}/report.html", html_doc.encode())
     written["summary"] = store.write_bytes(f"{prefix}/summary.md", summary_md.encode())
     return {"run_id": run_id, "files": written, "table": table, "paired": paired, "calibration": cal_summary,
+            "paper": comparison, "fig18_bins": fig18_bins,
             "summary_markdown": summary_md, "counts": counts, "tiny_models": tiny}
 
 

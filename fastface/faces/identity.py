@@ -7,7 +7,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -26,8 +26,9 @@ class IdentityInputs:
     embedding: np.ndarray  # [D] float32, L2-normalised
     crop_bgr: np.ndarray  # [224, 224, 3] uint8, BGR (see aligned_face_crop_bgr)
     clip_states: torch.Tensor | None  # [1, seq, hidden] float32 on CPU, or None without an encoder
-    content_hash: str
+    content_hash: str  # of the photo; for several photos, of the set of their content hashes
     bbox: np.ndarray  # [4] float32
+    photos: tuple[str, ...] = ()  # content hashes of the photos combined (several photos of one person)
 
 
 def _processor_size(feature_extractor: Any, image_encoder: Any) -> tuple[int, int]:
@@ -139,27 +140,18 @@ def _load_clip_states(path: Path) -> torch.Tensor | None:
         return None
 
 
-def prepare_identity(
-    photo: ImageInput,
-    backend: FaceBackend,
-    *,
-    image_encoder: Any = None,
-    feature_extractor: Any = None,
-    cache_dir: str | os.PathLike | None = None,
-) -> IdentityInputs:
-    """Embedding, aligned BGR crop and (with an encoder) CLIP-H states of the photo's most prominent face.
+def identity_set_hash(photo_hashes: Sequence[str]) -> str:
+    """Cache key of an identity given by several photos: sha256 of the sorted set of their content hashes.
 
-    Results are cached under ``cache_dir`` by the photo's content hash and the
-    backend name (and the encoder fingerprint for CLIP states), so a sweep
-    embeds each identity once. Raises :class:`NoFaceError` when no face is found.
+    The order the photos come in does not matter; another set of photos is another identity.
     """
-    from safetensors.torch import save_file
+    members = sorted(set(photo_hashes))
+    return hashlib.sha256(("identity-set:" + ",".join(members)).encode()).hexdigest()
 
-    cache_root = Path(cache_dir).expanduser() if cache_dir is not None else identities_dir()
+
+def _face_record(photo: ImageInput, backend: FaceBackend, cache_root: Path) -> tuple[str, tuple]:
     digest = photo_hash(photo)
-    stem = cache_root / digest[:2] / f"{digest}.{backend.name}"
-    face_path = stem.with_name(stem.name + ".face.npz")
-
+    face_path = cache_root / digest[:2] / f"{digest}.{backend.name}.face.npz"
     record = _load_face_record(face_path)
     if record is None:
         rgb = load_image_rgb(photo)
@@ -171,6 +163,73 @@ def prepare_identity(
         crop = aligned_face_crop_bgr(rgb, face, size=CROP_SIZE)
         record = (np.asarray(face.embedding, dtype=np.float32), crop, np.asarray(face.bbox, dtype=np.float32))
         _save_face_record(face_path, *record)
+    return digest, record
+
+
+def _box_area(bbox: np.ndarray) -> float:
+    x1, y1, x2, y2 = (float(v) for v in bbox)
+    return max(0.0, x2 - x1) * max(0.0, y2 - y1)
+
+
+def combine_embeddings(embeddings: Sequence[np.ndarray]) -> np.ndarray:
+    """Identity embedding of several photos of one person: the mean of their L2-normalised embeddings.
+
+    Not renormalised, as ComfyUI_IPAdapter_plus' ``combine_embeds="average"`` (see :func:`combine_face_records`).
+    """
+    rows = np.stack([np.asarray(e, dtype=np.float32).ravel() for e in embeddings])
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).mean(axis=0).astype(np.float32)
+
+
+def combine_face_records(records: dict[str, tuple]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Several photos of one person → (embedding, crop, bbox).
+
+    Embedding: the mean of the photos' L2-normalised embeddings, not renormalised — the "average"
+    way ComfyUI_IPAdapter_plus combines FaceID embeddings of several images (``combine_embeds=
+    "average"``: ``torch.mean`` over the insightface ``normed_embedding`` rows); diffusers' FaceID
+    examples take one photo. Crop (the CLIP-H input): the aligned crop of the photo whose face box
+    is largest in pixels (the most detail for CLIP), ties broken by content hash so the order of the
+    photos never matters.
+    """
+    digests = sorted(records)
+    best = max(digests, key=lambda d: (_box_area(records[d][2]), [-ord(c) for c in d]))
+    return combine_embeddings([records[d][0] for d in digests]), records[best][1], records[best][2]
+
+
+def prepare_identity(
+    photo: ImageInput | Sequence[ImageInput],
+    backend: FaceBackend,
+    *,
+    image_encoder: Any = None,
+    feature_extractor: Any = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> IdentityInputs:
+    """Embedding, aligned BGR crop and (with an encoder) CLIP-H states of the photo's most prominent face.
+
+    ``photo`` may be a list of photos of one person: see :func:`combine_face_records` for how they
+    combine. Results are cached under ``cache_dir`` by the photo's content hash (several photos: by
+    :func:`identity_set_hash` of all of them) and the backend name (and the encoder fingerprint for
+    CLIP states), so a sweep embeds each identity once. Raises :class:`NoFaceError` when a photo
+    has no face.
+    """
+    from safetensors.torch import save_file
+
+    cache_root = Path(cache_dir).expanduser() if cache_dir is not None else identities_dir()
+    photos = list(photo) if isinstance(photo, (list, tuple)) else [photo]
+    if not photos:
+        raise ValueError("prepare_identity needs at least one photo")
+    records = dict(_face_record(p, backend, cache_root) for p in photos)
+    if len(records) == 1:
+        digest, record = next(iter(records.items()))
+        members: tuple[str, ...] = (digest,)
+    else:
+        digest = identity_set_hash(list(records))
+        members = tuple(sorted(records))
+        face_path = cache_root / digest[:2] / f"{digest}.{backend.name}.face.npz"
+        record = _load_face_record(face_path)
+        if record is None:
+            record = combine_face_records(records)
+            _save_face_record(face_path, *record)
+    stem = cache_root / digest[:2] / f"{digest}.{backend.name}"
     embedding, crop, bbox = record
 
     clip_states = None
@@ -188,7 +247,8 @@ def prepare_identity(
             _atomic_write(
                 clip_path, lambda temporary: save_file({"clip_states": clip_states}, temporary, metadata=metadata)
             )
-    return IdentityInputs(embedding=embedding, crop_bgr=crop, clip_states=clip_states, content_hash=digest, bbox=bbox)
+    return IdentityInputs(embedding=embedding, crop_bgr=crop, clip_states=clip_states, content_hash=digest, bbox=bbox,
+                          photos=members)
 
 
 def identity_cache_files(cache_dir: str | os.PathLike, digest: str) -> list[Path]:
@@ -198,6 +258,9 @@ def identity_cache_files(cache_dir: str | os.PathLike, digest: str) -> list[Path
 
 __all__ = [
     "IdentityInputs",
+    "combine_embeddings",
+    "combine_face_records",
+    "identity_set_hash",
     "prepare_identity",
     "encode_clip_states",
     "null_clip_states",

@@ -7,7 +7,7 @@ backend's multi-scale retry.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 
@@ -83,33 +83,81 @@ class FaceFailCount(_FaceMetric):
         return results  # type: ignore[return-value]
 
 
-def face_size_ratio(bbox: np.ndarray, height: int, width: int) -> float:
-    """Area of the face box, clipped to the image, over the image area (paper fig. 18).
+FaceSizeMode = Literal["clipped", "authors"]
+FACE_SIZE_MODES = ("clipped", "authors")
+# The authors' get_face_ratios loops over detection sizes 640, 576, ..., 320 without breaking
+# out when a face is found, so the faces it keeps are those of the last size: 320.
+AUTHORS_FACE_RATIO_DET_SIZE = 320
 
-    The authors do not clip insightface's box; the two differ only for faces cut by the border.
+
+def face_size_ratio(bbox: np.ndarray, height: int, width: int, *, clip: bool = True) -> float:
+    """Area of the face box over the image area (paper fig. 18); ``clip``: the box clipped to the image first.
+
+    ``clip=False`` is the authors' ``get_face_ratios``: ``(x2 − x1)·(y2 − y1) / (H·W)`` of the raw
+    detector box, which can exceed the image for faces cut by the border.
     """
     x1, y1, x2, y2 = (float(v) for v in bbox)
-    x1, x2 = np.clip([x1, x2], 0.0, float(width))
-    y1, y2 = np.clip([y1, y2], 0.0, float(height))
-    return max(0.0, x2 - x1) * max(0.0, y2 - y1) / float(height * width)
+    if clip:
+        x1, x2 = np.clip([x1, x2], 0.0, float(width))
+        y1, y2 = np.clip([y1, y2], 0.0, float(height))
+        return max(0.0, x2 - x1) * max(0.0, y2 - y1) / float(height * width)
+    return (x2 - x1) * (y2 - y1) / float(height * width)
+
+
+def authors_face_ratio_backend(backend: Any) -> Any:
+    """The detector the authors' face ratios come from: insightface at 320² only; other backends as they are.
+
+    Shares the loaded ONNX sessions with ``backend`` (no second model in memory).
+    """
+    from fastface.faces import InsightFaceBackend
+
+    if isinstance(backend, InsightFaceBackend):
+        return InsightFaceBackend(detector=backend.detector, recognizer=backend.recognizer,
+                                  det_sizes=(AUTHORS_FACE_RATIO_DET_SIZE,),
+                                  same_person_threshold=backend.same_person_threshold)
+    return backend
 
 
 class FaceSizeRatio(_FaceMetric):
-    """Face size: most prominent face box area / image area; None without a face."""
+    """Face size: most prominent face box area / image area.
+
+    Mode ``"clipped"`` (default): the box of the backend's multi-scale detection, clipped to the
+    image; None without a face. Mode ``"authors"``: their ``get_face_ratios`` — insightface's
+    faces at 320² only (the last size of their retry loop, which never breaks), the raw box,
+    and 0.0 (not None) when that detection finds no face.
+    """
+
+    def __init__(self, faces: FaceAnalysis, mode: FaceSizeMode = "clipped") -> None:
+        if mode not in FACE_SIZE_MODES:
+            raise ValueError(f"face_size_mode must be one of {FACE_SIZE_MODES}, got {mode!r}")
+        super().__init__(faces)
+        self.mode = mode
+        if mode == "authors":
+            backend = authors_face_ratio_backend(faces.backend)
+            self._detect = FaceAnalysis(backend, cache_size=64).detect if backend is not faces.backend else faces.detect
+        else:
+            self._detect = faces.detect
 
     def score(self, inputs: Sequence[MetricInput]) -> list[MetricResult]:
-        images, found, results = self._faces_of(inputs)
+        images, results = decode_images(inputs)
+        authors = self.mode == "authors"
         for i in range(len(inputs)):
             if results[i] is not None:
                 continue
-            if not found[i]:
-                results[i] = MetricResult(value=None, detail={"face_found": False})
+            try:
+                found = self._detect(images[i])
+            except Exception as exc:  # a backend failure on one image must not lose the batch
+                results[i] = MetricResult(value=None, error=f"face detection failed: {type(exc).__name__}: {exc}")
+                continue
+            if not found:
+                results[i] = MetricResult(value=0.0 if authors else None, detail={"face_found": False, "mode": self.mode})
                 continue
             height, width = images[i].shape[:2]
-            bbox = np.asarray(found[i][0].bbox, dtype=np.float32)
+            bbox = np.asarray(found[0].bbox, dtype=np.float32)
             results[i] = MetricResult(
-                value=face_size_ratio(bbox, height, width),
-                detail={"face_found": True, "bbox": [round(float(v), 2) for v in bbox], "size": [width, height]},
+                value=face_size_ratio(bbox, height, width, clip=not authors),
+                detail={"face_found": True, "mode": self.mode, "bbox": [round(float(v), 2) for v in bbox],
+                        "size": [width, height]},
             )
         return results  # type: ignore[return-value]
 
@@ -130,7 +178,19 @@ def _factory(cls):
 
 make_identity_similarity = _factory(IdentitySimilarity)
 make_face_fail_count = _factory(FaceFailCount)
-make_face_size_ratio = _factory(FaceSizeRatio)
+
+
+def make_face_size_ratio(
+    *,
+    faces: FaceAnalysis | None = None,
+    face_size_mode: FaceSizeMode = "clipped",
+    face_backend: str = DEFAULT_FACE_BACKEND,
+    face_backend_options: dict | None = None,
+) -> FaceSizeRatio:
+    """Build FaceSizeRatio; ``faces`` is a shared FaceAnalysis, else one is built from ``face_backend``."""
+    if face_size_mode not in FACE_SIZE_MODES:  # before any model loads
+        raise ValueError(f"face_size_mode must be one of {FACE_SIZE_MODES}, got {face_size_mode!r}")
+    return FaceSizeRatio(resolve_face_analysis(faces, face_backend, face_backend_options), face_size_mode)
 
 IdentitySimilarity.spec = register_metric(
     MetricSpec(

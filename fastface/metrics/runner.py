@@ -369,6 +369,7 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--clip-pretrained", default=None, help="pretrained tag or weights file (default: openai)")
     parser.add_argument("--aesthetic-checkpoint", default=None, help="aesthetic head name, path or URL")
     parser.add_argument("--fsc-mode", choices=("aligned", "authors"), default=None)
+    parser.add_argument("--face-size-mode", choices=("clipped", "authors"), default=None)
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -383,6 +384,7 @@ def run_score_command(args: argparse.Namespace) -> dict[str, dict]:
             "clip_pretrained": args.clip_pretrained,
             "aesthetic_checkpoint": args.aesthetic_checkpoint,
             "fsc_mode": args.fsc_mode,
+            "face_size_mode": args.face_size_mode,
         }.items()
         if value is not None
     }
