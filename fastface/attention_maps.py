@@ -158,18 +158,17 @@ def add_attention_maps_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_attention_maps(args: argparse.Namespace) -> int:
-    from fastface.checkpoints import check_steps, default_cache_dir, find_weights, get_checkpoint
+    from fastface.cache import identities_dir
+    from fastface.checkpoints import check_steps, find_weights, get_checkpoint
     from fastface.cli import cached_pipeline
-    from fastface.faces import FACE_BACKENDS, get_face_backend, prepare_identity
+    from fastface.faces import backend_for_embedding_width, get_face_backend, prepare_identity
 
     checkpoint = get_checkpoint(args.model)
     steps = None
     for preset in args.preset:  # unknown presets and schedules that do not fit fail before anything loads
         steps = check_steps(checkpoint, preset, args.steps)
-    backend_name = args.face_backend or ("dlib" if checkpoint.tiny else "insightface")
-    if FACE_BACKENDS.get(backend_name).embedding_dim != checkpoint.id_embed_dim:
-        raise ValueError(f"face backend {backend_name!r} does not fit model {checkpoint.name!r}; "
-                         f"use --face-backend {'dlib' if checkpoint.tiny else 'insightface'}")
+    backend_name = backend_for_embedding_width(checkpoint.id_embed_dim, args.face_backend,
+                                               model=f"model {checkpoint.name!r}", option="--face-backend")
     faces = [Path(f) for f in args.face]
     for face in faces:
         if not face.is_file():
@@ -179,7 +178,7 @@ def run_attention_maps(args: argparse.Namespace) -> int:
         raise ValueError(f"--out must be a .png file, got {out}")
     find_weights(checkpoint, steps=steps, cache_dir=args.cache_dir)
     identity = prepare_identity(faces if len(faces) > 1 else faces[0], get_face_backend(backend_name),
-                                cache_dir=default_cache_dir(args.cache_dir) / "identities")
+                                cache_dir=identities_dir(args.cache_dir))
     pipe = cached_pipeline(checkpoint.name, device=args.device, dtype=args.dtype, lora_scale=args.lora_scale,
                            steps=steps, cache_dir=args.cache_dir)
     maps = capture_attention_maps(pipe, prompt=args.prompt, id_embed=identity.embedding, face_crop=identity.crop_bgr,

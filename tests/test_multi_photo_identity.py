@@ -72,7 +72,7 @@ def test_the_identity_cache_keys_on_the_set_of_photos(photos, backend, tmp_path)
 
 
 def test_generate_with_repeated_face(photos, tmp_path):
-    from fastface.checkpoints import default_cache_dir
+    from fastface.cache import identities_dir
     from fastface.cli import main
     from fastface.faces import get_face_backend, prepare_identity
 
@@ -83,7 +83,7 @@ def test_generate_with_repeated_face(photos, tmp_path):
     sidecar = json.loads(out.with_suffix(".json").read_text())
     assert sidecar["face"] == [str(photos["original"]), str(photos["mirror"])]
     combined = prepare_identity([photos["original"], photos["mirror"]], get_face_backend("dlib"),
-                                cache_dir=default_cache_dir() / "identities")
+                                cache_dir=identities_dir())
     assert sidecar["face_content_hash"] == combined.content_hash
 
 
