@@ -117,47 +117,62 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-@contextlib.contextmanager
-def unet_timer(unet, device: str, clock: Callable[[], float]) -> Iterator[list[float]]:
-    """Seconds spent in ``unet.forward`` (forward hooks); the list holds the total once the block exits.
+class _Timer:
+    """Total seconds between pre- and post-forward hooks of some modules (CUDA events on a GPU)."""
 
-    On CUDA the hooks record events (no synchronisation inside the run); elsewhere they read ``clock``.
-    """
-    cuda = device.startswith("cuda")
-    marks: list = []
+    def __init__(self, device: str, clock: Callable[[], float]):
+        self.cuda, self.clock, self.marks = device.startswith("cuda"), clock, []
 
-    def pre(module, args):
-        if cuda:
-            marks.append(torch.cuda.Event(enable_timing=True))
-            marks[-1].record()
+    def mark(self, *_) -> None:
+        if self.cuda:
+            self.marks.append(torch.cuda.Event(enable_timing=True))
+            self.marks[-1].record()
         else:
-            marks.append(clock())
+            self.marks.append(self.clock())
 
-    def post(module, args, output):
-        pre(module, args)
+    def total(self) -> float:
+        pairs = zip(self.marks[::2], self.marks[1::2])
+        if self.cuda:
+            return sum(a.elapsed_time(b) for a, b in pairs) / 1000
+        return sum(b - a for a, b in pairs)
 
-    total: list[float] = []
-    handles = [unet.register_forward_pre_hook(pre), unet.register_forward_hook(post)]
+
+@contextlib.contextmanager
+def unet_timer(unet, device: str, clock: Callable[[], float]) -> Iterator[dict[str, float]]:
+    """Seconds spent in ``unet.forward`` and, within it, in the ``attn2`` (cross-attention) modules.
+
+    Forward hooks; on CUDA they record events (no synchronisation inside the run), elsewhere
+    they read ``clock``. The dict is filled when the block exits.
+    """
+    timers = {"unet": _Timer(device, clock), "attn2": _Timer(device, clock)}
+    modules = [("unet", unet)] + [("attn2", m) for name, m in unet.named_modules() if name.endswith(".attn2")]
+    handles = []
+    for kind, module in modules:
+        handles += [module.register_forward_pre_hook(timers[kind].mark),
+                    module.register_forward_hook(timers[kind].mark)]
+    result: dict[str, float] = {}
     try:
-        yield total
+        yield result
     finally:
         for h in handles:
             h.remove()
-    if cuda:
-        torch.cuda.synchronize()
-        total.append(sum(a.elapsed_time(b) for a, b in zip(marks[::2], marks[1::2])) / 1000)
-    else:
-        total.append(sum(b - a for a, b in zip(marks[::2], marks[1::2])))
+    sync(device)
+    result.update({kind: t.total() for kind, t in timers.items()})
 
 
 IDENTITY_AM_NAME = "identity"
 
 
 def am_overhead(pipe, inputs, *, preset: str, steps: int, size: int, device: str, repeats: int,
-                clock: Callable[[], float]) -> dict | None:
-    """Median UNet seconds of one image with the preset's AM, the identity AM and no AM, same branch layout.
+                clock: Callable[[], float], baselines: tuple[str, ...] = ("identity", "none")) -> dict | None:
+    """UNet seconds of one image with the preset's AM and with each baseline, same branch layout.
 
-    Runs are interleaved (A, B, C, B, C, A, ...) so that load from other jobs hits all three alike.
+    ``identity``: our processor with ``f(A) = A`` (AM1 with s = p = 1); ``none``: diffusers'
+    processor. Runs are interleaved (rotating order) so that load from other jobs hits every
+    variant alike; medians over ``repeats``. Besides the whole-UNet ratio, the overhead is
+    estimated from the ``attn2`` modules alone, ``(attn2[AM] − attn2[base]) / UNet[base]``:
+    AM changes nothing else in the UNet, and timing only the part that changes keeps the noise
+    of the unchanged 90 % out of the figure.
     """
     from fastface.attention import AMConfig
     from fastface.presets import get_preset
@@ -166,31 +181,33 @@ def am_overhead(pipe, inputs, *, preset: str, steps: int, size: int, device: str
     if am is None:
         return None
     couple = any(am.couples_branches(i) for i in range(steps))
-    variants = {
-        "am": {},
-        "identity": {"am": AMConfig(transform="scale_power", name=IDENTITY_AM_NAME), "force_all_branches": couple},
-        "none": {"am": None, "force_all_branches": couple},
-    }
+    variants = {"am": {}}
+    if "identity" in baselines:
+        variants["identity"] = {"am": AMConfig(transform="scale_power", name=IDENTITY_AM_NAME),
+                                "force_all_branches": couple}
+    if "none" in baselines:
+        variants["none"] = {"am": None, "force_all_branches": couple}
     prompts, ids, clip = inputs
-    seconds: dict[str, list[float]] = {k: [] for k in variants}
+    times: dict[str, list[dict[str, float]]] = {k: [] for k in variants}
     rows: dict[str, list[int]] = {}
     order = list(variants)
-    for r in range(repeats + 1):  # the first round warms up and is dropped
-        for name in order[r % 3:] + order[:r % 3]:
-            sync(device)
-            with unet_timer(pipe.unet, device, clock) as total:
+    for r in range(repeats):
+        k = r % len(order)
+        for name in order[k:] + order[:k]:
+            with unet_timer(pipe.unet, device, clock) as t:
                 out = pipe(prompts[:1], id_embeds=ids[:1], clip_states=clip[:1], preset=preset, seeds=[0],
                            num_inference_steps=steps, height=size, width=size, output_type="latent",
                            **variants[name])
-            sync(device)
             rows[name] = out.metadata[0]["unet_rows_per_step"]
-            if r:
-                seconds[name].append(total[0])
+            times[name].append(t)
     if len({tuple(v) for v in rows.values()}) != 1:
         raise RuntimeError(f"branch layouts differ between the AM runs of {preset}: {rows}")
-    med = {k: statistics.median(v) for k, v in seconds.items()}
-    return {"rows": sum(rows["am"]), "unet_s": med, "vs_identity": med["am"] / med["identity"] - 1,
-            "vs_none": med["am"] / med["none"] - 1}
+    med = {k: {part: statistics.median(t[part] for t in v) for part in ("unet", "attn2")} for k, v in times.items()}
+    res = {"rows": sum(rows["am"]), "median": med}
+    for base in variants.keys() - {"am"}:
+        res[f"unet_vs_{base}"] = med["am"]["unet"] / med[base]["unet"] - 1
+        res[f"attn2_vs_{base}"] = (med["am"]["attn2"] - med[base]["attn2"]) / med[base]["unet"]
+    return res
 
 
 def batch_speedup(pipe, inputs, *, preset: str, steps: int, size: int, device: str, repeats: int,
@@ -272,6 +289,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                         help="default: float16 on CUDA, float32 elsewhere")
+    parser.add_argument("--baselines", nargs="+", choices=("identity", "none"), default=["identity", "none"],
+                        help="overhead table: what AM is compared with (default: both)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall time, or this process's CPU time (robust when other jobs share the CPU; "
@@ -322,20 +341,28 @@ def main(argv=None) -> int:
             sys.stdout.flush()
     if "overhead" in args.tables:
         repeats = args.repeats or 3
-        print(f"\n## AM overhead in the UNet: one image, median of {repeats} interleaved runs (after a warm-up round); "
-              f"UNet seconds per image; overhead = AM ÷ baseline − 1, same branch layout")
-        header = (f"{'preset':<9} {'rows':>4} {'UNet AM':>9} {'identity':>9} {'none':>9} {'AM/identity':>11} "
-                  f"{'AM/none':>8}")
+        bases = tuple(args.baselines)
+        print(f"\n## AM overhead in the UNet: one image, {size}x{size}, median of {repeats} interleaved runs "
+              f"(after a warm-up run); seconds of UNet per image; same branch layout for every variant")
+        print("# UNet: AM ÷ baseline − 1 over the whole UNet; attn2: (attn2[AM] − attn2[baseline]) ÷ UNet[baseline]")
+        header = f"{'preset':<9} {'rows':>4} {'UNet AM':>9} {'attn2 AM':>9}"
+        for base in bases:
+            header += f" {'UNet ' + base:>13} {'attn2 ' + base:>14} {'UNet vs ' + base:>16} {'attn2 vs ' + base:>17}"
         print(header)
         print("-" * len(header))
+        pipe(inputs[0][:1], id_embeds=inputs[1][:1], clip_states=inputs[2][:1], preset="ff-am2", seeds=[0],
+             num_inference_steps=args.steps, height=size, width=size, output_type="latent")  # warm-up
         for preset in args.presets:
-            res = am_overhead(pipe, inputs, preset=preset, repeats=repeats, **common)
+            res = am_overhead(pipe, inputs, preset=preset, repeats=repeats, baselines=bases, **common)
             if res is None:
-                print(f"{preset:<9} {'(no AM)':>4}")
+                print(f"{preset:<9} (no AM)")
                 continue
-            t = res["unet_s"]
-            print(f"{preset:<9} {res['rows']:>4} {t['am']:>9.4f} {t['identity']:>9.4f} {t['none']:>9.4f} "
-                  f"{res['vs_identity']:>+10.1%} {res['vs_none']:>+8.1%}")
+            m = res["median"]
+            line = f"{preset:<9} {res['rows']:>4} {m['am']['unet']:>9.4f} {m['am']['attn2']:>9.4f}"
+            for base in bases:
+                line += (f" {m[base]['unet']:>13.4f} {m[base]['attn2']:>14.4f} {res['unet_vs_' + base]:>+16.1%} "
+                         f"{res['attn2_vs_' + base]:>+17.1%}")
+            print(line)
             sys.stdout.flush()
     if "batch" in args.tables:
         repeats = args.repeats or 2
