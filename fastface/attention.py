@@ -3,11 +3,15 @@
 Pure tensor functions (:func:`decoupled_attention`, :func:`transform_attention_map`) and
 :class:`FastFaceIPAttnProcessor`, a subclass of diffusers' ``IPAdapterAttnProcessor2_0``
 (so ``set_ip_adapter_scale`` reaches it) that reuses the original ``to_k_ip``/``to_v_ip``
-weights; its identity branch calls :func:`manipulated_attention`.
-:func:`manipulated_attention_processors` installs it on the targeted ``attn2`` layers by
-name and restores the original processors afterwards. The step index reaches the
+weights. :func:`manipulated_attention_processors` installs it on the targeted ``attn2``
+layers by name and restores the original processors afterwards. The step index reaches the
 processor through a :class:`DenoisingStep` the pipeline owns and sets before each UNet
 call — processors never count steps themselves.
+
+Cost: a processor call never reads a tensor value back to Python (no per-layer host
+synchronisation on a GPU); AM2's quantile selects two order statistics instead of sorting;
+the per-token normalisations and the AdaIN blends are single multiply-adds. Measured in
+``benchmarks/bench_pipeline.py`` (AM overhead as a fraction of UNet time).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
@@ -185,6 +190,13 @@ AM2_NO_ADAIN = replace(AM2, adain_weight=None, name="AM2-no-AdaIN")
 # ---------------------------------------------------------------------------
 # Pure functions. Attention maps are [B, heads, L, T] with B = branches × images laid
 # out branch-major ([b0 × N, b1 × N, ...]); `num_images` = N.
+#
+# Internally AM works on the transposed map [B, heads, T, L] ("token-major"): with T = 4
+# tokens, every reduction over L (quantile, min-max, the first token's max) then runs over
+# the contiguous axis, and the ones over T (softmax, AdaIN statistics) are vectorised
+# across L instead of reducing 4 scattered elements at a time. No function here reads a
+# tensor value back to Python: the NaN fallback is a ``torch.where``, and index and sign
+# tensors come from a :class:`TokenPlan` built once per pipeline call.
 
 
 def _grouped(x: torch.Tensor, num_images: int) -> torch.Tensor:
@@ -202,97 +214,184 @@ def minmax_norm(x: torch.Tensor, num_images: int = 1) -> torch.Tensor:
     return ((g - lo) / (hi - lo)).reshape(x.shape)
 
 
+def linear_quantile(x: torch.Tensor, q: float, dim: int = -1) -> torch.Tensor:
+    """``torch.quantile(x, q, dim, keepdim=True)`` (its default 'linear' rule) from two order statistics.
+
+    Only the two neighbours of the interpolation position ``q·(n − 1)`` are selected (``topk``
+    on the nearer end, then ``topk(2)`` of that), not a full sort, and they are interpolated
+    as ``torch.quantile`` does: ``q`` rounded to the working precision, the position in
+    double, ``torch.lerp`` in the working precision — bit for bit the same for finite input.
+    Half types work in float32, i.e. as ``torch.quantile(x.float(), ...)`` (which rejects
+    them); no size limit. A row holding NaN does not give NaN here (``topk`` orders NaN
+    last); in AM the min-max normalisation spreads such a NaN anyway.
+    """
+    n = x.shape[dim]
+    if n == 0:
+        raise ValueError("quantile of an empty axis")
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    q_work = float(np.float64(q)) if work == torch.float64 else float(np.float32(q))
+    rank = q_work * (n - 1)
+    lo, hi = int(math.floor(rank)), int(math.ceil(rank))
+    x = x.movedim(dim, -1)
+    if hi == lo:
+        out = x.kthvalue(lo + 1, dim=-1, keepdim=True).values.to(work)
+    else:
+        if lo + 2 <= n - lo:  # the lo + 2 smallest hold both neighbours as their two largest
+            two = x.topk(lo + 2, dim=-1, largest=False, sorted=False).values.topk(2, dim=-1, sorted=True).values
+            below, above = two[..., 1:], two[..., :1]
+        else:  # the n − lo largest hold them as their two smallest
+            two = x.topk(n - lo, dim=-1, sorted=False).values.topk(2, dim=-1, largest=False, sorted=True).values
+            below, above = two[..., :1], two[..., 1:]
+        # contiguous like torch.quantile's gathered neighbours, so lerp takes the same kernel path
+        out = torch.lerp(below.to(work).contiguous(), above.to(work).contiguous(), rank - lo)
+    return out.movedim(-1, dim)
+
+
 def attention_quantile(a: torch.Tensor, q: float) -> torch.Tensor:
-    """Linear-interpolated quantile over the L axis (dim -2), as ``torch.quantile``, without its size limit."""
-    n = a.shape[-2]
-    s, _ = a.float().sort(dim=-2)
-    pos = q * (n - 1)
-    lo = int(math.floor(pos))
-    hi = min(lo + 1, n - 1)
-    frac = pos - lo
-    low = s.narrow(-2, lo, 1)
-    return low + frac * (s.narrow(-2, hi, 1) - low)
+    """Linear-interpolated quantile over the L axis (dim -2) of a ``[..., L, T]`` map, as ``torch.quantile``."""
+    return linear_quantile(a, q, dim=-2)
+
+
+@dataclass(frozen=True)
+class TokenPlan:
+    """The targeted tokens of one AM config as tensors, for maps with ``num_tokens`` tokens.
+
+    Built once per pipeline call (:func:`manipulated_attention_processors`), not per layer:
+    on a GPU, building an index tensor from a Python list is a host-to-device copy.
+    ``index`` is ``None`` when every token is targeted in order (no gather/scatter then);
+    ``sign``/``first`` (shape ``[targets, 1]``) implement the first-token inversion as
+    multiply-adds: ``1 − A₀`` is ``first + sign·A``, and ``max_L(f)₀ − f₀`` is ``max·first + sign·f``.
+    """
+
+    num_tokens: int
+    tokens: tuple[int, ...]
+    index: torch.Tensor | None
+    sign: torch.Tensor | None
+    first: torch.Tensor | None
+
+    @classmethod
+    def build(cls, am: "AMConfig", num_tokens: int, device: torch.device | str, dtype: torch.dtype) -> "TokenPlan":
+        tokens = tuple(t for t in am.tokens if t < num_tokens)
+        index = None if tokens == tuple(range(num_tokens)) else torch.tensor(tokens, device=device)
+        sign = first = None
+        if am.invert_first_token and 0 in tokens:
+            first = torch.tensor([[1.0 if t == 0 else 0.0] for t in tokens], device=device, dtype=dtype)
+            sign = 1 - 2 * first
+        return cls(num_tokens, tokens, index, sign, first)
+
+
+def _softmask_scaled(t: torch.Tensor, *, sharpness: float, quantile: float, scale: float, cap: float,
+                     num_images: int, quantile_fp16: bool) -> torch.Tensor:
+    """``min(s·norm(σ(d·(norm(A) − q))), cap)`` on a token-major map ``[B, heads, T, L]``.
+
+    Each min-max normalisation and the affine map around it is one multiply-add with
+    per-token coefficients: ``d·((A − lo)/(hi − lo) − q) = A·c₁ + c₀``.
+    """
+    q = linear_quantile(t, quantile, dim=-1)  # of the raw map; [B, heads, T, 1]
+    if quantile_fp16:
+        q = q.half()
+    q = q.to(t.dtype).clamp_(min=1e-6)
+    g = _grouped(t, num_images)  # [branches, N, heads, T, L]
+    lo, hi = g.amin(dim=(0, 2, 4), keepdim=True), g.amax(dim=(0, 2, 4), keepdim=True)
+    c1 = sharpness / (hi - lo)
+    c0 = torch.addcmul(-lo * c1, _grouped(q, num_images), torch.full_like(c1, -sharpness))
+    res = torch.addcmul(c0, g, c1).sigmoid_()
+    lo, hi = res.amin(dim=(0, 2, 4), keepdim=True), res.amax(dim=(0, 2, 4), keepdim=True)
+    c1 = scale / (hi - lo)
+    return torch.addcmul(-lo * c1, res, c1).clamp_(max=cap).reshape(t.shape)
+
+
+def _transform_token_major(a: torch.Tensor, am: "AMConfig", part: str, step: int, num_images: int,
+                           plan: TokenPlan) -> torch.Tensor:
+    """``Ã`` for a token-major map ``[B, heads, T, L]``; a new tensor (``a`` is left as it is)."""
+    targ = a if plan.index is None else a.index_select(-2, plan.index)
+    if plan.sign is not None:
+        targ = torch.addcmul(plan.first, targ, plan.sign)  # token 0: 1 − A₀
+    s = am.scale.at(part, step)
+    if am.transform == "scale_power":
+        f = torch.pow(targ, am.power.at(part, step)).mul_(s).clamp_(max=am.scale_cap)
+    else:
+        f = _softmask_scaled(targ, sharpness=am.sharpness.at(part, step), quantile=am.quantile.at(part, step),
+                             scale=s, cap=am.scale_cap, num_images=num_images, quantile_fp16=am.quantile_fp16)
+    if plan.sign is not None:
+        f = torch.addcmul(f.amax(dim=-1, keepdim=True) * plan.first, f, plan.sign)  # token 0: max_L f₀ − f₀
+    if plan.index is None:
+        return f.to(a.dtype)
+    return a.clone().index_copy_(-2, plan.index, f.to(a.dtype))
 
 
 def adaptive_softmask(a: torch.Tensor, *, sharpness: float, quantile: float, num_images: int = 1,
                       quantile_fp16: bool = False) -> torch.Tensor:
     """Eq. 9: ``norm(σ(d·(norm(A) − q)))`` with ``q`` the quantile of the raw map over L, clamped ≥ 1e-6."""
-    q = attention_quantile(a, quantile)
-    if quantile_fp16:
-        q = q.half()
-    q = q.to(a.dtype).clamp(min=1e-6)
-    res = 1 / (1 + torch.exp(-sharpness * (minmax_norm(a, num_images) - q)))
-    return minmax_norm(res, num_images)
-
-
-def _apply_transform(a: torch.Tensor, am: AMConfig, part: str, step: int, num_images: int) -> torch.Tensor:
-    if am.transform == "scale_power":
-        a = torch.pow(a, am.power.at(part, step))
-    else:
-        a = adaptive_softmask(
-            a,
-            sharpness=am.sharpness.at(part, step),
-            quantile=am.quantile.at(part, step),
-            num_images=num_images,
-            quantile_fp16=am.quantile_fp16,
-        )
-    return torch.clamp(a * am.scale.at(part, step), max=am.scale_cap)
+    t = a.transpose(-1, -2).contiguous()
+    out = _softmask_scaled(t, sharpness=sharpness, quantile=quantile, scale=1.0, cap=math.inf,
+                           num_images=num_images, quantile_fp16=quantile_fp16)
+    return out.transpose(-1, -2)
 
 
 def transform_attention_map(a: torch.Tensor, am: AMConfig, part: str, step: int, num_images: int = 1) -> torch.Tensor:
-    """``Ã = f(A)`` on the targeted tokens (first-token inversion around ``f`` when enabled)."""
-    tokens = [t for t in am.tokens if t < a.shape[-1]]
-    idx = torch.tensor(tokens, device=a.device)
-    targ = a.index_select(-1, idx)
-    if am.invert_first_token and 0 in tokens:
-        j = tokens.index(0)
-        targ[..., j] = 1 - targ[..., j]
-        targ = _apply_transform(targ, am, part, step, num_images)
-        first = targ[..., j]
-        targ[..., j] = first.amax(dim=-1, keepdim=True) - first
-    else:
-        targ = _apply_transform(targ, am, part, step, num_images)
-    out = a.clone()
-    out[..., tokens] = targ.to(a.dtype)
-    return out
+    """``Ã = f(A)`` of a ``[B, heads, L, T]`` map on the targeted tokens (first-token inversion around ``f`` when enabled)."""
+    plan = TokenPlan.build(am, a.shape[-1], a.device, a.dtype)
+    out = _transform_token_major(a.transpose(-1, -2).contiguous(), am, part, step, num_images, plan)
+    return out.transpose(-1, -2)
+
+
+def _mean_std(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased std over ``dim`` (two passes; ``torch.std`` is slow over a short axis on CPU)."""
+    n = x.shape[dim]
+    mean = x.sum(dim, keepdim=True) / n
+    c = x - mean
+    return mean, ((c * c).sum(dim, keepdim=True) / (n - 1)).sqrt_()
+
+
+def _adain_blend(x: torch.Tensor, ref: torch.Tensor, w: float, dim: int) -> torch.Tensor:
+    """``w·x + (1−w)·((x − μₓ)·σ_r/(σₓ + 1e-6) + μ_r)`` with statistics over ``dim``, as one multiply-add."""
+    mean_x, std_x = _mean_std(x, dim)
+    mean_r, std_r = _mean_std(ref, dim)
+    ratio = std_r / (std_x + 1e-6)
+    coef = ratio * (1 - w) + w
+    offset = (mean_r - mean_x * ratio) * (1 - w)
+    return torch.addcmul(offset, x, coef)
 
 
 def _adain(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """Match ``x``'s mean/std over the last axis to ``ref``'s (unbiased std, eps 1e-6)."""
-    mean_r, std_r = ref.mean(dim=-1, keepdim=True), ref.std(dim=-1, keepdim=True)
-    mean_x, std_x = x.mean(dim=-1, keepdim=True), x.std(dim=-1, keepdim=True)
-    return (x - mean_x) * (std_r / (std_x + 1e-6)) + mean_r
+    return _adain_blend(x, ref, 0.0, -1)
 
 
 def manipulated_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, am: AMConfig, part: str, step: int,
-    num_images: int = 1, on_map=None,
+    num_images: int = 1, plan: TokenPlan | None = None, on_map=None,
 ) -> torch.Tensor:
-    """Explicit identity attention with AM applied: ``Ã V'`` (Eq. 7-10).
+    """Explicit identity attention with AM applied: ``Ã V'`` (Eq. 7-10), ``[B, heads, L, d]``.
 
-    ``on_map`` (optional, attention-map capture): called with the map ``Ã`` that multiplies ``V'``.
+    ``plan``: the config's :class:`TokenPlan` for ``key``'s token count, device and dtype
+    (the attention processors share one per pipeline call); built here when not given.
+    ``on_map`` (optional, attention-map capture): called with the map ``Ã`` that multiplies
+    ``V'``, ``[B, heads, L, T]``.
     """
+    if plan is None:
+        plan = TokenPlan.build(am, key.shape[-2], query.device, query.dtype)
     scale = 1 / math.sqrt(query.shape[-1])
-    attn = torch.softmax(query @ key.transpose(-2, -1) * scale, dim=-1)
-    new = transform_attention_map(attn, am, part, step, num_images)
+    attn = torch.softmax(torch.matmul(key * scale, query.transpose(-1, -2)), dim=-2)  # [B, heads, T, L]
+    new = _transform_token_major(attn, am, part, step, num_images, plan)
     w = am.adain_weight
+    value_t = value.transpose(-1, -2)
     if w is None:
         if on_map is not None:
-            on_map(new)
-        return new @ value
-    new = w * new + (1 - w) * _adain(new, attn)
+            on_map(new.transpose(-1, -2))
+        return torch.matmul(new.transpose(-1, -2), value)
+    new = _adain_blend(new, attn, w, dim=-2)  # statistics over the tokens
     if on_map is not None:
-        on_map(new)
-    hs = new @ value
-    hs_orig = attn @ value
-    blended = w * hs + (1 - w) * _adain(hs, hs_orig)
-    # The authors keep h̃ when the blend yields NaN; we decide per image so batching never matters.
-    bad = _grouped(torch.isnan(blended), num_images).transpose(0, 1).reshape(num_images, -1).any(dim=1)
-    if bool(bad.any()):
-        mask = bad.view(1, num_images, *([1] * (blended.ndim - 1))).expand(
-            _grouped(blended, num_images).shape).reshape(blended.shape)
-        blended = torch.where(mask, hs, blended)
-    return blended
+        on_map(new.transpose(-1, -2))
+    hs = torch.matmul(value_t, new)  # [B, heads, d, L]
+    blended = _adain_blend(hs, torch.matmul(value_t, attn), w, dim=-2)  # statistics over the head dim
+    # The authors keep h̃ when the blend yields NaN; we decide per image so batching never matters,
+    # on the device (no value read back to Python).
+    g = _grouped(blended, num_images)
+    bad = torch.isnan(g).flatten(2).any(dim=2).any(dim=0)  # [N]
+    out = torch.where(bad.view(1, -1, *([1] * (g.ndim - 2))), _grouped(hs, num_images), g)
+    return out.reshape(blended.shape).transpose(-1, -2)
 
 
 def decoupled_attention(
@@ -342,7 +441,7 @@ class FastFaceIPAttnProcessor(IPAdapterAttnProcessor2_0):
     """diffusers' IP-Adapter processor with AM on the identity attention of one layer."""
 
     def __init__(self, original: IPAdapterAttnProcessor2_0, *, part: str, am: AMConfig | None, step: DenoisingStep,
-                 layer: str = ""):
+                 plans: dict | None = None, layer: str = ""):
         torch.nn.Module.__init__(self)
         self.hidden_size = original.hidden_size
         self.cross_attention_dim = original.cross_attention_dim
@@ -354,6 +453,15 @@ class FastFaceIPAttnProcessor(IPAdapterAttnProcessor2_0):
         self.am = am
         self.step = step
         self.layer = layer
+        # (tokens, device, dtype) -> TokenPlan, shared by the processors of one pipeline call
+        self.plans = {} if plans is None else plans
+
+    def token_plan(self, num_tokens: int, device: torch.device, dtype: torch.dtype) -> TokenPlan:
+        key = (num_tokens, device, dtype)
+        plan = self.plans.get(key)
+        if plan is None:
+            plan = self.plans[key] = TokenPlan.build(self.am, num_tokens, device, dtype)
+        return plan
 
     def __call__(
         self,
@@ -408,10 +516,9 @@ class FastFaceIPAttnProcessor(IPAdapterAttnProcessor2_0):
                 continue
             ip_key, ip_value = heads(to_k_ip(ip_states)), heads(to_v_ip(ip_states))
             if active:
-                ip_out = manipulated_attention(
-                    query, ip_key, ip_value, am=self.am, part=self.part, step=step, num_images=self.step.num_images,
-                    on_map=record,
-                )
+                plan = self.token_plan(ip_key.shape[-2], query.device, query.dtype)
+                ip_out = manipulated_attention(query, ip_key, ip_value, am=self.am, part=self.part, step=step,
+                                               num_images=self.step.num_images, plan=plan, on_map=record)
             else:
                 if record is not None:  # capture only: the map sdpa uses, computed explicitly
                     record(torch.softmax(query @ ip_key.transpose(-2, -1) / math.sqrt(query.shape[-1]), dim=-1))
@@ -466,13 +573,17 @@ def manipulated_attention_processors(unet, am: AMConfig | None, step: DenoisingS
         )
     replaced = []
     new = dict(original)
+    plans: dict = {}  # index/sign tensors built once for this call, shared by every layer
     for name, proc in ip_layers.items():
         part = unet_part(name)
         if recording or part in am.parts:
-            new[name] = FastFaceIPAttnProcessor(proc, part=part, am=am, step=step, layer=name)
+            new[name] = FastFaceIPAttnProcessor(proc, part=part, am=am, step=step, plans=plans, layer=name)
             replaced.append(name)
     if am is not None and not any(unet_part(name) in am.parts for name in replaced):
         raise ValueError(f"AM config targets parts {am.parts} but no IP-Adapter layer lies in them")
+    if am is not None:
+        for num_tokens in {t for name in replaced for t in new[name].num_tokens}:  # before the first layer runs
+            new[replaced[0]].token_plan(num_tokens, unet.device, unet.dtype)
     unet.set_attn_processor(new)
     try:
         yield replaced

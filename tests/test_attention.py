@@ -1,6 +1,7 @@
 """AM (method-spec §3): the authors' outputs, per-image normalisation, configs."""
 
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
@@ -14,10 +15,13 @@ from fastface.attention import (
     AM2_NO_ADAIN,
     AMConfig,
     PartValues,
+    TokenPlan,
     attention_quantile,
     decoupled_attention,
+    linear_quantile,
     manipulated_attention,
     minmax_norm,
+    transform_attention_map,
     unet_part,
 )
 
@@ -127,3 +131,92 @@ def test_unet_part_from_layer_name():
     assert unet_part("down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor") == "down"
     assert unet_part("mid_block.attentions.0.transformer_blocks.0.attn2.processor") == "mid"
     assert unet_part("up_blocks.0.attentions.2.transformer_blocks.1.attn2.processor") == "up"
+
+
+# -- the quantile from order statistics, the device-side NaN fallback ---------------------------
+# Tolerances: the quantile is compared bit for bit (order statistics are exact values and the
+# interpolation is the same torch.lerp on the same operands), so it does not depend on thread
+# counts; the NaN-fallback test compares runs of the same function on the same inputs, also exact.
+
+
+def _maps_with_ties(gen, shape):
+    x = torch.rand(shape, generator=gen)
+    ties = (torch.rand(shape, generator=gen) * 6).floor() / 6  # only 6 distinct values: many ties
+    return torch.where(torch.rand(shape, generator=gen) < 0.5, x, ties)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_linear_quantile_equals_torch_quantile(dtype):
+    gen = torch.Generator().manual_seed(0)
+    qs = [0.0, 1.0, 0.5, 0.65, 0.25, 1 / 3] + torch.rand(12, generator=gen).tolist()
+    for L in (1, 2, 3, 7, 64, 101, 256, 1000):
+        maps = [torch.rand(2, 3, L, 4, generator=gen), _maps_with_ties(gen, (2, 3, L, 4)),
+                torch.full((1, 2, L, 4), 0.25)]
+        for a in maps:
+            a = a.to(dtype)
+            for q in qs:
+                expected = torch.quantile(a, q, dim=-2, keepdim=True)
+                got = attention_quantile(a, q)
+                assert got.dtype == expected.dtype and torch.equal(got, expected), (L, q)
+                assert torch.equal(linear_quantile(a.transpose(-1, -2), q, dim=-1).transpose(-1, -2), expected)
+
+
+def test_linear_quantile_of_half_types_is_the_float32_quantile():
+    gen = torch.Generator().manual_seed(1)
+    a = _maps_with_ties(gen, (3, 4, 256, 4))
+    for dtype in (torch.float16, torch.bfloat16):
+        low = a.to(dtype)
+        assert torch.equal(attention_quantile(low, 0.65), torch.quantile(low.float(), 0.65, dim=-2, keepdim=True))
+
+
+def test_adain_nan_fallback_is_per_image_and_on_device(monkeypatch):
+    """Where the output blend of one image yields NaN, that image keeps h̃ = ÃV'; the other keeps the blend."""
+    import fastface.attention as attention
+
+    imgs = [_case("am2", "down", 1), _case("am2", "up", 1)]
+    q, k, v = (torch.stack([x[i] for x in imgs], 1).flatten(0, 1) for i in range(3))  # [3 branches × 2 images]
+    run = functools.partial(manipulated_attention, q, k, v, am=AM2, part="down", step=1, num_images=2)
+    normal = run()
+    original = attention._adain_blend
+
+    def patched(mode):
+        calls = []
+
+        def blend(x, ref, w, dim):
+            calls.append(1)
+            if len(calls) % 2:  # the first blend of a call: the attention map
+                return original(x, ref, w, dim)
+            if mode == "keep":  # the output blend replaced by h̃ itself
+                return x
+            out = original(x, ref, w, dim).unflatten(0, (3, 2)).clone()
+            out[2, 1, 0, 0, 0] = float("nan")  # one element of image 1 (last branch)
+            return out.flatten(0, 1)
+
+        return blend
+
+    monkeypatch.setattr(attention, "_adain_blend", patched("keep"))
+    h_tilde = run()
+    monkeypatch.setattr(attention, "_adain_blend", patched("nan"))
+    mixed = run().unflatten(0, (3, 2))
+    assert not torch.isnan(mixed).any()
+    assert torch.equal(mixed[:, 0], normal.unflatten(0, (3, 2))[:, 0])
+    assert torch.equal(mixed[:, 1], h_tilde.unflatten(0, (3, 2))[:, 1])
+    assert not torch.equal(mixed[:, 1], normal.unflatten(0, (3, 2))[:, 1])
+
+
+def test_token_subsets_and_inversion_use_the_plan():
+    """A subset of tokens (gather/scatter through the plan's index) leaves the other tokens' maps as they are."""
+    q, k, v, _ = _case("am2", "down", 2)
+    am = dataclasses.replace(AM2_NO_ADAIN, tokens=(0, 2))
+    plan = TokenPlan.build(am, 4, "cpu", torch.float32)
+    assert plan.index.tolist() == [0, 2] and plan.sign.flatten().tolist() == [-1.0, 1.0]
+    attn = torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-1)
+    new = transform_attention_map(attn, am, "down", 2)
+    assert torch.equal(new[..., [1, 3]], attn[..., [1, 3]])
+    whole = transform_attention_map(attn, dataclasses.replace(AM2_NO_ADAIN), "down", 2)
+    assert not torch.allclose(new[..., 0], attn[..., 0])
+    # AM acts per token (statistics per token), so tokens 0 and 2 get what they get in the full map, up to
+    # the kernel path (vectorised or not) the elementwise ops take on another layout: a few float32 ulp of
+    # values ≤ s = 1.55 (ulp 1.2e-7); measured 0 on this CPU, 1e-6 allows 8 ulp.
+    assert (new[..., [0, 2]] - whole[..., [0, 2]]).abs().max() <= 1e-6
+    assert TokenPlan.build(AM2, 4, "cpu", torch.float32).index is None  # every token, in order: no gather

@@ -357,3 +357,167 @@ def test_paper_text_am1_option_changes_the_image(tiny_pipeline):
     b, meta = _run(tiny_pipeline, [0], "am1", am=AM1_PAPER_TEXT)
     assert meta[0]["am"]["name"] == "AM1-paper-text" and np.abs(a - b).mean() > 1e-5
     assert dataclasses.asdict(AM1)["scale"] != dataclasses.asdict(AM1_PAPER_TEXT)["scale"]
+
+
+# -- no host synchronisation in the attention processors --------------------------------------
+
+# Ways a tensor value reaches Python (a host-device synchronisation on a GPU), and building a
+# tensor from Python data (a host-to-device copy): none may run inside a processor call.
+_READBACKS = ("item", "tolist", "numpy", "nonzero", "cpu", "__bool__", "__int__", "__float__", "__index__")
+
+
+@pytest.fixture
+def readback_counter(monkeypatch):
+    """Counts read-backs while a FastFaceIPAttnProcessor call is on the stack (and nowhere else)."""
+    counts: dict[str, int] = {}
+    depth = [0]
+
+    def counting(name, fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            if depth[0]:
+                counts[name] = counts.get(name, 0) + 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    for name in _READBACKS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+    for name in ("tensor", "as_tensor", "nonzero"):
+        monkeypatch.setattr(torch, name, counting(f"torch.{name}", getattr(torch, name)))
+    original_call = FastFaceIPAttnProcessor.__call__
+
+    @functools.wraps(original_call)  # diffusers inspects the signature
+    def call(self, *args, **kwargs):
+        depth[0] += 1
+        try:
+            return original_call(self, *args, **kwargs)
+        finally:
+            depth[0] -= 1
+
+    monkeypatch.setattr(FastFaceIPAttnProcessor, "__call__", call)
+    calls = []
+    monkeypatch.setattr(FastFaceIPAttnProcessor, "token_plan", counting_calls(FastFaceIPAttnProcessor.token_plan, calls))
+    # the counter itself works: inside a processor call each of these is seen
+    depth[0] += 1
+    t = torch.ones(2)
+    bool(t[0]), t[0].item(), t.tolist(), int(t[0]), float(t[0]), t.nonzero(), torch.tensor([1])
+    depth[0] -= 1
+    assert {"__bool__", "item", "tolist", "__int__", "__float__", "nonzero", "torch.tensor"} <= counts.keys()
+    counts.clear()
+    return counts, calls
+
+
+def counting_calls(fn, calls):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@pytest.mark.parametrize("preset,am", [  # am None: the preset's own
+    ("am1", None), ("am2", None), ("ff-am1", None), ("ff-am2", None),
+    ("ff-am2", dataclasses.replace(AM2, quantile_fp16=True, tokens=(0, 2, 3))),  # index gather/scatter, fp16 q
+])
+def test_attention_processors_never_read_back_to_python(tiny_pipeline, readback_counter, preset, am):
+    counts, plan_calls = readback_counter
+    kwargs = {} if am is None else {"am": am}
+    _, meta = _run(tiny_pipeline, [0, 1], preset, **kwargs)
+    assert meta[0]["steps"] == 4
+    assert plan_calls, "no AM processor ran"
+    assert counts == {}, f"tensor values read back (or tensors built from Python data) inside processors: {counts}"
+
+
+# -- low precision ------------------------------------------------------------------------------
+
+
+def _half_supported_on_cpu() -> bool:
+    """float16 on CPU needs half kernels for conv, group norm, softmax and topk (old torch lacks some)."""
+    try:
+        x = torch.rand(1, 4, 8, 8).half()
+        torch.nn.functional.group_norm(torch.nn.functional.conv2d(x, torch.rand(4, 4, 3, 3).half()), 2)
+        torch.softmax(x, -1).topk(2, dim=-1)
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+@pytest.fixture(scope="module")
+def low_precision_pipes(tiny_models):
+    def build(dtype):
+        pipe = FastFacePipeline.from_pretrained(tiny_models.sdxl, torch_dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)
+        return load_faceid_adapter(pipe, tiny_models.adapter, image_encoder=tiny_models.image_encoder)
+
+    return functools.cache(build)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_presets_give_finite_images(low_precision_pipes, singles, dtype):
+    """float16 (the authors' dtype, ours on GPUs) and bfloat16 on CPU: finite images, and AM still acts.
+
+    Noise floor: the baseline image in this dtype against float32 (same seed) is what the dtype
+    alone changes; each AM preset must move its image away from the baseline by more than that.
+    """
+    if dtype == torch.float16 and not _half_supported_on_cpu():
+        pytest.skip("this torch has no float16 CPU kernels; bfloat16 covers CPU low precision")
+    pipe = low_precision_pipes(dtype)
+    images = {p: _run(pipe, [0], p)[0].astype(np.float64) for p in PRESET_NAMES}
+    for preset, image in images.items():
+        assert np.isfinite(image).all(), preset
+    floor = np.abs(images["baseline"] - singles("ddim", "baseline")[:1]).mean()
+    for preset in ("am1", "am2", "ff-am1", "ff-am2"):
+        assert np.abs(images[preset] - images["baseline"]).mean() > floor, preset
+
+
+# -- the benchmark's code paths (no figures checked: tests never time) ---------------------------
+
+
+def _bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_pipeline.py"
+    spec = importlib.util.spec_from_file_location("bench_pipeline", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_overhead_and_batch_tables(fastface_cache, capsys):
+    bench = _bench()
+    assert bench.main(["--tables", "overhead", "batch", "--presets", "dcg", "ff-am2", "--repeats", "1",
+                       "--size", "32", "--cache-dir", str(fastface_cache)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("dcg") and "(no AM)" in line for line in lines)
+    overhead = next(line.split() for line in lines if line.startswith("ff-am2"))
+    assert overhead[1] == "12" and len(overhead) == 12  # rows; AM, identity and none columns
+    batch = [line.split() for line in lines if line.startswith(("dcg ", "ff-am2 ")) and "x" in line]
+    assert [b[0] for b in batch] == ["dcg", "ff-am2"]
+
+
+def test_bench_sdxl_shaped_path_runs_scaled_down():
+    """``--sdxl-shapes`` builds its pipeline with the SDXL layout (3 levels, 2048-wide text states, 1280-wide
+    CLIP-H states, a FaceID-Plus-v2 adapter of those shapes); here with narrow channels, float32 on CPU."""
+    bench = _bench()
+    unet = dict(bench.SDXL_UNET_CONFIG, block_out_channels=[32, 64, 64], attention_head_dim=[1, 1, 2],
+                transformer_layers_per_block=[1, 1, 2], layers_per_block=1)
+    vae = dict(bench.SDXL_VAE_CONFIG, block_out_channels=[32, 32, 32, 32], layers_per_block=1)
+    dtype = torch.float32
+    pipe = bench.sdxl_shaped_pipeline("cpu", dtype, unet_config=unet, vae_config=vae)
+    pipe.set_progress_bar_config(disable=True)
+    inputs = bench.make_inputs(pipe, 4)
+    import time
+
+    res = bench.am_overhead(pipe, inputs, preset="ff-am2", steps=4, size=32, device="cpu", repeats=1,
+                            clock=time.perf_counter)
+    assert res["rows"] == 12 and set(res["median"]) == {"am", "identity", "none"}
+    assert all(t["unet"] > t["attn2"] > 0 for t in res["median"].values())
+    single, batched = bench.batch_speedup(pipe, inputs, preset="am2", steps=4, size=32, device="cpu", repeats=1,
+                                          clock=time.perf_counter)
+    assert single > 0 and batched > 0
+    out = pipe(inputs[0][:1], id_embeds=inputs[1][:1], clip_states=inputs[2][:1], preset="ff-am2", seeds=[0],
+               height=32, width=32, output_type="np")
+    assert np.isfinite(out.images).all() and out.metadata[0]["dtype"] == str(dtype).replace("torch.", "")
