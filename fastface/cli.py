@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from fastface.registry import Registry, UnknownNameError
+from fastface.validation import IMAGE_SUFFIXES
 
 Handler = Callable[..., Any] | str  # a function, or "package.module:function" imported on use
 
@@ -117,12 +118,19 @@ def read_batch_file(path: str | os.PathLike, out_dir: Path, default_seed: int) -
         jobs.append(GenerationJob(
             face=face if face.is_absolute() else path.parent / face,
             prompt=str(row["prompt"]),
-            seed=default_seed if seed in (None, "") else int(seed),
+            seed=default_seed if seed in (None, "") else _row_seed(path, number, seed),
             out=out_dir / out,
         ))
     if not jobs:
         raise ValueError(f"batch file {path} has no rows")
     return jobs
+
+
+def _row_seed(path: Path, number: int, seed: Any) -> int:
+    try:
+        return int(seed)
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: row {number}: seed must be a whole number, got {seed!r}") from None
 
 
 _PIPELINES: dict[tuple, Any] = {}  # loaded pipelines, so repeated in-process calls (tests, notebooks) load once
@@ -138,6 +146,49 @@ def cached_pipeline(model: str, **kwargs: Any):
     return _PIPELINES[key]
 
 
+def check_generate_numbers(args: argparse.Namespace, checkpoint: Any) -> int:
+    """Every number flag of ``generate``, with the rules the evaluation config uses; returns the image size."""
+    from fastface import validation
+
+    validation.scale("--ip-adapter-scale", args.ip_adapter_scale)
+    validation.scale("--lora-scale", args.lora_scale)
+    validation.positive_int("--batch-size", args.batch_size)
+    if args.steps is not None:
+        validation.step_count("--steps", args.steps)
+    if args.size is None:
+        return checkpoint.size
+    return validation.image_size("--size", args.size, validation.size_multiple(checkpoint), checkpoint.name)
+
+
+def check_outputs(jobs: Sequence[GenerationJob], name: str) -> None:
+    """Output files: a suffix ``generate`` writes, in folders that can be written, before any model work."""
+    from fastface.validation import output_image
+
+    folders: set[Path] = set()
+    for job in jobs:
+        if job.out.parent in folders:
+            continue
+        output_image(name, job.out)  # suffix and folder; later rows in the same folder only need the suffix
+        folders.add(job.out.parent)
+    for job in jobs:
+        if job.out.suffix.lower() not in IMAGE_SUFFIXES:
+            output_image(name, job.out)
+
+
+def describe_faces(photo: Path, backend: Any) -> None:
+    """One line on stderr when a photo holds several faces: how many, and which one the identity is taken from."""
+    from fastface.faces import load_image_rgb
+
+    try:
+        faces = backend.detect(load_image_rgb(photo))
+    except ValueError:
+        return  # prepare_identity raises the error that names the photo
+    if len(faces) > 1:
+        x0, y0, x1, y1 = (int(round(float(v))) for v in faces[0].bbox)
+        print(f"note: {photo}: {len(faces)} faces found; using the most prominent one, at x={x0}..{x1}, "
+              f"y={y0}..{y1} (crop the photo to choose another)", file=sys.stderr)
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
@@ -147,6 +198,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     # 1. everything that can be checked before loading a model
     checkpoint = get_checkpoint(args.model)
+    size = check_generate_numbers(args, checkpoint)
     steps = check_steps(checkpoint, args.preset, args.steps)
     backend_name = args.face_backend or ("dlib" if checkpoint.tiny else "insightface")
     width = FACE_BACKENDS.get(backend_name).embedding_dim
@@ -156,9 +208,6 @@ def run_generate(args: argparse.Namespace) -> int:
             f"face backend {backend_name!r} gives {width}-d identity embeddings but model {checkpoint.name!r} "
             f"takes {checkpoint.id_embed_dim}-d; use --face-backend {' or '.join(fitting) or '<none fits>'}"
         )
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    size = args.size or checkpoint.size
     if args.batch_file:
         if args.face or args.prompt:
             raise ValueError("give either --batch-file or --face/--prompt, not both")
@@ -170,6 +219,7 @@ def run_generate(args: argparse.Namespace) -> int:
     for job in jobs:
         if not job.face.is_file():
             raise FileNotFoundError(f"face photo {job.face} not found")
+    check_outputs(jobs, "--out" if not args.batch_file else f"--out {args.out} (rows of {args.batch_file})")
     sources = parse_sources(args.source)
     load_options = dict(steps=steps, cache_dir=args.cache_dir, local_files_only=args.local_files_only or None, **sources)
     find_weights(checkpoint, **load_options)  # missing weights fail here, before any face or model work
@@ -180,6 +230,8 @@ def run_generate(args: argparse.Namespace) -> int:
     identities = {}
     for job in jobs:
         if job.face not in identities:
+            if not args.batch_file:
+                describe_faces(job.face, backend)
             identities[job.face] = prepare_identity(job.face, backend, cache_dir=cache_root / "identities")
 
     # 3. model, then batches
@@ -199,8 +251,8 @@ def run_generate(args: argparse.Namespace) -> int:
             )
             for job, image, meta in zip(chunk, result.images, result.metadata):
                 job.out.parent.mkdir(parents=True, exist_ok=True)
-                out = job.out if job.out.suffix.lower() == ".png" else job.out.with_suffix(".png")
-                image.save(out)
+                out = job.out
+                image.save(out, format=IMAGE_SUFFIXES[out.suffix.lower()])
                 sidecar = dict(meta, model=checkpoint.name, face=str(job.face), face_backend=backend_name,
                                face_content_hash=identities[job.face].content_hash,
                                sources=pipe.load_info["sources"], fastface_version=__version__)
