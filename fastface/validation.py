@@ -48,13 +48,21 @@ def scale(name: str, value: Any) -> float:
 
 
 def scales(name: str, values: Sequence[Any]) -> tuple[float, ...]:
-    """A non-empty list of distinct scales."""
+    """A non-empty list of distinct scales; ``name`` starts the message (``"values"`` under a config field)."""
     if not values:
         raise ValueError(f"{name}: give at least one value")
-    checked = tuple(scale(f"{name}[{i}]", v) for i, v in enumerate(values))
-    if len(set(checked)) != len(checked):
+    bad = []
+    for value in values:
+        try:
+            scale(name, value)
+        except ValueError:
+            bad.append(value)
+    if bad:
+        low, high = SCALE_RANGE
+        raise ValueError(f"{name} {bad} are out of range; allowed: finite numbers {low:g} <= scale <= {high:g}")
+    if len(set(values)) != len(values):
         raise ValueError(f"{name}: duplicate values in {list(values)}")
-    return checked
+    return tuple(float(v) for v in values)
 
 
 def positive_int(name: str, value: Any, high: int | None = None) -> int:

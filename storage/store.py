@@ -88,6 +88,9 @@ class Store:
                 options["endpoint_url"] = endpoint
             # Other processes write here: a cached listing would hide their files.
             options.setdefault("use_listings_cache", False)
+            from storage.checks import S3_CLIENT_CONFIG  # a dead endpoint fails in seconds, not after a minute
+
+            options.setdefault("config_kwargs", S3_CLIENT_CONFIG)
         self.fs, path = fsspec.core.url_to_fs(root, **options)
         self.is_local = protocol in ("file", "local")
         self.is_s3 = protocol in _S3_PROTOCOLS
