@@ -363,7 +363,10 @@ def run_faces(args: argparse.Namespace) -> int:
     for image in (args.image_a, args.image_b):
         if not Path(image).is_file():
             raise FileNotFoundError(f"image {image} not found")
-    result = compare_faces(args.image_a, args.image_b, get_face_backend(args.backend))
+    backend = get_face_backend(args.backend)
+    for image in (args.image_a, args.image_b):
+        describe_faces(Path(image), backend)
+    result = compare_faces(args.image_a, args.image_b, backend)
     if args.json:
         print(json.dumps(result, default=float))
     else:
@@ -373,13 +376,37 @@ def run_faces(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- score ----------------------------------------------------------------------------------------
+SCORE_OUTPUT_SUFFIXES = (".parquet", ".csv", ".jsonl")  # what fastface.metrics.runner.write_rows writes
+
+
+def run_score(args: argparse.Namespace) -> int:
+    """``fastface score``: its flags checked before any image is scored, then the runner."""
+    from fastface import validation
+    from fastface.metrics import METRICS
+    from fastface.metrics.runner import run_score_command
+
+    validation.positive_int("--batch-size", args.batch_size)
+    unknown = [m for m in args.metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"--metrics: unknown metric(s) {', '.join(unknown)}; allowed: {', '.join(METRICS.names())}")
+    if args.out is not None:
+        out = Path(args.out)
+        if out.suffix.lower() not in SCORE_OUTPUT_SUFFIXES:
+            raise ValueError(f"--out: {out} has suffix {out.suffix or '(none)'!r}; allowed: "
+                             f"{', '.join(SCORE_OUTPUT_SUFFIXES)}")
+        validation.writable_folder("--out", out.parent)
+    run_score_command(args)
+    return 0
+
+
 # -- registration: one line per subcommand ---------------------------------------------------
 register_command("generate", "generate identity-preserving images", add_generate_arguments, run_generate)
 register_command("presets", "list FastFace presets and their parameters", add_json_argument, run_presets)
 register_command("models", "list checkpoints: steps, size, guidance, weight sources", add_json_argument, run_models)
 register_command("faces", "face tools (compare)", add_faces_arguments, run_faces)
 register_command("score", "score generated images (CLIP, AE, ID, FFC, ...)",
-                 "fastface.metrics.runner:add_score_arguments", "fastface.metrics.runner:run_score_command")
+                 "fastface.metrics.runner:add_score_arguments", run_score)
 
 
 def _load_plugin_commands() -> None:
@@ -397,9 +424,16 @@ def _load_plugin_commands() -> None:
 _load_plugin_commands()
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """A bad flag is one line naming it (argparse prints the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(with_arguments_of: str | None = None) -> argparse.ArgumentParser:
     """The parser; only the named subcommand gets its arguments (its handlers may import heavy modules)."""
-    parser = argparse.ArgumentParser(prog="fastface", description=__doc__.splitlines()[0])
+    parser = _OneLineErrorParser(prog="fastface", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
@@ -424,6 +458,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = COMMANDS.get(args.command)
     try:
         result = _resolve(command.run)(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"interrupted: fastface {args.command} stopped before it finished", file=sys.stderr)
+        return 130
     except _user_errors() as exc:
         if args.debug:
             raise
