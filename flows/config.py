@@ -444,7 +444,10 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
         try:
             data = yaml.safe_load(f)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
     return config_from_dict(data, source=str(path.resolve()), overrides=overrides)
 
 

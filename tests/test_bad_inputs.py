@@ -337,7 +337,7 @@ def test_evaluate_check_rejects_photos_files_and_roots(work, capsys):
         (_check(work, config=str(crowd)), r"crop_faces is 40 but .*t1\.jpg has \d+ face\(s\)"),
         (_check(work, config=str(work / "nope.yaml")), r"config file .*nope\.yaml not found"),
         (_check(work, config=str(work / "broken.yaml")), r"config file .*broken\.yaml is not valid YAML"),
-        (_check(work, root=str(work / "a-file" / "root")), r"--root: .*a-file is a file, not a folder"),
+        (_check(work, root=str(work / "a-file" / "root")), r"--root: .*root is under .*a-file, which is a file"),
         (_check(work, root="/proc/fastface-nope"), r"--root: cannot write to /proc/fastface-nope"),
     ]
     for argv, message in cases:
