@@ -490,3 +490,95 @@ def test_only_transient_errors_are_retried():
 
     assert retry_transient(None, None, State(ConnectionError())) is True
     assert retry_transient(None, None, State(ValueError("dataset.prompts is empty"))) is False
+
+
+# -- real `fastface evaluate` runs: a failed stage, and Ctrl-C ----------------------------------------
+def _evaluate_command(root: Path, cache_dir: str, *sets: str) -> list[str]:
+    command = [sys.executable, "-m", "fastface.cli", "evaluate", "--config", CI_CONFIG, "--root", str(root),
+               "--set", f"execution.cache_dir={cache_dir}"]
+    for item in sets:
+        command += ["--set", item]
+    return command
+
+
+def _evaluate_env(tmp_path: Path, ray_cluster) -> dict:
+    """The run's own temporary Prefect server (fresh PREFECT_HOME); this session's Ray (start-up is slow)."""
+    env = subprocess_env(PREFECT_HOME=str(tmp_path / "prefect-home"),
+                         RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+def _alive_actors(ray_cluster) -> list:
+    from ray.util.state import list_actors
+
+    return [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if (a.name or "").startswith("fastface-")]
+
+
+def test_a_failed_stage_exits_1_in_one_line(tmp_path, ray_cluster, fastface_cache):
+    """Every generator fails to start (no such device): no retries, exit 1, one error line, no traceback."""
+    root = tmp_path / "root"
+    result = subprocess.run(_evaluate_command(root, str(fastface_cache), "execution.device=cuda:99"),
+                            env=_evaluate_env(tmp_path, ray_cluster), cwd=REPO, capture_output=True, text=True,
+                            timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and re.match(r"error: evaluation 'ci' failed: .*generator actor failed to start",
+                                         errors[0]), output[-3000:]
+    assert output.count("generate-shard-0") and "Retrying" not in output  # a config error is not retried
+    assert not _alive_actors(ray_cluster)
+
+
+def test_ctrl_c_stops_within_10_s_and_the_rerun_completes_exactly_the_planned_rows(tmp_path, ray_cluster,
+                                                                                    fastface_cache):
+    import psutil
+
+    from storage import Catalog, Store
+
+    root = tmp_path / "root"
+    command = _evaluate_command(root, str(fastface_cache), "execution.batch_size=1", "sweep.ip_adapter_scales=[0.5, 0.8]")
+    env = _evaluate_env(tmp_path, ray_cluster)
+    planned = 16  # 2 identities × 2 prompts × 2 presets × 2 scales; one generations file per image (batch 1)
+    log = open(tmp_path / "interrupted.log", "w+")
+    proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    files: list[Path] = []
+    try:
+        deadline = time.monotonic() + 420
+        while time.monotonic() < deadline and proc.poll() is None and not files:
+            files = list((root / "generations").glob("run_id=*/part-*.parquet"))
+            time.sleep(0.05)
+        assert files and proc.poll() is None, log.seek(0) or log.read()[-3000:]
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+        sent = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends on Ctrl-C
+        proc.wait(timeout=30)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    log.seek(0)
+    output = log.read()
+    assert took < 10, f"exit took {took:.1f} s"
+    assert proc.returncode == 130 and "Traceback" not in output, output[-3000:]
+    lines = [line for line in output.splitlines() if line.startswith("interrupted:")]
+    assert len(lines) == 1 and re.match(r"interrupted: run 'ci' has \d+ of 16 planned images and \d+ scores stored; "
+                                        r"run `fastface evaluate --config .* --root .*` again to resume", lines[0]), \
+        output[-3000:]
+    assert output.rstrip().endswith(lines[0])  # the last thing printed
+    time.sleep(1)
+    assert not [p for p in descendants if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]  # Prefect server
+    assert not _alive_actors(ray_cluster)
+
+    killed_rows = Store(str(root)).read("generations").num_rows
+    assert 1 <= killed_rows < planned
+    rerun = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-3000:]
+    with Catalog(Store(str(root))) as catalog:
+        raw = catalog.query("SELECT count(*) FROM generations_raw").column(0)[0].as_py()
+        ok = catalog.query("SELECT count(*) FROM generations WHERE status = 'ok'").column(0)[0].as_py()
+        examples = catalog.query("SELECT count(*) FROM examples_raw").column(0)[0].as_py()
+    assert (raw, ok, examples) == (planned, planned, planned)  # every planned row once, none generated twice
+    assert len(Store(str(root)).image_ids("ci")) == planned
