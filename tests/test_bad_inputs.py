@@ -402,12 +402,12 @@ def test_s3_roots_fail_in_one_line(work, capsys, s3_env, monkeypatch):
     client = boto3.client("s3", endpoint_url=s3_env, region_name="us-east-1")
     assert "Contents" not in client.list_objects_v2(Bucket=BUCKET, Prefix=work.name)  # nothing created on read
     monkeypatch.setenv("FASTFACE_S3_ENDPOINT_URL", refused := refused_endpoint())
-    started = time.monotonic()
     for argv in (["sql", "--root", f"{prefix}/data", "SELECT 1"], ["report", "--root", f"{prefix}/data"],
                  _check(work, root=f"{prefix}/data")):
+        started = time.monotonic()
         assert_one_line_error(*run_main(capsys, argv), rf"cannot reach the S3 endpoint {re.escape(refused)} for "
                                                        rf"s3://{BUCKET}/.*: connection refused")
-    assert time.monotonic() - started < 30  # three commands, each within ~10 s
+        assert time.monotonic() - started < 10
 
 
 def test_s3_without_credentials_names_the_variables(work, capsys, no_s3_credentials):
@@ -439,12 +439,9 @@ def test_subprocess_cases(work, store_root, s3):
         (["sql", "--root", f"s3://{BUCKET}/x", "SELECT 1"], refusing, rf"cannot reach the S3 endpoint {refused}"),
     ]
     for argv, env, message in cases:
-        started = time.monotonic()
         result = run_fastface(argv, env)
         assert_one_line_error(result.returncode, result.stdout, result.stderr, message)
         assert result.returncode == 2
-        if env is refusing:
-            assert time.monotonic() - started < 10 + 15  # the endpoint fails in seconds (+ interpreter start-up)
     assert snapshot(work, store_root) == before and not (work / "nope").exists()
 
 
