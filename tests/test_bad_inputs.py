@@ -506,10 +506,15 @@ def _evaluate_env(tmp_path: Path, ray_cluster) -> dict:
     return env
 
 
-def _alive_actors(ray_cluster) -> list:
-    from ray.util.state import list_actors
-
-    return [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if (a.name or "").startswith("fastface-")]
+def _alive_actors(ray_cluster, wait_s: float = 10.0) -> list:
+    """The pools' named actors still registered (a driver's actors end with it; give Ray a moment)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive = [a for a in ray_cluster.util.list_named_actors(all_namespaces=True)
+                 if a["name"].startswith("fastface-")]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.5)
 
 
 def test_a_failed_stage_exits_1_in_one_line(tmp_path, ray_cluster, fastface_cache):
