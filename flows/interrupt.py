@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 from typing import Callable
 
@@ -66,8 +65,7 @@ def install(describe: Callable[[], str], resume_hint: str) -> None:
         _run_with_limit([count], CLEANUP_S / 2)
         _run_with_limit([stop_ray, stop_temporary_prefect_server], CLEANUP_S / 2)
         # Straight to the file descriptor: inside a flow run Prefect's log_prints turns print() into a log call.
-        os.write(sys.stderr.fileno() if hasattr(sys.stderr, "fileno") else 2,
-                 f"interrupted: {kept['text']}; {resume_hint}\n".encode())
+        os.write(2, f"interrupted: {kept['text']}; {resume_hint}\n".encode())
         os._exit(EXIT_INTERRUPTED)
 
     signal.signal(signal.SIGINT, handler)
