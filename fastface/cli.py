@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from fastface.registry import Registry, UnknownNameError
+from fastface.validation import IMAGE_SUFFIXES
 
 Handler = Callable[..., Any] | str  # a function, or "package.module:function" imported on use
 
@@ -118,12 +119,19 @@ def read_batch_file(path: str | os.PathLike, out_dir: Path, default_seed: int) -
         jobs.append(GenerationJob(
             face=face if face.is_absolute() else path.parent / face,
             prompt=str(row["prompt"]),
-            seed=default_seed if seed in (None, "") else int(seed),
+            seed=default_seed if seed in (None, "") else _row_seed(path, number, seed),
             out=out_dir / out,
         ))
     if not jobs:
         raise ValueError(f"batch file {path} has no rows")
     return jobs
+
+
+def _row_seed(path: Path, number: int, seed: Any) -> int:
+    try:
+        return int(seed)
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: row {number}: seed must be a whole number, got {seed!r}") from None
 
 
 _PIPELINES: dict[tuple, Any] = {}  # loaded pipelines, so repeated in-process calls (tests, notebooks) load once
@@ -139,6 +147,49 @@ def cached_pipeline(model: str, **kwargs: Any):
     return _PIPELINES[key]
 
 
+def check_generate_numbers(args: argparse.Namespace, checkpoint: Any) -> int:
+    """Every number flag of ``generate``, with the rules the evaluation config uses; returns the image size."""
+    from fastface import validation
+
+    validation.scale("--ip-adapter-scale", args.ip_adapter_scale)
+    validation.scale("--lora-scale", args.lora_scale)
+    validation.positive_int("--batch-size", args.batch_size)
+    if args.steps is not None:
+        validation.step_count("--steps", args.steps)
+    if args.size is None:
+        return checkpoint.size
+    return validation.image_size("--size", args.size, validation.size_multiple(checkpoint), checkpoint.name)
+
+
+def check_outputs(jobs: Sequence[GenerationJob], name: str) -> None:
+    """Output files: a suffix ``generate`` writes, in folders that can be written, before any model work."""
+    from fastface.validation import output_image
+
+    folders: set[Path] = set()
+    for job in jobs:
+        if job.out.parent in folders:
+            continue
+        output_image(name, job.out)  # suffix and folder; later rows in the same folder only need the suffix
+        folders.add(job.out.parent)
+    for job in jobs:
+        if job.out.suffix.lower() not in IMAGE_SUFFIXES:
+            output_image(name, job.out)
+
+
+def describe_faces(photo: Path, backend: Any) -> None:
+    """One line on stderr when a photo holds several faces: how many, and which one the identity is taken from."""
+    from fastface.faces import load_image_rgb
+
+    try:
+        faces = backend.detect(load_image_rgb(photo))
+    except ValueError:
+        return  # prepare_identity raises the error that names the photo
+    if len(faces) > 1:
+        x0, y0, x1, y1 = (int(round(float(v))) for v in faces[0].bbox)
+        print(f"note: {photo}: {len(faces)} faces found; using the most prominent one, at x={x0}..{x1}, "
+              f"y={y0}..{y1} (crop the photo to choose another)", file=sys.stderr)
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
@@ -149,12 +200,10 @@ def run_generate(args: argparse.Namespace) -> int:
 
     # 1. everything that can be checked before loading a model
     checkpoint = get_checkpoint(args.model)
+    size = check_generate_numbers(args, checkpoint)
     steps = check_steps(checkpoint, args.preset, args.steps)
     backend_name = backend_for_embedding_width(checkpoint.id_embed_dim, args.face_backend,
                                                model=f"model {checkpoint.name!r}", option="--face-backend")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    size = args.size or checkpoint.size
     if args.batch_file:
         if args.face or args.prompt:
             raise ValueError("give either --batch-file or --face/--prompt, not both")
@@ -168,6 +217,7 @@ def run_generate(args: argparse.Namespace) -> int:
         for face in job.face if isinstance(job.face, tuple) else (job.face,):
             if not face.is_file():
                 raise FileNotFoundError(f"face photo {face} not found")
+    check_outputs(jobs, "--out" if not args.batch_file else f"--out {args.out} (rows of {args.batch_file})")
     sources = parse_sources(args.source)
     load_options = dict(steps=steps, cache_dir=args.cache_dir, local_files_only=args.local_files_only or None, **sources)
     find_weights(checkpoint, **load_options)  # missing weights fail here, before any face or model work
@@ -177,6 +227,9 @@ def run_generate(args: argparse.Namespace) -> int:
     identities = {}
     for job in jobs:
         if job.face not in identities:
+            if not args.batch_file:
+                for face in job.face if isinstance(job.face, tuple) else (job.face,):
+                    describe_faces(face, backend)
             identities[job.face] = prepare_identity(
                 list(job.face) if isinstance(job.face, tuple) else job.face, backend,
                 cache_dir=identities_dir(args.cache_dir))
@@ -198,8 +251,8 @@ def run_generate(args: argparse.Namespace) -> int:
             )
             for job, image, meta in zip(chunk, result.images, result.metadata):
                 job.out.parent.mkdir(parents=True, exist_ok=True)
-                out = job.out if job.out.suffix.lower() == ".png" else job.out.with_suffix(".png")
-                image.save(out)
+                out = job.out
+                image.save(out, format=IMAGE_SUFFIXES[out.suffix.lower()])
                 face = [str(f) for f in job.face] if isinstance(job.face, tuple) else str(job.face)
                 sidecar = dict(meta, model=checkpoint.name, face=face, face_backend=backend_name,
                                face_content_hash=identities[job.face].content_hash,
@@ -311,13 +364,40 @@ def run_faces(args: argparse.Namespace) -> int:
     for image in (args.image_a, args.image_b):
         if not Path(image).is_file():
             raise FileNotFoundError(f"image {image} not found")
-    result = compare_faces(args.image_a, args.image_b, get_face_backend(args.backend))
+    backend = get_face_backend(args.backend)
+    for image in (args.image_a, args.image_b):
+        describe_faces(Path(image), backend)
+    result = compare_faces(args.image_a, args.image_b, backend)
     if args.json:
         print(json.dumps(result, default=float))
     else:
         verdict = "same person" if result["same_person"] else "different people"
         print(f"similarity {result['similarity']:.4f} ({result['measure']}, {result['backend']}); "
               f"threshold {result['threshold']:g}: {verdict}")
+    return 0
+
+
+# -- score ----------------------------------------------------------------------------------------
+SCORE_OUTPUT_SUFFIXES = (".parquet", ".csv", ".jsonl")  # what fastface.metrics.runner.write_rows writes
+
+
+def run_score(args: argparse.Namespace) -> int:
+    """``fastface score``: its flags checked before any image is scored, then the runner."""
+    from fastface import validation
+    from fastface.metrics import METRICS
+    from fastface.metrics.runner import run_score_command
+
+    validation.positive_int("--batch-size", args.batch_size)
+    unknown = [m for m in args.metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"--metrics: unknown metric(s) {', '.join(unknown)}; allowed: {', '.join(METRICS.names())}")
+    if args.out is not None:
+        out = Path(args.out)
+        if out.suffix.lower() not in SCORE_OUTPUT_SUFFIXES:
+            raise ValueError(f"--out: {out} has suffix {out.suffix or '(none)'!r}; allowed: "
+                             f"{', '.join(SCORE_OUTPUT_SUFFIXES)}")
+        validation.writable_folder("--out", out.parent)
+    run_score_command(args)
     return 0
 
 
@@ -329,7 +409,7 @@ register_command("faces", "face tools (compare)", add_faces_arguments, run_faces
 register_command("attention-maps", "identity-attention maps per UNet part and step for several presets (PNG grid)",
                  "fastface.attention_maps:add_attention_maps_arguments", "fastface.attention_maps:run_attention_maps")
 register_command("score", "score generated images (CLIP, AE, ID, FFC, ...)",
-                 "fastface.metrics.runner:add_score_arguments", "fastface.metrics.runner:run_score_command")
+                 "fastface.metrics.runner:add_score_arguments", run_score)
 
 
 def _load_plugin_commands() -> None:
@@ -347,9 +427,16 @@ def _load_plugin_commands() -> None:
 _load_plugin_commands()
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """A bad flag is one line naming it (argparse prints the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(with_arguments_of: str | None = None) -> argparse.ArgumentParser:
     """The parser; only the named subcommand gets its arguments (its handlers may import heavy modules)."""
-    parser = argparse.ArgumentParser(prog="fastface", description=__doc__.splitlines()[0])
+    parser = _OneLineErrorParser(prog="fastface", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
@@ -374,6 +461,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = COMMANDS.get(args.command)
     try:
         result = _resolve(command.run)(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"interrupted: fastface {args.command} stopped before it finished", file=sys.stderr)
+        return 130
     except _user_errors() as exc:
         if args.debug:
             raise

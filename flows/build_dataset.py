@@ -35,6 +35,7 @@ from flows.dataset import (
     synthesise_identities,
     text_to_image_renderer,
 )
+from flows.retries import retry_transient
 from fastface.faces import load_image_rgb
 from fastface.faces.images import encode_png
 from storage import Store, bytes_sha256
@@ -60,7 +61,7 @@ def _embed_cache_key(context: Any, parameters: dict) -> str:
     return "embed-" + hashlib.sha256(f"{parameters['backend']}|{hashes}".encode()).hexdigest()[:32]
 
 
-@task(cache_key_fn=_embed_cache_key, persist_result=True, retries=1)
+@task(cache_key_fn=_embed_cache_key, persist_result=True, retries=1, retry_condition_fn=retry_transient)
 def embed_photos(photos: list[dict], backend: str) -> list[dict]:
     """Detect and embed each photo's most prominent face; cached by the photos' content and the backend."""
     from fastface.faces import get_face_backend
@@ -71,7 +72,12 @@ def embed_photos(photos: list[dict], backend: str) -> list[dict]:
     out = []
     for photo in photos:
         members = photo.get("members") or [photo["data"]]
-        found = [face_backend.detect(load_image_rgb(data)) for data in members]
+        try:
+            found = [face_backend.detect(load_image_rgb(data)) for data in members]
+        except ValueError as exc:  # name the photo, not its byte count
+            where = photo["provenance"].get("file") or photo["id"]
+            raise ValueError(f"identity photo {where} ({photo['provenance'].get('uri') or photo['id']}): "
+                             f"{str(exc).split(': ', 1)[-1]}") from None
         # Several photos of one person: every one needs a face; the embedding is their combination.
         faces = min(len(f) for f in found)
         embedding = None
@@ -128,7 +134,7 @@ def gather_photos(config: EvaluationConfig, backend: str) -> tuple[list[dict], l
                     from fastface.faces import get_face_backend
 
                     face_backend = get_face_backend(backend)
-                rgb = load_image_rgb(raw)
+                rgb = load_image_rgb(path)
                 faces = sorted(face_backend.detect(rgb), key=lambda f: -f.area)[: source.crop_faces]
                 for k, face in enumerate(faces):
                     photos.append({"id": identity_name(f"{path.stem}-face{k}"), "data": encode_png(crop_face(rgb, face.bbox)),
@@ -147,7 +153,7 @@ def gather_photos(config: EvaluationConfig, backend: str) -> tuple[list[dict], l
     return photos, limit_prompts(list(unique.values()), data.max_prompts)
 
 
-@task(cache_policy=NONE, retries=2, retry_delay_seconds=5)
+@task(cache_policy=NONE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=5)
 def import_identities(root: str, dataset_run: str, photos: list[dict], embeddings: list[dict], backend: str,
                       max_identities: int | None = None) -> dict:
     """Copy photos into the store and append ``identities`` rows for those not yet recorded."""
@@ -194,7 +200,7 @@ def import_identities(root: str, dataset_run: str, photos: list[dict], embedding
     return {"counts": counts, "skipped": skipped}
 
 
-@task(cache_policy=NONE, retries=2, retry_delay_seconds=5)
+@task(cache_policy=NONE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=5)
 def import_prompts(root: str, dataset_run: str, prompts: list[dict]) -> dict:
     store = Store(root)
     have = store.list_ids("prompts", "prompt_id", run_id=dataset_run) if dataset_run in store.run_ids("prompts") else set()
@@ -206,7 +212,7 @@ def import_prompts(root: str, dataset_run: str, prompts: list[dict]) -> dict:
             "stylistic": sum(p["kind"] == "stylistic" for p in prompts)}
 
 
-@task(cache_policy=NONE, retries=1)
+@task(cache_policy=NONE, retries=1, retry_condition_fn=retry_transient)
 def synthesise_task(config: EvaluationConfig) -> list[dict]:
     """Render and filter synthetic identities; returns photos ready for import."""
     from fastface.faces import get_face_backend

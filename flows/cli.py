@@ -17,9 +17,13 @@ def _overrides(items: list[str]) -> dict:
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise ValueError(f"--set expects KEY=VALUE (e.g. sweep.size=32), got {item!r}")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            problem = str(getattr(exc, "problem", None) or exc).splitlines()[0]
+            raise ValueError(f"--set {item}: the value is not valid YAML ({problem})") from None
     return out
 
 
@@ -45,22 +49,111 @@ def _prepare_prefect_environment() -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from flows.config import ConfigError, load_config
+    from flows.config import ConfigError, check_photos, load_config
+    from storage.checks import check_store_root
 
     overrides = _overrides(args.set)
     try:
         config = load_config(args.config, overrides)  # fails before Prefect or Ray start
     except ConfigError as exc:
         raise ValueError(str(exc)) from None
+    # What a run would reject anyway, before it starts: photos (faces only with --check: it runs the
+    # face detector on every photo), and a root that cannot be written.
+    problems = check_photos(config, detect_faces=args.check)
+    if problems:
+        raise ValueError(f"invalid evaluation config {args.config}: " + "; ".join(problems))
+    check_store_root(args.root, for_reading=False)
     if args.check:
         print(f"config {args.config} is valid: run {config.name!r}, {len(config.presets())} presets, "
               f"{len(config.sweep.models)} models")
         return 0
     _prepare_prefect_environment()
+    from flows import interrupt
     from flows.evaluate import evaluate_flow
 
-    evaluate_flow(config=str(args.config), root=args.root, overrides=overrides or None)
-    return 0
+    command = " ".join(["fastface", "evaluate", "--config", str(args.config), "--root", args.root,
+                        *[f"--set {item}" for item in args.set]])
+    interrupt.install(lambda: stored_progress(args.root, config.name),
+                      f"run `{command}` again to resume (finished rows are kept, none is made twice)")
+    _quiet_prefect_tracebacks(args.debug)
+    try:
+        summary = evaluate_flow(config=str(args.config), root=args.root, overrides=overrides or None)
+    except Exception as exc:  # a stage failed: one line (Prefect has logged the details)
+        if args.debug:
+            raise
+        print(f"error: evaluation {config.name!r} failed: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    return _report_failures(args.root, config.name, summary)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {line}" if not isinstance(exc, ValueError) or not line else line
+
+
+def _quiet_prefect_tracebacks(debug: bool) -> None:
+    """Prefect logs each failed task with its traceback; users get the one-line error at the end instead."""
+    import logging
+
+    if debug:
+        return
+
+    class _NoTraceback(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+            return True
+
+    import prefect.logging.configuration  # noqa: F401 - Prefect's handlers are configured on import
+
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(_NoTraceback())
+
+
+def stored_progress(root: str, run: str) -> str:
+    """What the store holds of a run: planned examples, images generated, scores (one SQL aggregate each)."""
+    from storage import Catalog, Store
+
+    with Catalog(Store(root)) as catalog:
+        def count(sql: str) -> int:
+            try:
+                return int(catalog.query(sql, [run]).column(0)[0].as_py() or 0)
+            except Exception:  # noqa: BLE001 - a table not written yet
+                return 0
+
+        planned = count("SELECT count(*) FROM examples WHERE run_id = ?")
+        images = count("SELECT count(*) FROM generations WHERE run_id = ? AND status = 'ok'")
+        scores = count("SELECT count(*) FROM metrics WHERE run_id = ? AND error IS NULL")
+    if not planned:
+        return f"run {run!r} had not planned its examples yet"
+    return f"run {run!r} has {images} of {planned} planned images and {scores} scores stored"
+
+
+def _report_failures(root: str, run: str, summary: dict) -> int:
+    """Exit status of a finished evaluation: 1 when every planned image or score failed; counts on stderr."""
+    from storage import Catalog, Store
+
+    status = 0
+    for stage, table, failed_where in (("generation", "generations", "status = 'failed'"),
+                                       ("scoring", "metrics", "error IS NOT NULL")):
+        counts = summary.get(stage) or {}
+        failed, ok = int(counts.get("failed", 0)), int(counts.get("ok", 0))
+        if not failed:
+            continue
+        with Catalog(Store(root)) as catalog:
+            first = catalog.query(f"SELECT error FROM {table} WHERE run_id = ? AND {failed_where} "
+                                  "ORDER BY created_at LIMIT 1", [run]).column(0).to_pylist()
+        first_error = (first[0] or "").splitlines()[0] if first else "unknown"
+        what = "images" if stage == "generation" else "scores"
+        if ok == 0:
+            print(f"error: {stage} failed: all {failed} planned {what} of run {run!r} failed; first error: "
+                  f"{first_error}", file=sys.stderr)
+            status = 1
+        else:
+            print(f"warning: {stage}: {failed} of {failed + ok} {what} of run {run!r} failed (re-run to retry "
+                  f"them); first error: {first_error}", file=sys.stderr)
+    return status
 
 
 def add_sql_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,8 +167,14 @@ def add_sql_arguments(parser: argparse.ArgumentParser) -> None:
 def run_sql(args: argparse.Namespace) -> int:
     import duckdb
 
+    from fastface.validation import positive_int
     from storage import Catalog, Store
+    from storage.checks import check_store_root
 
+    if not args.query.strip().rstrip(";").strip():
+        raise ValueError('the query is empty; e.g. fastface sql --root ROOT "SELECT * FROM runs"')
+    positive_int("--max-rows", args.max_rows)
+    check_store_root(args.root, for_reading=True)
     with Catalog(Store(args.root)) as catalog:
         try:
             print(catalog.sql_table(args.query, max_rows=args.max_rows))
@@ -99,7 +198,17 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
 def run_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from fastface import validation
+    from fastface.presets import PRESETS
     from flows.report import build_report
+    from storage.checks import check_store_root
+
+    if args.baseline not in PRESETS:
+        raise ValueError(f"--baseline {args.baseline!r} is not a preset; allowed: {', '.join(PRESETS.names())}")
+    if args.ip_adapter_scale is not None:
+        validation.scale("--ip-adapter-scale", args.ip_adapter_scale)
+    validation.positive_int("--bootstrap", args.bootstrap)
+    check_store_root(args.root, for_reading=True)
 
     maps = None
     if args.attention_maps:

@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fastface import validation
+
 PACKAGE_SCHEME = "package://"
 PROMPT_SETS = ("realistic", "stylistic", "joint")
 WEIGHTS = ("tiny", "real")
@@ -78,7 +80,7 @@ class SynthesisConfig(_Model):
 
     model: str = "hyper"
     steps: int | None = None
-    size: int | None = Field(default=None, ge=32)
+    size: int | None = None  # None: the model's native size; checked like sweep.size
     per_group: int = Field(default=9, ge=2)
     genders: tuple[str, ...] = ("woman", "man")
     ages: tuple[str, ...] = ("young", "middle-aged", "old")
@@ -114,20 +116,13 @@ class SweepConfig(_Model):
     ip_adapter_scales: tuple[float, ...] = (0.8,)
     seeds: tuple[int, ...] = (0,)
     steps: int | dict[str, int] | None = None  # None: each model's default
-    size: int | None = Field(default=None, ge=8)  # None: each model's native size
+    size: int | None = None  # None: each model's native size; a multiple of the model's VAE factor (check_config)
     code_version: str = "fastface-1"
 
     @field_validator("ip_adapter_scales", "lora_scales")
     @classmethod
     def _scales(cls, values: tuple[float, ...], info) -> tuple[float, ...]:
-        if not values:
-            raise ValueError("give at least one value")
-        bad = [v for v in values if not 0.0 <= v <= 1.5]
-        if bad:
-            raise ValueError(f"values {bad} are out of range; allowed: 0 <= scale <= 1.5")
-        if len(set(values)) != len(values):
-            raise ValueError(f"duplicate values in {list(values)}")
-        return values
+        return validation.scales("values", values)
 
 
 class MetricsConfig(_Model):
@@ -176,6 +171,11 @@ class BootstrapConfig(_Model):
 
 class ReportConfig(_Model):
     ip_adapter_scale: float | None = None  # None: 0.8 when swept, else the largest swept value
+
+    @field_validator("ip_adapter_scale")
+    @classmethod
+    def _scale(cls, value: float | None) -> float | None:
+        return None if value is None else validation.scale("report.ip_adapter_scale", value)
     baseline: str = "baseline"
     bootstrap: BootstrapConfig = BootstrapConfig()
     grid_identities: int = Field(default=6, ge=1)
@@ -273,6 +273,7 @@ def check_config(config: EvaluationConfig) -> list[str]:
             problems.append(f"sweep.steps: models {extra} are not in sweep.models {list(sweep.models)}")
     if not problems:
         for model in sweep.models:
+            problems += _size_problems("sweep.size", sweep.size, model)
             for preset in config.presets():
                 try:
                     check_steps(model, preset, config.steps_for(model))
@@ -310,6 +311,9 @@ def check_config(config: EvaluationConfig) -> list[str]:
     if data.synthesise is not None and data.synthesise.model not in CHECKPOINTS:
         problems.append(f"dataset.synthesise.model: unknown model {data.synthesise.model!r}; "
                         f"allowed: {', '.join(CHECKPOINTS.names())}")
+    elif data.synthesise is not None:
+        problems += _size_problems("dataset.synthesise.size", data.synthesise.size, data.synthesise.model)
+    problems += _prompt_problems(config)
     if config.weights == "real":
         for field in ("clip_model", "aesthetic_checkpoint"):
             if getattr(config.metrics, field) == "tiny":
@@ -317,17 +321,107 @@ def check_config(config: EvaluationConfig) -> list[str]:
     return problems
 
 
+def _size_problems(field: str, size: int | None, model: str) -> list[str]:
+    from fastface.checkpoints import get_checkpoint
+
+    if size is None:
+        return []
+    try:
+        validation.image_size(field, size, validation.size_multiple(get_checkpoint(model)), model)
+    except ValueError as exc:
+        return [str(exc)]
+    return []
+
+
+def _prompt_problems(config: EvaluationConfig) -> list[str]:
+    """Prompt kinds the sets need but no prompt source gives (a run would plan no example for them)."""
+    from flows.dataset import parse_prompt_lines
+
+    data = config.dataset
+    if data.folder is not None:
+        return []  # the authors' layout: its prompt files are checked when the folder is read
+    kinds: set[str] = set()
+    for uri in data.prompt_files:
+        path = resolve_uri(uri, config.base_dir)
+        if "://" in path or not Path(path).is_file():
+            return []  # a remote prompt file (or a missing one, reported above): kinds unknown here
+        try:
+            kinds |= {row["kind"] for row in parse_prompt_lines(Path(path).read_text(encoding="utf-8"))}
+        except (OSError, UnicodeDecodeError) as exc:
+            return [f"dataset.prompt_files: cannot read {uri}: {exc}"]
+    try:
+        kinds |= {row["kind"] for row in parse_prompt_lines("\n".join(data.prompts))}
+    except ValueError as exc:
+        return [f"dataset.prompts: {exc}"]
+    if data.realistic_prompts:
+        kinds.add("realistic")
+    if data.stylistic_prompts:
+        kinds.add("stylistic")
+    if not kinds:
+        return ["dataset: no prompts; give dataset.prompts (a list of lines), prompt_files, folder, "
+                "or realistic_prompts / stylistic_prompts (curated)"]
+    problems = []
+    for i, set_ in enumerate(config.sweep.sets):
+        if set_.prompts != "joint" and set_.prompts not in kinds:
+            have = " and ".join(sorted(kinds))
+            problems.append(f"sweep.sets[{i}]: needs {set_.prompts} prompts but the dataset has only {have} ones "
+                            "(stylistic prompts have ';', e.g. 'oil painting; person in a park')")
+    return problems
+
+
+def check_photos(config: EvaluationConfig, detect_faces: bool = True) -> list[str]:
+    """What a run would reject in the identity photos: unreadable files, no face, fewer faces than ``crop_faces``.
+
+    Local photos only (remote ones are read by the run). With ``detect_faces`` the face
+    backend runs on every photo, so this is for ``evaluate --check``, not for every start.
+    """
+    from flows.dataset import PHOTO_SUFFIXES, authors_layout, list_photos
+    from fastface.faces import ImageReadError, get_face_backend, load_image_rgb
+
+    sources: list[tuple[str, int | None, list[Path]]] = []
+    data = config.dataset
+    try:
+        if data.folder is not None and "://" not in resolve_uri(data.folder, config.base_dir):
+            sources.append(("dataset.folder", None, authors_layout(resolve_uri(data.folder, config.base_dir))[0]))
+        for i, source in enumerate(data.identities):
+            uri = resolve_uri(source.uri, config.base_dir)
+            if "://" not in uri:
+                sources.append((f"dataset.identities[{i}]", source.crop_faces, list_photos(uri)))
+    except (FileNotFoundError, OSError) as exc:
+        return [f"dataset: {exc}"]
+    backend = get_face_backend(config.face_backend) if detect_faces else None
+    problems = []
+    for field, crop_faces, paths in sources:
+        if not paths:
+            problems.append(f"{field}: no photos ({', '.join(PHOTO_SUFFIXES)}) found")
+        for path in paths:
+            try:
+                rgb = load_image_rgb(path)
+            except ImageReadError as exc:
+                problems.append(f"{field}: {exc}")
+                continue
+            if backend is None:
+                continue
+            found = len(backend.detect(rgb))
+            if found == 0:
+                problems.append(f"{field}: no face found in {path} ({backend.name}); use a photo with a visible face")
+            elif crop_faces and found < crop_faces:
+                problems.append(f"{field}: crop_faces is {crop_faces} but {path} has {found} face(s)")
+    return problems
+
+
 def _format_validation_error(exc: ValidationError, source: str) -> str:
-    lines = []
+    """One line: the config file, then each bad field and what is allowed, separated by '; '."""
+    parts = []
     for error in exc.errors():
-        where = ".".join(str(p) for p in error["loc"]) or "config"
+        where = ".".join(str(p) for p in error["loc"])
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown field (check the spelling; see configs/smoke.yaml for the fields)"
         elif error["type"] == "literal_error":
             message = f"{message}, got {error.get('input')!r}"
-        lines.append(f"  {where}: {message}")
-    return f"invalid evaluation config {source}:\n" + "\n".join(lines)
+        parts.append(f"{where}: {message}" if where else message)
+    return f"invalid evaluation config {source}: " + "; ".join(parts)
 
 
 def config_from_dict(data: dict[str, Any], *, source: str = "<dict>", overrides: dict[str, Any] | None = None) -> EvaluationConfig:
@@ -338,8 +432,14 @@ def config_from_dict(data: dict[str, Any], *, source: str = "<dict>", overrides:
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
-        for key in parents:
+        if not all(parents) or not leaf:
+            raise ConfigError(f"invalid override {dotted}: expected a dotted field name such as sweep.size")
+        for depth, key in enumerate(parents):
             node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                where = ".".join(parents[:depth + 1])
+                raise ConfigError(f"invalid override {dotted}: {where} is a {type(node).__name__} "
+                                  f"({node!r}), not a section with fields")
         node[leaf] = value
     if source != "<dict>":
         data.setdefault("source_path", source)
@@ -366,7 +466,10 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
         try:
             data = yaml.safe_load(f)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
     return config_from_dict(data, source=str(path.resolve()), overrides=overrides)
 
 

@@ -26,10 +26,11 @@ from flows.build_dataset import build_dataset_flow
 from flows.config import EvaluationConfig, load_config
 from flows.generate import artifact_key, generate_flow, score_flow
 from flows.report import build_report
+from flows.retries import retry_transient
 from storage import Store, canonical_json
 
 
-@task(cache_policy=NONE, retries=2, retry_delay_seconds=5)
+@task(cache_policy=NONE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=5)
 def record_run(config: EvaluationConfig, root: str) -> bool:
     """Append a ``runs`` row unless the run's latest row already holds this config; True when one was written."""
     store = Store(root)

@@ -23,6 +23,7 @@ from prefect.cache_policies import NONE
 
 from fastface.cache import identities_dir
 from flows.config import EvaluationConfig
+from flows.retries import retry_transient
 from storage import Store, Sweep, plan_missing_examples, plan_missing_generations, plan_missing_metrics
 
 
@@ -120,7 +121,7 @@ def metric_options(config: EvaluationConfig) -> dict:
     return options
 
 
-@task(cache_policy=NONE, retries=2, retry_delay_seconds=5)
+@task(cache_policy=NONE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=5)
 def plan_task(config: EvaluationConfig, root: str) -> list[dict]:
     """Expand the sweep and append the ``examples`` rows not yet stored; returns all of the sweep's examples."""
     store = Store(root)
@@ -146,7 +147,8 @@ def _progress(artifact_id, total: int):
     return on_batch
 
 
-@task(cache_policy=NONE, retries=2, retry_delay_seconds=10, task_run_name="generate-shard-{index}")
+@task(cache_policy=NONE, retries=2, retry_delay_seconds=10, task_run_name="generate-shard-{index}",
+      retry_condition_fn=retry_transient)
 def generate_shard(root: str, examples: list[dict], index: int, *, batch_size: int, num_workers: int | None,
                    cpus_per_worker: float, options: dict, ray_address: str | None) -> dict:
     """Generate one shard on the generator pool (only what is still missing when it starts)."""
@@ -164,7 +166,8 @@ def generate_shard(root: str, examples: list[dict], index: int, *, batch_size: i
     return summary
 
 
-@task(cache_policy=NONE, retries=2, retry_delay_seconds=10, task_run_name="score-shard-{index}")
+@task(cache_policy=NONE, retries=2, retry_delay_seconds=10, task_run_name="score-shard-{index}",
+      retry_condition_fn=retry_transient)
 def score_shard(root: str, examples: list[dict], index: int, *, metrics: list[str], batch_size: int,
                 num_workers: int | None, cpus_per_worker: float, options: dict, ray_address: str | None) -> dict:
     """Score one shard on the metric pool (pairs not yet scored)."""

@@ -472,6 +472,11 @@ def build_report(
             run_id = runs[0]
         elif run_id not in runs:
             raise ValueError(f"no examples of run {run_id!r} in {root}; runs: {runs}")
+        presets = [r["preset"] for r in catalog.rows(
+            "SELECT DISTINCT preset FROM examples WHERE run_id = ? ORDER BY preset", [run_id])]
+        if baseline not in presets:
+            raise ValueError(f"--baseline {baseline!r} is not a preset of run {run_id!r}; its presets: "
+                             f"{', '.join(presets)}")
         rows = metric_rows(catalog, run_id)
         models = sorted({r["model"] for r in catalog.rows("SELECT DISTINCT model FROM examples WHERE run_id = ?", [run_id])})
         scales = sorted({float(r["ip_adapter_scale"]) for r in rows})

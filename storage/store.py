@@ -218,6 +218,9 @@ class Store:
                 options["endpoint_url"] = endpoint
             # Other processes write here: a cached listing would hide their files.
             options.setdefault("use_listings_cache", False)
+            from storage.checks import S3_CLIENT_CONFIG  # a dead endpoint fails in seconds, not after a minute
+
+            options.setdefault("config_kwargs", S3_CLIENT_CONFIG)
         self.fs, path = fsspec.core.url_to_fs(root, **options)
         # DuckDB knows s3fs by its first protocol name, so URIs always say s3://.
         self.protocol = "file" if self.is_local else "s3"

@@ -1,0 +1,123 @@
+"""Checks on a store root before anything opens it: one line naming the root and the fix, within seconds.
+
+- local: a root to read must be a folder that holds tables (a read never creates one);
+  a root to write must be a folder that exists or can be created.
+- ``s3://``: credentials must be found (the message names the variables), the endpoint
+  must answer (a refused or silent endpoint fails in about :data:`CONNECT_TIMEOUT_S`
+  seconds, naming it), and the bucket must exist.
+
+:data:`S3_CLIENT_CONFIG` is what :class:`storage.store.Store` gives botocore, so every
+S3 call fails fast on a dead endpoint instead of retrying for tens of seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from urllib.parse import urlparse
+
+from storage.schemas import TABLES
+
+CONNECT_TIMEOUT_S = 5
+S3_CLIENT_CONFIG = {"connect_timeout": CONNECT_TIMEOUT_S, "retries": {"max_attempts": 2, "mode": "standard"}}
+CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+class StoreRootError(ValueError):
+    """A store root that cannot be used; the message names the root and what to do."""
+
+
+def s3_endpoint() -> str | None:
+    from storage.store import ENDPOINT_ENV_VARS
+
+    return next((os.environ[v] for v in ENDPOINT_ENV_VARS if os.environ.get(v)), None)
+
+
+def _check_s3_credentials(root: str) -> None:
+    import botocore.session
+
+    if botocore.session.Session().get_credentials() is None:
+        raise StoreRootError(f"no S3 credentials for {root}: set {' and '.join(CREDENTIAL_VARS)} "
+                             "(or AWS_PROFILE) in the environment")
+
+
+def _check_endpoint_answers(root: str, endpoint: str) -> None:
+    """A TCP connect to a configured endpoint: a refused or silent one fails here in seconds, naming it."""
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc)).lower()
+        raise StoreRootError(f"cannot reach the S3 endpoint {endpoint} for {root}: {reason}; check "
+                             "FASTFACE_S3_ENDPOINT_URL / AWS_ENDPOINT_URL and that the server is up") from None
+
+
+def _s3_call_error(root: str, exc: Exception) -> StoreRootError:
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    if isinstance(exc, NoCredentialsError):
+        return StoreRootError(f"no S3 credentials for {root}: set {' and '.join(CREDENTIAL_VARS)}")
+    if isinstance(exc, EndpointConnectionError):
+        return StoreRootError(f"cannot reach the S3 endpoint for {root}: {exc}")
+    if isinstance(exc, PermissionError) or (isinstance(exc, ClientError) and "AccessDenied" in str(exc)):
+        return StoreRootError(f"access to {root} denied: check the credentials' permissions ({exc})")
+    return StoreRootError(f"cannot open {root}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+
+def _has_tables(fs, path: str) -> bool:
+    try:
+        names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
+    except FileNotFoundError:
+        return False
+    return bool(names & set(TABLES))
+
+
+def check_store_root(root: str, *, for_reading: bool) -> None:
+    """Fail with one line when ``root`` cannot be used; nothing is created (also not a missing local folder)."""
+    if not root or not str(root).strip():
+        raise StoreRootError("the store root is empty: give a folder or s3://bucket/prefix")
+    protocol = root.split("://", 1)[0] if "://" in root else "file"
+    if protocol in ("file", "local"):
+        path = os.path.abspath(os.path.expanduser(root.split("://", 1)[-1]))
+        if for_reading:
+            if not os.path.isdir(path):
+                raise StoreRootError(f"no store at {path}: the folder does not exist (give the --root an evaluation "
+                                     "wrote)")
+            if not set(os.listdir(path)) & set(TABLES):
+                raise StoreRootError(f"{path} is not a FastFace store: it has none of the tables "
+                                     f"{', '.join(TABLES)}/ (give the --root an evaluation wrote)")
+            return
+        from fastface.validation import writable_folder
+
+        try:
+            writable_folder("--root", path)
+        except ValueError as exc:
+            raise StoreRootError(str(exc)) from None
+        return
+    if protocol not in ("s3", "s3a"):
+        return  # other fsspec protocols: their own errors
+    bucket = root.split("://", 1)[1].split("/", 1)[0]
+    if not bucket:
+        raise StoreRootError(f"{root} names no bucket: use s3://bucket/prefix")
+    _check_s3_credentials(root)
+    endpoint = s3_endpoint()
+    if endpoint:
+        _check_endpoint_answers(root, endpoint)
+    from storage.store import Store
+
+    try:
+        store = Store(root)
+        if not store.fs.exists(bucket):
+            raise StoreRootError(f"S3 bucket {bucket!r} of {root} does not exist" +
+                                 (f" at {endpoint}" if endpoint else "") + "; create it or fix the root")
+        if for_reading and not _has_tables(store.fs, store.root):
+            raise StoreRootError(f"{root} is not a FastFace store: it has none of the tables {', '.join(TABLES)}/")
+    except StoreRootError:
+        raise
+    except Exception as exc:  # botocore/s3fs errors, turned into one line naming the root
+        raise _s3_call_error(root, exc) from None
+
+
+__all__ = ["CONNECT_TIMEOUT_S", "S3_CLIENT_CONFIG", "StoreRootError", "check_store_root"]
