@@ -75,7 +75,8 @@ def test_evaluate_ci_config_on_postgres_catalog_and_s3(postgres, endpoint, prefe
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "RAY_ADDRESS", "AWS_PROFILE")}
     env.update(FAKE_AWS_ENV, PYTHONPATH=str(REPO), FASTFACE_S3_ENDPOINT_URL=endpoint,
                PREFECT_API_URL=prefect_server["url"], PREFECT_HOME=str(prefect_server["home"]),
-               RAY_raylet_start_wait_time_s="300",  # the subprocess starts its own Ray; be patient on 2 busy cores
+               # its own local Ray (not one another process left in /tmp/ray), patient on 2 busy cores
+               RAY_ADDRESS="local", RAY_raylet_start_wait_time_s="300",
                **{CATALOG_ENV: f"postgres:{postgres}"})
     first = _evaluate(env, root, cache)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
