@@ -231,7 +231,7 @@ def linear_quantile(x: torch.Tensor, q: float, dim: int = -1) -> torch.Tensor:
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     q_work = float(np.float64(q)) if work == torch.float64 else float(np.float32(q))
     rank = q_work * (n - 1)
-    lo, hi = int(math.floor(rank)), int(math.ceil(rank))
+    lo, hi = math.floor(rank), math.ceil(rank)
     x = x.movedim(dim, -1)
     if hi == lo:
         out = x.kthvalue(lo + 1, dim=-1, keepdim=True).values.to(work)
@@ -270,7 +270,7 @@ class TokenPlan:
     first: torch.Tensor | None
 
     @classmethod
-    def build(cls, am: "AMConfig", num_tokens: int, device: torch.device | str, dtype: torch.dtype) -> "TokenPlan":
+    def build(cls, am: AMConfig, num_tokens: int, device: torch.device | str, dtype: torch.dtype) -> TokenPlan:
         tokens = tuple(t for t in am.tokens if t < num_tokens)
         index = None if tokens == tuple(range(num_tokens)) else torch.tensor(tokens, device=device)
         sign = first = None
@@ -301,7 +301,7 @@ def _softmask_scaled(t: torch.Tensor, *, sharpness: float, quantile: float, scal
     return torch.addcmul(-lo * c1, res, c1).clamp_(max=cap).reshape(t.shape)
 
 
-def _transform_token_major(a: torch.Tensor, am: "AMConfig", part: str, step: int, num_images: int,
+def _transform_token_major(a: torch.Tensor, am: AMConfig, part: str, step: int, num_images: int,
                            plan: TokenPlan) -> torch.Tensor:
     """``Ã`` for a token-major map ``[B, heads, T, L]``; a new tensor (``a`` is left as it is)."""
     targ = a if plan.index is None else a.index_select(-2, plan.index)

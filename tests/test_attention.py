@@ -171,7 +171,7 @@ def test_linear_quantile_of_half_types_is_the_float32_quantile():
 
 def test_adain_nan_fallback_is_per_image_and_on_device(monkeypatch):
     """Where the output blend of one image yields NaN, that image keeps h̃ = ÃV'; the other keeps the blend."""
-    import fastface.attention as attention
+    from fastface import attention
 
     imgs = [_case("am2", "down", 1), _case("am2", "up", 1)]
     q, k, v = (torch.stack([x[i] for x in imgs], 1).flatten(0, 1) for i in range(3))  # [3 branches × 2 images]
@@ -206,7 +206,7 @@ def test_adain_nan_fallback_is_per_image_and_on_device(monkeypatch):
 
 def test_token_subsets_and_inversion_use_the_plan():
     """A subset of tokens (gather/scatter through the plan's index) leaves the other tokens' maps as they are."""
-    q, k, v, _ = _case("am2", "down", 2)
+    q, k, _, _ = _case("am2", "down", 2)
     am = dataclasses.replace(AM2_NO_ADAIN, tokens=(0, 2))
     plan = TokenPlan.build(am, 4, "cpu", torch.float32)
     assert plan.index.tolist() == [0, 2] and plan.sign.flatten().tolist() == [-1.0, 1.0]

@@ -16,6 +16,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 from storage_support import FAKE_AWS_ENV, create_bucket, moto_endpoint, postgres_server  # noqa: E402
+from test_flows_chain import prefect_server  # noqa: E402,F401  (a Prefect API for the subprocess)
 
 from storage.catalog import Catalog  # noqa: E402
 from storage.duck import StorageError  # noqa: E402
@@ -66,13 +67,17 @@ def _evaluate(env: dict, root: str, cache: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
 
 
-def test_evaluate_ci_config_on_postgres_catalog_and_s3(postgres, endpoint, tmp_path, tmp_path_factory, monkeypatch):
+def test_evaluate_ci_config_on_postgres_catalog_and_s3(postgres, endpoint, prefect_server, tmp_path, tmp_path_factory,
+                                                       monkeypatch):
     postgres = postgres("fastface_ci")
     root = f"s3://{BUCKET}/{uuid.uuid4().hex[:8]}/ci"
     cache = str(tmp_path_factory.mktemp("fastface-cache"))
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "RAY_ADDRESS", "AWS_PROFILE")}
     env.update(FAKE_AWS_ENV, PYTHONPATH=str(REPO), FASTFACE_S3_ENDPOINT_URL=endpoint,
-               PREFECT_HOME=str(tmp_path / "prefect"), **{CATALOG_ENV: f"postgres:{postgres}"})
+               PREFECT_API_URL=prefect_server["url"], PREFECT_HOME=str(prefect_server["home"]),
+               # its own local Ray (not one another process left in /tmp/ray), patient on 2 busy cores
+               RAY_ADDRESS="local", RAY_raylet_start_wait_time_s="300",
+               **{CATALOG_ENV: f"postgres:{postgres}"})
     first = _evaluate(env, root, cache)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     for key, value in env.items():

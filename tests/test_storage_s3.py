@@ -53,13 +53,14 @@ def test_s3_roundtrip_equals_local(s3_root, endpoint, tmp_path, monkeypatch):
     assert got.schema.equals(want.schema)
     assert s3.read("metrics", run_id="r2").column("value").to_pylist() == [100.0, 101.0, 102.0, 103.0]
     assert s3.run_ids("metrics") == ["r1", "r2"]
-    # a batch above the inlining limit goes to a Parquet file on S3 through httpfs
+    # each append is one Parquet file on S3 (through httpfs), in its run's partition
     big = pa.table({"example_id": [f"x{i}" for i in range(5000)], "metric": ["ae"] * 5000,
                     "value": pa.array(range(5000), pa.float64())})
     assert s3.append("metrics", big, run_id="r3") == 5000
     files = s3.data_files("metrics")
-    assert len(files) == 1 and files[0].startswith(s3_root + "/tables/main/metrics/run_id=r3/")
-    assert s3.fs.exists(files[0])
+    assert len(files) == 3 and all(f.startswith(s3_root + "/tables/main/metrics/run_id=r") for f in files)
+    r3 = [f for f in files if "/run_id=r3/" in f]
+    assert len(r3) == 1 and s3.fs.exists(r3[0])
     # images
     img = s3.write_image("r1", "e0", b"\x89PNG...")
     assert img == f"{s3_root}/images/r1/e0.png" and s3.read_bytes(img) == b"\x89PNG..." and s3.exists(img)
