@@ -80,15 +80,16 @@ def _verbose() -> bool:
     return os.environ.get("FASTFACE_VERBOSE", "") not in ("", "0") or logging.getLogger().isEnabledFor(logging.DEBUG)
 
 
-def pool_shape(num_workers: int | None = None, *, cpus_per_worker: float = 1.0) -> tuple[int, float]:
+def pool_shape(num_workers: int | None = None, *, cpus_per_worker: float = 1.0, use_gpus: bool = True) -> tuple[int, float]:
     """``(workers, GPUs per worker)`` for the GPUs Ray sees; ``(n, 0.0)`` on a cluster without GPUs.
 
     By default one worker per whole GPU. More workers than GPUs share them in equal fractions.
     Without GPUs, one worker per ``cpus_per_worker`` CPUs (at least one). Never more workers
     than the cluster's CPUs can place at ``cpus_per_worker`` each (each actor reserves that many).
+    ``use_gpus=False`` shapes a CPU-only pool on any cluster.
     """
     resources = ray.cluster_resources()
-    gpus = float(resources.get("GPU", 0.0))
+    gpus = float(resources.get("GPU", 0.0)) if use_gpus else 0.0
     cpus = float(resources.get("CPU", 1.0))
     if num_workers is not None and int(num_workers) < 1:
         raise ValueError(f"num_workers must be at least 1, got {num_workers}")
@@ -165,6 +166,7 @@ class PoolOptions:
     num_workers: int | None = None  # default: one per GPU, else one per cpus_per_worker CPUs
     cpus_per_worker: float = 1.0
     max_retries: int = 2  # re-runs of a batch whose actor died
+    use_gpus: bool = True  # False: CPU actors even where GPUs are (face analysis next to a generator pool)
     verbose: bool | None = None  # model-loading bars in the actors; default from FASTFACE_VERBOSE / debug logging
 
 
@@ -243,7 +245,8 @@ class ActorPool:
     def _shape(self) -> int:
         if self._capacity is None:
             self._capacity, self._gpus_each = pool_shape(self.options.num_workers,
-                                                         cpus_per_worker=self.options.cpus_per_worker)
+                                                         cpus_per_worker=self.options.cpus_per_worker,
+                                                         use_gpus=self.options.use_gpus)
         return self._capacity
 
     def _start(self, slot: int) -> Any:

@@ -66,9 +66,14 @@ class DatasetPools:
             from actors.scorer import MetricWorker
 
             connect_ray(self.config.execution.ray_address)
+            from actors.pool import PoolOptions
+
+            # One CPU worker: a few hundred photos or candidates, and the GPUs stay free for the renderer pool
+            # that works next to it during synthesis.
             spec = WorkerSpec(MetricWorker, "detect_faces", (self.store, []),
-                              {"face_backend": self.config.face_backend, "device": self.config.execution.device})
-            self._faces = ActorPool(spec, kind="faces", options=self._pool_options())
+                              {"face_backend": self.config.face_backend, "device": "cpu"})
+            options = PoolOptions(num_workers=1, cpus_per_worker=self.config.execution.cpus_per_worker, use_gpus=False)
+            self._faces = ActorPool(spec, kind="faces", options=options)
         return self._faces
 
     def detect(self, images: list) -> list[list[SimpleNamespace]]:
