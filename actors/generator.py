@@ -11,12 +11,9 @@ file per batch, so a crash never leaves half a batch recorded.
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import platform
 import socket
-import tempfile
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -24,11 +21,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from storage.ids import content_hash as bytes_hash
+from fastface.faces.images import encode_png
+from fastface.provenance import package_versions
+from storage.ids import bytes_sha256
 from storage.store import Store
 
-#: Face backend that produces embeddings of a given width (the adapter's ID input width).
-BACKEND_BY_ID_WIDTH = {128: "dlib", 512: "insightface"}
 
 PipelineFactory = Callable[..., Any]  # load_pipeline(model, *, steps, device, dtype, cache_dir, **overrides)
 
@@ -134,28 +131,6 @@ def read_uri(store: Store, uri: str) -> bytes:
         return stream.read()
 
 
-def encode_png(array: np.ndarray) -> bytes:
-    """PNG bytes of an HxWx3 float image in [0, 1], rounded as diffusers' ``numpy_to_pil`` rounds."""
-    from PIL import Image
-
-    pixels = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def package_versions() -> dict[str, str]:
-    from importlib import metadata
-
-    versions = {"python": platform.python_version()}
-    for name in ("fastface", "torch", "diffusers", "transformers", "peft"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
-
-
 def default_pipeline_factory(model: str, **kwargs: Any) -> Any:
     """:func:`fastface.checkpoints.load_pipeline` (imported when first needed)."""
     from fastface.checkpoints import load_pipeline
@@ -200,37 +175,26 @@ class GeneratorWorker:
     ) -> None:
         import torch
 
-        from fastface.faces import get_face_backend
+        from fastface.cache import identities_dir
+        from fastface.checkpoints import resolve_device_dtype
+        from fastface.dtypes import dtype_name
+        from fastface.faces import backend_for_embedding_width, get_face_backend
 
         self.store = store
         self.model = model
         self.steps = None if steps is None else int(steps)
-        cuda = torch.cuda.is_available()
-        self.device = torch.device(device if device is not None else ("cuda" if cuda else "cpu"))
-        self.dtype = dtype if dtype is not None else (torch.float16 if self.device.type == "cuda" else torch.float32)
-        if isinstance(self.dtype, str):
-            self.dtype = getattr(torch, self.dtype)
+        self.device, self.dtype = resolve_device_dtype(device, dtype)
         factory = pipeline_factory or default_pipeline_factory
         self.pipe = factory(
             model, steps=self.steps, device=self.device, dtype=self.dtype, cache_dir=cache_dir, **pipeline_overrides
         )
         self.pipe.set_progress_bar_config(disable=True)
         id_width = int(self.pipe._faceid_projection().proj.net[0].proj.in_features)
-        backend_name = face_backend or BACKEND_BY_ID_WIDTH.get(id_width)
-        if backend_name is None:
-            raise ValueError(
-                f"model {model!r} takes {id_width}-d identity embeddings and no face backend is known to make "
-                f"those; pass face_backend= (one of {sorted(set(BACKEND_BY_ID_WIDTH.values()))})"
-            )
+        backend_name = backend_for_embedding_width(id_width, face_backend, model=f"model {model!r}",
+                                                   option="face_backend")
         self.face_backend = get_face_backend(backend_name, **dict(face_backend_options or {}))
-        if int(self.face_backend.embedding_dim) != id_width:
-            raise ValueError(
-                f"face backend {backend_name!r} makes {self.face_backend.embedding_dim}-d embeddings but model "
-                f"{model!r} takes {id_width}-d ones; use face_backend={BACKEND_BY_ID_WIDTH.get(id_width)!r}"
-            )
-        self.identity_cache_dir = Path(
-            identity_cache_dir if identity_cache_dir is not None else Path(tempfile.gettempdir()) / "fastface-identities"
-        ).expanduser()
+        self.identity_cache_dir = Path(identity_cache_dir).expanduser() if identity_cache_dir is not None \
+            else identities_dir(cache_dir)
         self._identity_rows = identity_index(identities)
         self._prepared: dict[str, Any] = {}  # content hash -> IdentityInputs or the exception it raised
         self.identities_prepared = 0  # how many identities this worker has prepared (for tests and logs)
@@ -246,7 +210,7 @@ class GeneratorWorker:
                 package_versions(),
                 model=model,
                 steps=self.steps,
-                dtype=str(self.dtype).replace("torch.", ""),
+                dtype=dtype_name(self.dtype),
                 face_backend=self.face_backend.name,
             ),
             sort_keys=True,
@@ -267,7 +231,7 @@ class GeneratorWorker:
             if Path(path).is_file():
                 return path
         data = read_uri(self.store, uri)
-        if bytes_hash(data) != identity_hash:
+        if bytes_sha256(data) != identity_hash:
             raise ValueError(
                 f"identity photo {uri} has changed since it was registered (its sha256 is not {identity_hash[:12]}…); "
                 "re-import the identities and re-plan the sweep"

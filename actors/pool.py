@@ -31,6 +31,10 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from fastface.extras import require
+
+require("ray", needed_for="the Ray actor pools")
+
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 

@@ -28,7 +28,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     models = ensure_tiny_models(args.tiny_root)
-    pipe = FastFacePipeline.from_pretrained(models.sdxl, torch_dtype=torch.float32)
+    pipe = FastFacePipeline.from_pretrained(models.sdxl, torch_dtype=torch.float32, default_guidance=1.0)
     load_faceid_adapter(pipe, models.adapter, image_encoder=models.image_encoder)
     rng = np.random.default_rng(0)
     ids = rng.normal(size=(args.images, models.id_embed_dim)).astype(np.float32)

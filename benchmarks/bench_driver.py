@@ -85,14 +85,14 @@ def tiny_actor_scaling(root: str, images: int, workers: int) -> float:
     from fastface.presets import get_preset
     from fastface.tiny import ensure_tiny_models
     from storage import Store, Sweep
-    from storage.ids import content_hash
+    from storage.ids import bytes_sha256
 
     import importlib.util
     from pathlib import Path
 
     spec = importlib.util.find_spec("insightface")
     photo = Path(next(iter(spec.submodule_search_locations))) / "data" / "images" / "Tom_Hanks_54745.png"
-    identity = {"identity_id": "hanks", "image_uri": str(photo), "content_hash": content_hash(photo.read_bytes())}
+    identity = {"identity_id": "hanks", "image_uri": str(photo), "content_hash": bytes_sha256(photo.read_bytes())}
     ensure_tiny_models()
     store = Store(root)
     store.append("identities", [identity], "dataset")

@@ -3,7 +3,8 @@
 Pure tensor functions (:func:`decoupled_attention`, :func:`transform_attention_map`) and
 :class:`FastFaceIPAttnProcessor`, a subclass of diffusers' ``IPAdapterAttnProcessor2_0``
 (so ``set_ip_adapter_scale`` reaches it) that reuses the original ``to_k_ip``/``to_v_ip``
-weights. :func:`manipulated_attention` installs it on the targeted ``attn2`` layers by
+weights; its identity branch calls :func:`manipulated_attention`.
+:func:`manipulated_attention_processors` installs it on the targeted ``attn2`` layers by
 name and restores the original processors afterwards. The step index reaches the
 processor through a :class:`DenoisingStep` the pipeline owns and sets before each UNet
 call — processors never count steps themselves.

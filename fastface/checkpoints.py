@@ -38,7 +38,8 @@ from typing import Any
 
 import torch
 
-from fastface.cache import cache_root
+from fastface.cache import cache_root, fused_dir, tiny_models_dir
+from fastface.dtypes import diffusers_dtype_kwargs, parse_dtype, transformers_dtype_kwargs
 
 from fastface.presets import get_preset
 from fastface.registry import Registry
@@ -204,10 +205,6 @@ def check_steps(model: str | Checkpoint, preset: str, steps: int | None = None) 
 
 
 # -- locating sources ----------------------------------------------------------------
-def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    return cache_root(cache_dir)
-
-
 def _looks_like_path(value: str) -> bool:
     return value.startswith(("/", ".", "~")) or value.count("/") != 1 or os.sep != "/" and os.sep in value
 
@@ -293,7 +290,7 @@ def resolve_sources(checkpoint: Checkpoint, overrides: dict[str, Any], cache_roo
     if checkpoint.tiny:
         needed = [k for k in checkpoint.source_keys if overrides.get(k) is None]
         if needed:
-            models, tiny = ensure_tiny_checkpoints(cache_root / f"tiny-v{TINY_VERSION}")  # = tiny.default_tiny_root()
+            models, tiny = ensure_tiny_checkpoints(tiny_models_dir(TINY_VERSION, cache_root))
             defaults = {"sdxl_base": models.sdxl, "faceid_adapter": models.adapter, "clip_h": models.image_encoder,
                         "hyper_lora": tiny.hyper_lora, "lcm_lora": tiny.lcm_lora,
                         "lightning_unet": tiny.lightning_unet, "turbo": tiny.turbo}
@@ -310,15 +307,9 @@ def resolve_sources(checkpoint: Checkpoint, overrides: dict[str, Any], cache_roo
 
 # -- building ----------------------------------------------------------------------------
 def resolve_device_dtype(device: str | torch.device | None, dtype: str | torch.dtype | None):
+    """The device (CUDA when available) and dtype (float16 on CUDA, float32 elsewhere) a run uses."""
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype is None:
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-    elif isinstance(dtype, str):
-        names = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-                 "float32": torch.float32, "fp32": torch.float32}
-        if dtype not in names:
-            raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(names)}")
-        dtype = names[dtype]
+    dtype = (torch.float16 if device.type == "cuda" else torch.float32) if dtype is None else parse_dtype(dtype)
     return device, dtype
 
 
@@ -335,7 +326,7 @@ def _load_base(base: Located, dtype, local_files_only, **components):
     from fastface.pipeline import FastFacePipeline
 
     return FastFacePipeline.from_pretrained(
-        base.load_from, torch_dtype=dtype, **_hub_kwargs(base, dtype, local_files_only), **components
+        base.load_from, **diffusers_dtype_kwargs(dtype), **_hub_kwargs(base, dtype, local_files_only), **components
     )
 
 
@@ -356,7 +347,10 @@ def _unet_from_file(base: Located, weights: Located, dtype, local_files_only):
         unet.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise ValueError(f"{weights.path} does not fit the UNet of {base.value}: {str(exc)[:400]}") from None
-    return unet.to(dtype)
+    from fastface.pipeline import known_harmless_logs_silenced
+
+    with known_harmless_logs_silenced():
+        return unet.to(dtype)
 
 
 FUSED_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -370,7 +364,7 @@ def fused_cache_folder(checkpoint: Checkpoint, steps: int, dtype: torch.dtype, s
         "sources": {k: sources[k].identity() for k in ("sdxl_base", checkpoint.weights)},
     }, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return cache_root / "fused" / f"{checkpoint.name}-{steps}step-{str(dtype).replace('torch.', '')}-{digest}"
+    return fused_dir(cache_root) / f"{checkpoint.name}-{steps}step-{str(dtype).replace('torch.', '')}-{digest}"
 
 
 def _fused_pipeline(checkpoint: Checkpoint, steps: int, dtype, sources: dict[str, Located], cache_root: Path,
@@ -384,12 +378,17 @@ def _fused_pipeline(checkpoint: Checkpoint, steps: int, dtype, sources: dict[str
     classes = {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel,
                "text_encoder_2": CLIPTextModelWithProjection}
     if (folder / "COMPLETE").is_file():
-        parts = {name: classes[name].from_pretrained(folder / name, torch_dtype=dtype)
+        dtype_kwargs = {"unet": diffusers_dtype_kwargs(dtype)}
+        parts = {name: classes[name].from_pretrained(folder / name,
+                                                     **dtype_kwargs.get(name, transformers_dtype_kwargs(dtype)))
                  for name in FUSED_COMPONENTS if (folder / name).is_dir()}
         return _load_base(base, dtype, local_files_only, **parts), folder
 
     pipe = _load_base(base, dtype, local_files_only)
-    pipe.load_lora_weights(str(lora.path.parent), weight_name=lora.path.name, adapter_name="distilled")
+    from fastface.pipeline import known_harmless_logs_silenced
+
+    with known_harmless_logs_silenced():  # UNet-only LoRAs: "no LoRA keys" for the text encoders
+        pipe.load_lora_weights(str(lora.path.parent), weight_name=lora.path.name, adapter_name="distilled")
     touched = [name for name in FUSED_COMPONENTS
                if "distilled" in (getattr(getattr(pipe, name, None), "peft_config", None) or {})]
     pipe.fuse_lora(components=touched, lora_scale=checkpoint.fuse_scale, adapter_names=["distilled"])
@@ -427,7 +426,7 @@ def find_weights(
     """
     checkpoint = get_checkpoint(model) if isinstance(model, str) else model
     steps = checkpoint.resolve_steps(steps)
-    values = resolve_sources(checkpoint, dict(source_overrides), default_cache_dir(cache_dir))
+    values = resolve_sources(checkpoint, dict(source_overrides), cache_root(cache_dir))
     located: dict[str, Located] = {}
     problems: list[str] = []
     for key, value in values.items():
@@ -463,15 +462,15 @@ def load_pipeline(
     checkpoint = get_checkpoint(model)
     steps = checkpoint.resolve_steps(steps)
     device, dtype = resolve_device_dtype(device, dtype)
-    cache_root = default_cache_dir(cache_dir)
-    located = find_weights(checkpoint, steps=steps, cache_dir=cache_root, local_files_only=local_files_only,
+    cache_folder = cache_root(cache_dir)
+    located = find_weights(checkpoint, steps=steps, cache_dir=cache_folder, local_files_only=local_files_only,
                            **source_overrides)
 
     base = located["sdxl_base"]
     fused_folder = None
     try:
         if checkpoint.build == "fused-lora":
-            pipe, fused_folder = _fused_pipeline(checkpoint, steps, dtype, located, cache_root, local_files_only)
+            pipe, fused_folder = _fused_pipeline(checkpoint, steps, dtype, located, cache_folder, local_files_only)
         elif checkpoint.build == "unet-file":
             pipe = _load_base(base, dtype, local_files_only,
                               unet=_unet_from_file(base, located[checkpoint.weights], dtype, local_files_only))
@@ -480,7 +479,7 @@ def load_pipeline(
 
             weights = located[checkpoint.weights]
             unet = UNet2DConditionModel.from_pretrained(
-                weights.load_from, subfolder="unet", torch_dtype=dtype,
+                weights.load_from, subfolder="unet", **diffusers_dtype_kwargs(dtype),
                 **_hub_kwargs(weights, dtype, local_files_only),
             )
             pipe = _load_base(base, dtype, local_files_only, unet=unet)
@@ -511,7 +510,7 @@ def load_pipeline(
             f"Point at complete local copies with the FASTFACE_* variables or --source KEY=PATH"
         ) from exc
 
-    pipe.default_guidance = checkpoint.default_guidance
+    pipe.set_default_guidance(checkpoint.default_guidance)
     pipe.checkpoint = checkpoint
     pipe.load_info = {
         "model": checkpoint.name, "steps": steps, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
@@ -523,6 +522,6 @@ def load_pipeline(
 
 __all__ = [
     "CHECKPOINTS", "SOURCES", "Checkpoint", "Located", "ModelNotFoundError", "SchedulerSpec", "Source",
-    "check_steps", "default_cache_dir", "find_weights", "fused_cache_folder", "get_checkpoint", "load_pipeline", "locate",
+    "check_steps", "find_weights", "fused_cache_folder", "get_checkpoint", "load_pipeline", "locate",
     "resolve_device_dtype", "resolve_sources",
 ]

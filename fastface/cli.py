@@ -142,20 +142,15 @@ def run_generate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from fastface import __version__
-    from fastface.checkpoints import check_steps, default_cache_dir, find_weights, get_checkpoint
-    from fastface.faces import FACE_BACKENDS, get_face_backend, prepare_identity
+    from fastface.cache import identities_dir
+    from fastface.checkpoints import check_steps, find_weights, get_checkpoint
+    from fastface.faces import backend_for_embedding_width, get_face_backend, prepare_identity
 
     # 1. everything that can be checked before loading a model
     checkpoint = get_checkpoint(args.model)
     steps = check_steps(checkpoint, args.preset, args.steps)
-    backend_name = args.face_backend or ("dlib" if checkpoint.tiny else "insightface")
-    width = FACE_BACKENDS.get(backend_name).embedding_dim
-    if width != checkpoint.id_embed_dim:
-        fitting = [n for n in FACE_BACKENDS if FACE_BACKENDS.get(n).embedding_dim == checkpoint.id_embed_dim]
-        raise ValueError(
-            f"face backend {backend_name!r} gives {width}-d identity embeddings but model {checkpoint.name!r} "
-            f"takes {checkpoint.id_embed_dim}-d; use --face-backend {' or '.join(fitting) or '<none fits>'}"
-        )
+    backend_name = backend_for_embedding_width(checkpoint.id_embed_dim, args.face_backend,
+                                               model=f"model {checkpoint.name!r}", option="--face-backend")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     size = args.size or checkpoint.size
@@ -175,12 +170,11 @@ def run_generate(args: argparse.Namespace) -> int:
     find_weights(checkpoint, **load_options)  # missing weights fail here, before any face or model work
 
     # 2. identities (fails on a photo without a face before any model loads)
-    cache_root = default_cache_dir(args.cache_dir)
     backend = get_face_backend(backend_name)
     identities = {}
     for job in jobs:
         if job.face not in identities:
-            identities[job.face] = prepare_identity(job.face, backend, cache_dir=cache_root / "identities")
+            identities[job.face] = prepare_identity(job.face, backend, cache_dir=identities_dir(args.cache_dir))
 
     # 3. model, then batches
     pipe = cached_pipeline(
@@ -375,6 +369,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _user_errors() as exc:
         if args.debug:
             raise
+        if isinstance(exc, ImportError):
+            from fastface.extras import explain
+
+            exc = explain(exc, needed_for=f"fastface {args.command}")
         message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
         print(f"error: {message}", file=sys.stderr)
         return 2

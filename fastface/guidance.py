@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Mapping, Sequence
+from typing import Callable, Literal, Mapping
 
 import torch
 
@@ -274,19 +274,6 @@ class DCGConfig:
             out.append(float(w))
         return out[0], out[1]
 
-    def is_identity_guidance(self) -> bool:
-        """True when every step reduces to the fully conditioned branch (α = β = 1, φ = 0)."""
-        alphas = self.alpha if isinstance(self.alpha, tuple) else (self.alpha,)
-        betas = self.beta if isinstance(self.beta, tuple) else (self.beta,)
-        return (
-            self.alpha_schedule is None
-            and self.beta_schedule is None
-            and self.rescale == 0
-            and self.variant != "independent"
-            and all(a == 1.0 for a in alphas)
-            and all(b == 1.0 for b in betas)
-        )
-
     def to_dict(self) -> dict:
         return {
             "alpha": list(self.alpha) if isinstance(self.alpha, tuple) else self.alpha,
@@ -313,7 +300,3 @@ def constant_guidance(scale: float) -> DCGConfig:
 
 # The stylistic `dcg` preset (method-spec §2): guidance only in the intermediate steps.
 DCG_PRESET = DCGConfig(alpha=(1.0, 1.5, 1.5, 1.0), beta=(1.0, 3.0, 3.0, 1.0), rescale=0.75, variant="id")
-
-
-def as_weight_list(value: Weight, num_steps: int) -> Sequence[float]:
-    return list(value) if isinstance(value, tuple) else [float(value)] * num_steps

@@ -10,6 +10,8 @@ stochastic schedulers, so an image never depends on what it is batched with.
 from __future__ import annotations
 
 import contextlib
+import inspect
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -21,11 +23,16 @@ from diffusers import StableDiffusionXLPipeline
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
 from tqdm.auto import tqdm
 
+from fastface.dtypes import transformers_dtype_kwargs
 from fastface.attention import AMConfig, DenoisingStep, ip_adapter_layers, manipulated_attention_processors
 from fastface.guidance import BRANCH_CONDITIONS, DCGConfig, combine_branches, required_branches
 from fastface.presets import Preset, get_preset
 
 FACEID_LORA = "faceid_0"
+#: SDXL's own default guidance, read from diffusers (the base model's α = β).
+SDXL_DEFAULT_GUIDANCE: float = float(
+    inspect.signature(StableDiffusionXLPipeline.__call__).parameters["guidance_scale"].default
+)
 _UNSET: Any = object()
 
 
@@ -60,8 +67,39 @@ class _Branches:
 class FastFacePipeline(StableDiffusionXLPipeline):
     """SDXL pipeline whose ``__call__`` generates N (identity, prompt) pairs with FastFace guidance."""
 
-    #: model family default guidance (α = β) used by presets without DCG; set by the checkpoint loader.
-    default_guidance: float = 1.0
+    def __init__(
+        self,
+        vae,
+        text_encoder,
+        text_encoder_2,
+        tokenizer,
+        tokenizer_2,
+        unet,
+        scheduler,
+        image_encoder=None,
+        feature_extractor=None,
+        force_zeros_for_empty_prompt: bool = True,
+        add_watermarker: bool | None = None,
+        default_guidance: float | None = None,
+    ):
+        super().__init__(
+            vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler,
+            image_encoder=image_encoder, feature_extractor=feature_extractor,
+            force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=add_watermarker,
+        )
+        # Part of the pipeline's config (model_index.json), so it travels with saved folders.
+        self.register_to_config(default_guidance=None if default_guidance is None else float(default_guidance))
+
+    @property
+    def default_guidance(self) -> float:
+        """α = β for presets without DCG: the loaded checkpoint's (``load_pipeline`` sets it, a saved
+        folder keeps it); a plain SDXL folder has SDXL's own default, ``StableDiffusionXLPipeline``'s
+        ``guidance_scale`` (5)."""
+        configured = self.config.get("default_guidance")
+        return SDXL_DEFAULT_GUIDANCE if configured is None else float(configured)
+
+    def set_default_guidance(self, guidance: float) -> None:
+        self.register_to_config(default_guidance=float(guidance))
 
     # -- identity inputs -------------------------------------------------------
     def _require_image_encoder(self) -> None:
@@ -72,25 +110,20 @@ class FastFacePipeline(StableDiffusionXLPipeline):
                 "or pass precomputed clip_states"
             )
 
-    @torch.no_grad()
     def encode_face_crops(self, face_crops: Sequence[np.ndarray]) -> torch.Tensor:
-        """Penultimate CLIP hidden states of aligned face crops, ``[N, seq, hidden]``.
+        """Penultimate CLIP hidden states of aligned BGR face crops, ``[N, seq, hidden]``
+        (:func:`fastface.faces.identity.encode_clip_states`, the one encoder of identity states)."""
+        from fastface.faces.identity import encode_clip_states
 
-        The crops are the BGR arrays insightface aligns (``norm_crop``); the upstream
-        FaceID-Plus usage passes them to CLIP as they are, and so do we.
-        """
         self._require_image_encoder()
-        pixels = self.feature_extractor(list(face_crops), return_tensors="pt").pixel_values
-        pixels = pixels.to(device=self._execution_device, dtype=self.image_encoder.dtype)
-        return self.image_encoder(pixels, output_hidden_states=True).hidden_states[-2]
+        return encode_clip_states(list(face_crops), self.image_encoder, self.feature_extractor)
 
-    @torch.no_grad()
     def null_clip_states(self) -> torch.Tensor:
-        """CLIP states of an all-zero ``pixel_values`` (mid-grey after normalisation), ``[1, seq, hidden]``."""
+        """The null identity's CLIP states, ``[1, seq, hidden]`` (:func:`fastface.faces.identity.null_clip_states`)."""
+        from fastface.faces.identity import null_clip_states
+
         self._require_image_encoder()
-        shape = self.feature_extractor(np.zeros((8, 8, 3), np.uint8), return_tensors="pt").pixel_values.shape
-        pixels = torch.zeros(shape, device=self._execution_device, dtype=self.image_encoder.dtype)
-        return self.image_encoder(pixels, output_hidden_states=True).hidden_states[-2]
+        return null_clip_states(self.image_encoder, self.feature_extractor)
 
     # -- plumbing diffusers imposes ------------------------------------------
     def _faceid_projection(self):
@@ -336,6 +369,37 @@ class FastFacePipeline(StableDiffusionXLPipeline):
         return self.image_processor.postprocess(image, output_type=output_type)
 
 
+#: Messages diffusers logs while loading FaceID-Plus-v2 that say nothing is wrong: the adapter's LoRA
+#: targets the UNet only (so "no LoRA keys" for both text encoders), and ``.to(dtype)`` on a UNet
+#: with an empty keep-in-float32 list.
+_HARMLESS_DIFFUSERS_LOGS = (
+    "No LoRA keys associated to CLIPTextModel",
+    "that should be kept in float32: []",
+)
+
+
+class _DropHarmless(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(known in message for known in _HARMLESS_DIFFUSERS_LOGS)
+
+
+@contextlib.contextmanager
+def known_harmless_logs_silenced() -> Iterator[None]:
+    """Drop only the known-harmless diffusers messages above, for the duration of a load."""
+    from diffusers.utils import logging as diffusers_logging
+
+    handlers = diffusers_logging._get_library_root_logger().handlers or logging.getLogger().handlers
+    drop = _DropHarmless()
+    for handler in handlers:
+        handler.addFilter(drop)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(drop)
+
+
 def load_faceid_adapter(
     pipe: StableDiffusionXLPipeline,
     adapter: str | os.PathLike,
@@ -355,7 +419,7 @@ def load_faceid_adapter(
 
     if isinstance(image_encoder, (str, os.PathLike)):
         image_encoder = CLIPVisionModelWithProjection.from_pretrained(
-            image_encoder, torch_dtype=pipe.unet.dtype, **hub_kwargs
+            image_encoder, **transformers_dtype_kwargs(pipe.unet.dtype), **hub_kwargs
         )
     image_encoder = image_encoder.to(pipe.unet.device, pipe.unet.dtype)
     size = image_encoder.config.image_size
@@ -365,7 +429,9 @@ def load_faceid_adapter(
         folder, weight_name = os.path.dirname(adapter) or ".", os.path.basename(adapter)
     else:
         folder = adapter
-    pipe.load_ip_adapter(folder, subfolder=None, weight_name=weight_name, image_encoder_folder=None, **hub_kwargs)
+    with known_harmless_logs_silenced():
+        pipe.load_ip_adapter(folder, subfolder=None, weight_name=weight_name, image_encoder_folder=None,
+                             **hub_kwargs)
     if FACEID_LORA in (getattr(pipe.unet, "peft_config", None) or {}):
         pipe.set_adapters([FACEID_LORA], [lora_scale])
     return pipe

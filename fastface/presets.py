@@ -51,3 +51,15 @@ for _p in (
 
 def get_preset(name: str) -> Preset:
     return PRESETS.get(name)
+
+
+#: λ (IP-Adapter scale) of the paper's tables; also the pipeline's and the CLI's default λ.
+TABLE_IP_ADAPTER_SCALE = 0.8
+
+
+def table_ip_adapter_scale(swept: "list[float] | tuple[float, ...]") -> float:
+    """The λ a report tabulates when none is chosen: the paper's 0.8 if swept, else the largest swept λ."""
+    scales = [float(s) for s in swept]
+    if not scales or any(abs(s - TABLE_IP_ADAPTER_SCALE) < 1e-9 for s in scales):
+        return TABLE_IP_ADAPTER_SCALE
+    return max(scales)

@@ -221,9 +221,9 @@ def build_tiny_faceid_adapter(path: str | os.PathLike, *, seed: int = 0) -> Path
 
 
 def default_tiny_root() -> Path:
-    from fastface.cache import cache_root
+    from fastface.cache import tiny_models_dir
 
-    return cache_root() / f"tiny-v{TINY_VERSION}"
+    return tiny_models_dir(TINY_VERSION)
 
 
 def ensure_tiny_models(root: str | os.PathLike | None = None, *, seed: int = 0) -> TinyModels:

@@ -15,6 +15,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+from fastface.extras import require  # noqa: E402
+
+require('prefect', 'ray', 'pyarrow', 'duckdb', needed_for='the evaluation flows')
+
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
@@ -25,14 +29,14 @@ from flows.dataset import (
     authors_layout,
     crop_face,
     curated_prompts,
-    encode_png,
     identity_name,
     limit_prompts,
     list_photos,
     parse_prompt_lines,
     synthesise_identities,
 )
-from storage import Store, content_hash
+from fastface.faces.images import encode_png
+from storage import Store, bytes_sha256
 
 PHOTOS_DIR = "identity_photos"
 DETECT_BATCH = 8  # images per face-analysis call
@@ -124,7 +128,7 @@ class DatasetPools:
 
 
 def _embed_cache_key(context: Any, parameters: dict) -> str:
-    hashes = ",".join(content_hash(p["data"]) for p in parameters["photos"])
+    hashes = ",".join(bytes_sha256(p["data"]) for p in parameters["photos"])
     return "embed-" + hashlib.sha256(f"{parameters['backend']}|{hashes}".encode()).hexdigest()[:32]
 
 
@@ -202,7 +206,7 @@ def import_identities(root: str, dataset_run: str, photos: list[dict], embedding
     rows, skipped, counts = [], [], {"photos": len(photos), "no_face": 0, "multi_face": 0, "new": 0, "existing": 0}
     taken: set[str] = set(existing)
     for photo, emb in zip(photos, embeddings):
-        digest = content_hash(photo["data"])
+        digest = bytes_sha256(photo["data"])
         if emb["faces"] == 0:
             counts["no_face"] += 1
             skipped.append({"identity": photo["id"], "reason": "no face"})

@@ -207,7 +207,9 @@ class EvaluationConfig(_Model):
         scales = self.sweep.ip_adapter_scales
         if self.report.ip_adapter_scale is not None:
             return self.report.ip_adapter_scale
-        return 0.8 if 0.8 in scales else max(scales)
+        from fastface.presets import table_ip_adapter_scale
+
+        return table_ip_adapter_scale(scales)
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
@@ -216,7 +218,7 @@ class EvaluationConfig(_Model):
 def check_config(config: EvaluationConfig) -> list[str]:
     """Cross-field checks against the registries; returns one message per problem."""
     from fastface.checkpoints import CHECKPOINTS, check_steps
-    from fastface.faces import FACE_BACKENDS
+    from fastface.faces import backend_for_embedding_width
     from fastface.metrics import METRICS
     from fastface.presets import PRESETS
 
@@ -230,13 +232,11 @@ def check_config(config: EvaluationConfig) -> list[str]:
         if (config.weights == "tiny") != checkpoint.tiny:
             want = "tiny-* models" if config.weights == "tiny" else "real models (not tiny-*)"
             problems.append(f"sweep.models: {model!r} does not fit weights: {config.weights} (use {want})")
-        width = FACE_BACKENDS.get(config.face_backend).embedding_dim
-        if width != checkpoint.id_embed_dim:
-            fitting = [n for n in FACE_BACKENDS if FACE_BACKENDS.get(n).embedding_dim == checkpoint.id_embed_dim]
-            problems.append(
-                f"face_backend: {config.face_backend!r} gives {width}-d embeddings but model {model!r} takes "
-                f"{checkpoint.id_embed_dim}-d; allowed: {', '.join(fitting)}"
-            )
+        try:
+            backend_for_embedding_width(checkpoint.id_embed_dim, config.face_backend, model=f"model {model!r}",
+                                        option="face_backend:")
+        except ValueError as exc:
+            problems.append(str(exc))
     if not sweep.sets:
         problems.append("sweep.sets: give at least one {prompts: realistic|stylistic|joint, presets: [...]}")
     for i, set_ in enumerate(sweep.sets):

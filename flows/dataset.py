@@ -19,7 +19,6 @@ values and callables, so it is tested without Prefect, models or a store.
 from __future__ import annotations
 
 import hashlib
-import io
 import random
 import re
 from dataclasses import dataclass, field
@@ -134,14 +133,6 @@ def identity_name(stem: str) -> str:
     """An identity id from a file name: letters, digits, '.', '_' and '-' only."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-._") or "identity"
     return name if name[0].isalnum() else "id-" + name
-
-
-def encode_png(rgb: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def crop_face(rgb: np.ndarray, bbox: Sequence[float], *, margin: float = 0.6, min_size: int = 256) -> np.ndarray:

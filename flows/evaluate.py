@@ -10,33 +10,25 @@ Deployments use ``flows/evaluate.py:evaluate_flow`` (see ``prefect.yaml`` and ``
 from __future__ import annotations
 
 import json
-import platform
 import socket
 import time
 from typing import Any
+
+from fastface.extras import require  # noqa: E402
+
+require('prefect', 'ray', 'pyarrow', 'duckdb', needed_for='the evaluation flows')
 
 from prefect import flow, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
+from fastface.provenance import package_versions
 from flows.build_dataset import build_dataset_flow
 from flows.config import EvaluationConfig, load_config
 from flows.generate import artifact_key, generate_flow, score_flow
 from flows.report import build_report
 from flows.run_lock import run_lock
 from storage import Store, canonical_json
-
-
-def package_versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {"python": platform.python_version()}
-    for name in ("fastface", "torch", "diffusers", "transformers", "ray", "prefect", "duckdb", "pyarrow"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
 
 
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=5)

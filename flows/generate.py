@@ -14,12 +14,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fastface.extras import require  # noqa: E402
+
+require('prefect', 'ray', 'pyarrow', 'duckdb', needed_for='the evaluation flows')
+
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.cache_policies import NONE
 
 from actors.generator import GeneratorOptions
 from actors.pool import GeneratorPools, MetricPool, PoolOptions, missing_metric_work
+from fastface.cache import identities_dir
 from flows.config import EvaluationConfig
 from storage import Store, Sweep, plan_missing_examples, plan_missing_generations
 
@@ -32,9 +37,9 @@ def artifact_key(*parts: str) -> str:
 
 
 def cache_root(config: EvaluationConfig) -> Path:
-    from fastface.checkpoints import default_cache_dir
+    from fastface.cache import cache_root as root
 
-    return default_cache_dir(config.execution.cache_dir)
+    return root(config.execution.cache_dir)
 
 
 # -- planning ------------------------------------------------------------------------------------
@@ -81,7 +86,7 @@ def shards(examples: list[dict], size: int) -> list[list[dict]]:
 
 def pipeline_options(config: EvaluationConfig) -> GeneratorOptions:
     ex = config.execution
-    return GeneratorOptions(cache_dir=str(cache_root(config)), identity_cache_dir=str(cache_root(config) / "identities"),
+    return GeneratorOptions(cache_dir=str(cache_root(config)), identity_cache_dir=str(identities_dir(ex.cache_dir)),
                             face_backend=config.face_backend, device=ex.device, dtype=ex.dtype)
 
 

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from fastface.presets import table_ip_adapter_scale
 from flows import analysis
 from storage import Catalog, Store
 
@@ -333,7 +334,7 @@ def build_report(
         models = sorted({r["model"] for r in catalog.rows("SELECT DISTINCT model FROM examples WHERE run_id = ?", [run_id])})
         scales = sorted({float(r["ip_adapter_scale"]) for r in rows})
         if ip_adapter_scale is None:
-            ip_adapter_scale = 0.8 if 0.8 in scales else (max(scales) if scales else 0.8)
+            ip_adapter_scale = table_ip_adapter_scale(scales)
         elif scales and not any(math.isclose(ip_adapter_scale, s) for s in scales):
             raise ValueError(f"--ip-adapter-scale {ip_adapter_scale} was not swept in run {run_id!r}; swept: {scales}")
         metrics = [m for m in TABLE_METRICS if any(r["metric"] == m for r in rows)]

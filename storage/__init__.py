@@ -26,13 +26,18 @@ Layout under a root (a local folder, or any fsspec URL such as ``s3://bucket/pre
 This layer imports pyarrow, duckdb and fsspec (s3fs for ``s3://``), never Ray or Prefect.
 """
 
-from storage.catalog import Catalog, format_table
-from storage.ids import canonical_json, config_hash, content_hash, derive_seed, example_id
-from storage.plan import Sweep, plan_missing_examples, plan_missing_generations, plan_missing_metrics
-from storage.schemas import KEYS, SCHEMA_VERSION, TABLES, SchemaError, schema
-from storage.store import Store, latest_rows
+from fastface.extras import require
+
+require("pyarrow", "duckdb", "fsspec", needed_for="the storage layer (tables, SQL)")
+
+from storage.catalog import Catalog, format_table  # noqa: E402
+from storage.ids import bytes_sha256, canonical_json, config_hash, derive_seed, example_id  # noqa: E402
+from storage.plan import Sweep, plan_missing_examples, plan_missing_generations, plan_missing_metrics  # noqa: E402
+from storage.schemas import KEYS, SCHEMA_VERSION, TABLES, SchemaError, schema  # noqa: E402
+from storage.store import Store, latest_rows  # noqa: E402
 
 __all__ = [
+    "bytes_sha256",
     "Catalog",
     "KEYS",
     "SCHEMA_VERSION",
@@ -42,7 +47,6 @@ __all__ = [
     "TABLES",
     "canonical_json",
     "config_hash",
-    "content_hash",
     "derive_seed",
     "example_id",
     "format_table",

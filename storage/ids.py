@@ -66,8 +66,9 @@ def config_hash(config: Mapping[str, Any]) -> str:
     return _sha256(canonical_json([CONFIG_SCHEME, config]))[:ID_CHARS]
 
 
-def content_hash(data: bytes) -> str:
-    """Full sha256 hex of raw bytes (an identity image file, say); what ``identity_hash`` holds."""
+def bytes_sha256(data: bytes) -> str:
+    """Full sha256 hex of raw bytes (an identity photo's file, say); what ``identities.content_hash``
+    and ``examples.identity_hash`` hold."""
     return hashlib.sha256(data).hexdigest()
 
 

@@ -8,8 +8,7 @@ is missing, and re-planning a finished sweep yields no work.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 import pyarrow as pa
@@ -57,7 +56,6 @@ class Sweep:
     steps: "int | Mapping[str, int]" = 4
     width: int = 1024
     height: int = 1024
-    extra: Mapping[str, Any] = field(default_factory=dict)  # recorded in to_dict(), not hashed
 
     def __post_init__(self) -> None:
         check_name("run_id", self.run_id)
@@ -95,10 +93,6 @@ class Sweep:
 
     def steps_for(self, model: str) -> int:
         return int(self.steps[model] if isinstance(self.steps, Mapping) else self.steps)
-
-    def to_dict(self) -> dict:
-        """A JSON-able description, for ``runs.config``."""
-        return dataclasses.asdict(self)
 
     def examples(self) -> list[dict]:
         """The ``examples`` rows (without ``created_at``), grouped by model so weights load once."""

@@ -49,7 +49,7 @@ def tiny_pipeline(tiny_models):
 
     from fastface.pipeline import FastFacePipeline, load_faceid_adapter
 
-    pipe = FastFacePipeline.from_pretrained(tiny_models.sdxl, torch_dtype=torch.float32)
+    pipe = FastFacePipeline.from_pretrained(tiny_models.sdxl, torch_dtype=torch.float32, default_guidance=1.0)
     pipe.set_progress_bar_config(disable=True)
     return load_faceid_adapter(pipe, tiny_models.adapter, image_encoder=tiny_models.image_encoder)
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 from metrics_fixtures import noise_image, sample_photo, tiny_clip_dir  # noqa: F401  (fixture)
 from storage import Catalog, Store, Sweep, plan_missing_generations, plan_missing_metrics
-from storage.ids import content_hash
+from storage.ids import bytes_sha256
 
 ray = pytest.importorskip("ray")
 # The pipeline factory below travels to Ray workers, which cannot import this test module.
@@ -44,14 +44,14 @@ def tiny_factory(model, *, steps=None, device=None, dtype=None, cache_dir=None, 
     from fastface.tiny import ensure_tiny_models
 
     models = ensure_tiny_models(tiny_root)
-    pipe = FastFacePipeline.from_pretrained(models.sdxl, torch_dtype=dtype or torch.float32)
+    pipe = FastFacePipeline.from_pretrained(models.sdxl, torch_dtype=dtype or torch.float32, default_guidance=1.0)
     load_faceid_adapter(pipe, models.adapter, image_encoder=models.image_encoder)
     return pipe.to(device or "cpu")
 
 
 def identity_row(identity_id: str, path, run_id: str = "dataset") -> dict:
     return {"identity_id": identity_id, "run_id": run_id, "image_uri": str(path),
-            "content_hash": content_hash(open(path, "rb").read())}
+            "content_hash": bytes_sha256(open(path, "rb").read())}
 
 
 def make_examples(identities, presets=PRESETS, prompts=PROMPTS, run_id="sweep") -> list[dict]:

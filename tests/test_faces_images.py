@@ -1,4 +1,4 @@
-"""load_image_rgb and content_hash: conversions and clear errors."""
+"""load_image_rgb and photo_hash: conversions and clear errors."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastface.faces import ImageReadError, content_hash, load_image_rgb
+from fastface.faces import ImageReadError, photo_hash, load_image_rgb
 
 
 def _pixels(shape=(6, 5, 3), seed=0):
@@ -87,18 +87,23 @@ def test_wrong_inputs(bad, message):
         load_image_rgb(bad)
 
 
-def test_content_hash(tmp_path):
+def test_photo_hash(tmp_path):
     rgb = _pixels()
     path = tmp_path / "a.png"
     Image.fromarray(rgb).save(path)
     copy = tmp_path / "b.png"
     copy.write_bytes(path.read_bytes())
-    assert content_hash(path) == content_hash(str(copy))  # by content, not by name
-    assert content_hash(rgb) == content_hash(Image.fromarray(rgb))
+    assert photo_hash(path) == photo_hash(str(copy))  # by content, not by name
+    assert photo_hash(rgb) == photo_hash(Image.fromarray(rgb))
     changed = rgb.copy()
     changed[0, 0, 0] ^= 1
-    assert content_hash(changed) != content_hash(rgb)
-    assert content_hash(rgb.reshape(5, 6, 3)) != content_hash(rgb)  # shape is part of the key
+    assert photo_hash(changed) != photo_hash(rgb)
+    assert photo_hash(rgb.reshape(5, 6, 3)) != photo_hash(rgb)  # shape is part of the key
+    # An encoded photo hashes by its bytes, whether read from a file or given as bytes (a store's
+    # bytes): the same value as the identities table's content_hash.
+    from storage.ids import bytes_sha256
+
+    assert photo_hash(path.read_bytes()) == photo_hash(path) == bytes_sha256(path.read_bytes())
 
 
 def test_encoded_bytes_decode_like_the_file(tmp_path):

@@ -19,7 +19,7 @@ from flows.dataset import (
     synthesise_identities,
 )
 from metrics_fixtures import dlib_backend, group_photo, hanks, noise_image  # noqa: F401  (fixtures)
-from storage import Store, content_hash
+from storage import Store, bytes_sha256
 from test_flows_chain import prefect_server  # noqa: F401  (fixture)
 
 
@@ -177,7 +177,7 @@ def test_importer_reads_the_authors_layout(tmp_path, dlib_backend, hanks, group_
     rows = {r["identity_id"]: r for r in store.read("identities").to_pylist()}
     assert set(rows) == {"0001", "0002"}
     hanks_row = rows["0001"]
-    assert hanks_row["content_hash"] == content_hash((data / "id_photos" / "0001.png").read_bytes())
+    assert hanks_row["content_hash"] == bytes_sha256((data / "id_photos" / "0001.png").read_bytes())
     assert store.read_bytes(hanks_row["image_uri"]) == (data / "id_photos" / "0001.png").read_bytes()  # copied in
     assert hanks_row["face_backend"] == "dlib" and len(hanks_row["embedding"]) == 128
     assert '"authors-layout"' in hanks_row["provenance"] and hanks_row["gender"] is None

@@ -71,7 +71,7 @@ def singles(pipes):
 
 @pytest.fixture(scope="module")
 def authors_pipe():
-    pipe = FastFacePipeline.from_pretrained(AUTHORS_E2E / "sdxl", torch_dtype=torch.float32)
+    pipe = FastFacePipeline.from_pretrained(AUTHORS_E2E / "sdxl", torch_dtype=torch.float32, default_guidance=1.0)
     pipe.set_progress_bar_config(disable=True)
     return load_faceid_adapter(
         pipe, AUTHORS_E2E / "adapter" / "ip-adapter-faceid-plusv2_sdxl_tiny.bin",
@@ -236,7 +236,7 @@ def test_approximate_am2_skipping_is_an_approximation(tiny_pipeline):
 
 
 def test_two_pipelines_side_by_side(tiny_models, tiny_pipeline):
-    other = FastFacePipeline.from_pretrained(tiny_models.sdxl, torch_dtype=torch.float32)
+    other = FastFacePipeline.from_pretrained(tiny_models.sdxl, torch_dtype=torch.float32, default_guidance=1.0)
     load_faceid_adapter(other, tiny_models.adapter, image_encoder=tiny_models.image_encoder)
     constants = [AM1.to_dict(), AM2.to_dict(), DCG_PRESET.to_dict(), [p.to_dict() for _, p in PRESETS.items()]]
     before = dict(tiny_pipeline.unet.attn_processors)

@@ -11,6 +11,7 @@ from fastface.faces.base import (
     FaceBackend,
     NoFaceError,
     aligned_face_crop_bgr,
+    backend_for_embedding_width,
     compare_faces,
     cosine_similarity,
     get_face_backend,
@@ -20,13 +21,12 @@ from fastface.faces.base import (
 from fastface.faces.dlib_backend import DLIB_COSINE_THRESHOLD, DlibFaceBackend
 from fastface.faces.identity import (
     IdentityInputs,
-    default_cache_dir,
     encode_clip_states,
     encoder_fingerprint,
     null_clip_states,
     prepare_identity,
 )
-from fastface.faces.images import ImageReadError, content_hash, load_image_rgb
+from fastface.faces.images import ImageReadError, load_image_rgb, photo_hash
 from fastface.faces.insightface_backend import (
     BUFFALO_L_COSINE_THRESHOLD,
     DEFAULT_DET_SIZES,
@@ -50,10 +50,9 @@ __all__ = [
     "InsightFaceBackend",
     "NoFaceError",
     "aligned_face_crop_bgr",
+    "backend_for_embedding_width",
     "compare_faces",
-    "content_hash",
     "cosine_similarity",
-    "default_cache_dir",
     "encode_clip_states",
     "encoder_fingerprint",
     "get_face_backend",
@@ -62,5 +61,6 @@ __all__ = [
     "load_image_rgb",
     "most_prominent_face",
     "null_clip_states",
+    "photo_hash",
     "prepare_identity",
 ]

@@ -95,6 +95,26 @@ def get_face_backend(name: str = "dlib", **options: Any) -> FaceBackend:
     return FACE_BACKENDS.get(name)(**options)
 
 
+def backend_for_embedding_width(width: int, backend: str | None = None, *, model: str = "the model",
+                                option: str = "face backend") -> str:
+    """The face backend whose identity embeddings fit an adapter that takes ``width``-d ones.
+
+    The one home of this rule (CLI, config checks and generator actors use it): ``backend``
+    is checked when given, else the first registered backend of that width is chosen.
+    """
+    fitting = [name for name in FACE_BACKENDS if int(FACE_BACKENDS.get(name).embedding_dim) == int(width)]
+    if backend is None:
+        if not fitting:
+            raise ValueError(f"{model} takes {width}-d identity embeddings and no face backend makes those "
+                             f"(backends: {', '.join(FACE_BACKENDS.names())})")
+        return fitting[0]
+    made = int(FACE_BACKENDS.get(backend).embedding_dim)  # unknown names: the registry's error
+    if made != int(width):
+        raise ValueError(f"{option} {backend!r} gives {made}-d identity embeddings but {model} takes {width}-d; "
+                         f"use {option} {' or '.join(fitting) or '<none fits>'}")
+    return backend
+
+
 def largest_face(faces: Sequence[Face], source: object = "image") -> Face:
     """The face with the largest box area."""
     if not faces:

@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from fastface.cache import identities_dir
 from fastface.faces.base import FaceBackend, NoFaceError, aligned_face_crop_bgr
-from fastface.faces.images import ImageInput, content_hash, load_image_rgb
+from fastface.faces.images import ImageInput, load_image_rgb, photo_hash
 
 if TYPE_CHECKING:  # torch is imported where it is used: `import fastface.faces` stays light
     import torch
@@ -27,13 +28,6 @@ class IdentityInputs:
     clip_states: torch.Tensor | None  # [1, seq, hidden] float32 on CPU, or None without an encoder
     content_hash: str
     bbox: np.ndarray  # [4] float32
-
-
-def default_cache_dir() -> Path:
-    """``<FastFace cache>/identities`` (``$FASTFACE_CACHE``, else ``~/.cache/fastface``)."""
-    from fastface.cache import cache_root
-
-    return cache_root() / "identities"
 
 
 def _processor_size(feature_extractor: Any, image_encoder: Any) -> tuple[int, int]:
@@ -161,8 +155,8 @@ def prepare_identity(
     """
     from safetensors.torch import save_file
 
-    cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    digest = content_hash(photo)
+    cache_root = Path(cache_dir).expanduser() if cache_dir is not None else identities_dir()
+    digest = photo_hash(photo)
     stem = cache_root / digest[:2] / f"{digest}.{backend.name}"
     face_path = stem.with_name(stem.name + ".face.npz")
 
@@ -208,6 +202,5 @@ __all__ = [
     "encode_clip_states",
     "null_clip_states",
     "encoder_fingerprint",
-    "default_cache_dir",
     "identity_cache_files",
 ]

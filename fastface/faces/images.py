@@ -111,8 +111,12 @@ def _decode_file(file: Path | io.BytesIO, source: str) -> np.ndarray:
         raise ImageReadError(f"cannot read image {source}: corrupt or truncated image data ({exc})") from exc
 
 
-def content_hash(image: ImageInput) -> str:
-    """sha256 of a file's bytes, or of an array's shape and pixels (PIL images: of their RGB pixels)."""
+def photo_hash(image: ImageInput) -> str:
+    """sha256 hex of an encoded photo — a file's bytes, or the bytes given — or, for a decoded
+    image (array, PIL), of its shape and RGB pixels. For files and bytes it equals
+    ``storage.ids.bytes_sha256`` of the same bytes (what ``identities.content_hash`` holds)."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return hashlib.sha256(bytes(image)).hexdigest()
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.is_file():
@@ -126,3 +130,16 @@ def content_hash(image: ImageInput) -> str:
     digest = hashlib.sha256(f"rgb-uint8:{array.shape[0]}x{array.shape[1]}:".encode())
     digest.update(array.tobytes())
     return digest.hexdigest()
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """PNG bytes of an HxWx3 RGB image: uint8 as it is, floats in [0, 1] rounded the way diffusers'
+    ``numpy_to_pil`` rounds (so a stored PNG equals the pipeline's PIL output)."""
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        if not np.issubdtype(array.dtype, np.floating):
+            raise ValueError(f"encode_png takes uint8 or float images, got {array.dtype}")
+        array = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()

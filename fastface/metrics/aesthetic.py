@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from fastface.cache import cache_root
+from fastface.cache import aesthetic_dir
 from fastface.metrics.base import MetricInput, MetricResult, MetricSpec, register_metric
 from fastface.metrics.clip_models import ClipModel, load_clip_model
 from fastface.metrics.common import decode_images, resolve_shared_clip
@@ -71,7 +71,7 @@ def resolve_aesthetic_checkpoint(checkpoint: str | os.PathLike = DEFAULT_AESTHET
             return env_path
         if env_path.is_dir() and (env_path / name).is_file():
             return env_path / name
-    cache = cache_root(cache_dir) / "aesthetic"
+    cache = aesthetic_dir(cache_dir)
     if (cache / name).is_file():
         return cache / name
     if checkpoint.startswith("hf-hub:"):
