@@ -142,8 +142,6 @@ class _WorkerActor:
 
 def _quiet_loaders() -> None:
     """Turn off the libraries' model-loading progress bars and info logs in this (actor) process."""
-    import warnings
-
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         from diffusers.utils import logging as diffusers_logging
@@ -159,7 +157,6 @@ def _quiet_loaders() -> None:
         transformers_logging.set_verbosity_error()
     except ImportError:
         pass
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(diffusers|transformers|peft)\b")
 
 
 # -- the pool --------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Ray starts its workers at nice 15 (the raylet first); on a CI machine shared with other jobs that starves
 # the actors behind everything else. The tests' nodes run them at normal priority.
 os.environ.setdefault("RAY_worker_niceness", "0")
+# The raylet gives the dashboard agent a fixed time to come up; a loaded CI machine needs longer.
+os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
 
 # The tiny models are dominated by per-op overhead: one intra-op thread is faster and keeps
 # Ray workers and pytest from oversubscribing CI's two cores.
@@ -77,7 +79,7 @@ _SESSION_RAY: dict = {}
 
 
 def ray_start_node(log_path, *, num_cpus: int, num_gpus: int, address: str | None = None, env: dict | None = None,
-                   attempts: int = 3, timeout: float = 180.0):
+                   attempts: int = 5, timeout: float = 180.0):
     """A Ray node as a `ray start --block` process group: a head, or a node joining ``address``.
 
     Returns ``(process, address of the cluster)``.
@@ -96,7 +98,8 @@ def ray_start_node(log_path, *, num_cpus: int, num_gpus: int, address: str | Non
         ports = fixed_agent_ports()
         role = [f"--address={address}"] if address else [
             "--head", f"--port={port}", "--include-dashboard=false", f"--ray-client-server-port={free_port()}"]
-        log = open(log_path, "w")
+        started = Path(log_path).stat().st_size if Path(log_path).exists() else 0
+        log = open(log_path, "a")  # every try's output stays for the diagnosis
         proc = subprocess.Popen(
             [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", *role, "--node-ip-address=127.0.0.1",
              f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}",
@@ -107,7 +110,7 @@ def ray_start_node(log_path, *, num_cpus: int, num_gpus: int, address: str | Non
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and proc.poll() is None:
-            if "Ray runtime started" in Path(log_path).read_text(errors="replace"):
+            if "Ray runtime started" in Path(log_path).read_text(errors="replace")[started:]:
                 log.close()
                 return proc, address or f"127.0.0.1:{port}"
             time.sleep(0.5)
