@@ -351,9 +351,10 @@ class FastFacePipeline(StableDiffusionXLPipeline):
         if output_type == "latent":
             return latents
         needs_upcasting = self.vae.dtype == torch.float16 and self.vae.config.force_upcast
-        if needs_upcasting:
-            self.upcast_vae()
-            latents = latents.to(next(iter(self.vae.post_quant_conv.parameters())).dtype)
+        if needs_upcasting:  # SDXL's VAE overflows in float16 (its config's force_upcast)
+            with known_harmless_logs_silenced():
+                self.vae.to(torch.float32)
+            latents = latents.to(torch.float32)
         cfg = self.vae.config
         if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
             mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
@@ -363,7 +364,8 @@ class FastFacePipeline(StableDiffusionXLPipeline):
             latents = latents / cfg.scaling_factor
         image = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
         if needs_upcasting:
-            self.vae.to(dtype=torch.float16)
+            with known_harmless_logs_silenced():
+                self.vae.to(dtype=torch.float16)
         if self.watermark is not None:
             image = self.watermark.apply_watermark(image)
         return self.image_processor.postprocess(image, output_type=output_type)

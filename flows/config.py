@@ -142,8 +142,22 @@ class ExecutionConfig(_Model):
     ray_address: str | None = None
     cache_dir: str | None = None  # fused checkpoints, tiny models, identity cache; default $FASTFACE_CACHE
     device: str | None = None
-    dtype: str | None = None
+    dtype: str | None = None  # any spelling fastface.dtypes accepts; stored canonical (float16, ...)
     retries: int = Field(default=2, ge=0)
+
+    @field_validator("dtype")
+    @classmethod
+    def _canonical_dtype(cls, value: str | None) -> str | None:
+        from fastface.dtypes import dtype_name
+
+        return None if value is None else dtype_name(value)  # unknown: ValueError listing the accepted names
+
+    @model_validator(mode="after")
+    def _dtype_fits_device(self) -> "ExecutionConfig":
+        if self.dtype == "float16" and self.device is not None and self.device.split(":")[0] == "cpu":
+            raise ValueError("dtype float16 does not run on device cpu (diffusers refuses half precision on the "
+                             "CPU); use bfloat16 or float32 there, or float16 on cuda")
+        return self
 
 
 class BootstrapConfig(_Model):

@@ -17,6 +17,7 @@ from fastface.pipeline import FastFacePipeline, load_faceid_adapter
 from fastface.presets import PRESETS
 
 from conftest import AUTHORS_E2E
+from noise import tolerance
 
 PRESET_NAMES = ["baseline", "dcg", "am1", "am2", "ff-am1", "ff-am2"]
 PROMPTS = ["van gogh style; person walking on a beach", "a photo of a person in a cafe", "pixel art; person reading"]
@@ -62,6 +63,27 @@ def singles(pipes):
     @functools.cache
     def get(scheduler, preset):
         return np.concatenate([_run(pipes[scheduler], [i], preset)[0] for i in range(3)])
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def pipes64(tiny_models, pipes):
+    """Float64 copies of ``pipes``: the reference that measures float32's rounding noise (tests/noise.py)."""
+    pipe = FastFacePipeline.from_pretrained(tiny_models.sdxl, torch_dtype=torch.float64, default_guidance=1.0)
+    pipe.set_progress_bar_config(disable=True)
+    load_faceid_adapter(pipe, tiny_models.adapter, image_encoder=tiny_models.image_encoder)
+    return {name: FastFacePipeline(**{**pipe.components, "scheduler": p.scheduler}) for name, p in pipes.items()}
+
+
+@pytest.fixture(scope="module")
+def tolerance_of(pipes64, singles):
+    """Per scheduler and preset: how far two float32 images of the same examples may differ,
+    ``tests/noise.py``'s multiple of |float32 − float64| measured on the three examples made alone."""
+
+    @functools.cache
+    def get(scheduler, preset):
+        return tolerance(singles(scheduler, preset), _run(pipes64[scheduler], [0, 1, 2], preset)[0])
 
     return get
 
@@ -154,20 +176,23 @@ IDENTITY_AM = AMConfig(transform="scale_power", name="identity")  # s = 1, p = 1
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler-ancestral"])
 @pytest.mark.parametrize("preset", PRESET_NAMES)
-def test_identity_am_equals_diffusers_processor(pipes, scheduler, preset):
+def test_identity_am_equals_diffusers_processor(pipes, singles, tolerance_of, scheduler, preset):
     pipe = pipes[scheduler]
     ours, meta = _run(pipe, [0], preset, am=IDENTITY_AM)
     theirs, _ = _run(pipe, [0], preset, am=None)
     assert meta[0]["am"]["name"] == "identity"
-    assert np.abs(ours - theirs).max() <= 1e-5
+    # Two float32 paths of one computation: within the measured noise floor (tests/noise.py).
+    assert np.abs(ours - theirs).max() <= tolerance_of(scheduler, preset)
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler-ancestral"])
 @pytest.mark.parametrize("preset", PRESET_NAMES)
-def test_batch_equals_one_at_a_time(pipes, singles, scheduler, preset):
+def test_batch_equals_one_at_a_time(pipes, singles, tolerance_of, scheduler, preset):
     batched, meta = _run(pipes[scheduler], [0, 1, 2], preset)
     assert [m["seed"] for m in meta] == [10, 11, 12] and meta[0]["batch_size"] == 3
-    assert np.abs(batched - singles(scheduler, preset)).max() <= 1e-4
+    # Float32 rounding differs with the batch (BLAS blocking; AdaIN divides by a std): the bound is
+    # the measured noise floor of this scheduler and preset (tests/noise.py), not a fixed number.
+    assert np.abs(batched - singles(scheduler, preset)).max() <= tolerance_of(scheduler, preset)
 
 
 @pytest.mark.parametrize("preset", ["am2", "ff-am2"])
