@@ -14,8 +14,6 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Ray starts its workers at nice 15 (the raylet first); on a CI machine shared with other jobs that starves
 # the actors behind everything else. The tests' nodes run them at normal priority.
 os.environ.setdefault("RAY_worker_niceness", "0")
-# The raylet gives the dashboard agent a fixed time to come up; a loaded CI machine needs longer.
-os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
 
 # The tiny models are dominated by per-op overhead: one intra-op thread is faster and keeps
 # Ray workers and pytest from oversubscribing CI's two cores. FASTFACE_TEST_THREADS=2 runs the
