@@ -80,6 +80,36 @@ def driver_throughput(root: str, images: int, batch_size: int, actors: int) -> d
     return out
 
 
+def write_path_throughput(root: str, images: int, batch_size: int) -> dict:
+    """The driver's write path alone (no Ray): one ``Store.append`` per batch, as :meth:`ActorPool.record` does."""
+    from storage import Store
+
+    store = Store(root)
+    gen = InstantGenerator(worker_id="bench")
+    score = InstantScorer(worker_id="bench")
+    rows = [{"example_id": f"e{i:07d}", "run_id": "bench"} for i in range(images)]
+    batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+    started = time.perf_counter()
+    for batch in batches:
+        store.append("generations", gen.run(batch), "bench")
+    generation_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    for batch in batches:
+        store.append("metrics", score.run(batch), "bench")
+    metric_seconds = time.perf_counter() - started
+    return {"images/s": images / generation_seconds, "metric rows/s": images * len(METRICS) / metric_seconds,
+            "scored images/s": images / metric_seconds,
+            "images/s with their metric rows": images / (generation_seconds + metric_seconds)}
+
+
+def print_figures(title: str, figures: dict) -> None:
+    print(title)
+    print("| figure | per second | ratio to 256 images/s |\n|---|---|---|")
+    for name, value in figures.items():
+        ratio = value / 256 / (len(METRICS) if name == "metric rows/s" else 1)
+        print(f"| {name} | {value:,.0f} | {ratio:.1f} |")
+
+
 def tiny_actor_scaling(root: str, images: int, workers: int) -> float:
     from actors.pool import GeneratorPools, PoolOptions
     from fastface.presets import get_preset
@@ -118,19 +148,22 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--actors", type=int, default=4)
     parser.add_argument("--tiny-images", type=int, default=16)
+    parser.add_argument("--write-only", action="store_true", help="only the driver's write path, without Ray")
     args = parser.parse_args()
-    os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
+    with tempfile.TemporaryDirectory() as tmp:
+        figures = write_path_throughput(os.path.join(tmp, "write"), args.images, args.batch_size)
+    print_figures(f"# bench_driver part 0: the driver's write path alone (Store.append per batch of "
+                  f"{args.batch_size}, no Ray), {args.images} images; {os.cpu_count()} CPUs, load average "
+                  f"{os.getloadavg()[0]:.1f}", figures)
+    if args.write_only:
+        return
     ray.init(num_cpus=max(2, args.actors), num_gpus=0, include_dashboard=False, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             figures = driver_throughput(os.path.join(tmp, "driver"), args.images, args.batch_size, args.actors)
-            print(f"# bench_driver part 1: {args.images} images, batches of {args.batch_size}, {args.actors} "
-                  f"model-free actors, local store, one Parquet file per batch; {os.cpu_count()} CPUs, "
-                  f"load average {os.getloadavg()[0]:.1f}")
-            print("| figure | per second | ratio to 256 images/s |\n|---|---|---|")
-            for name, value in figures.items():
-                ratio = value / 256 / (len(METRICS) if name == "metric rows/s" else 1)
-                print(f"| {name} | {value:,.0f} | {ratio:.1f} |")
+            print_figures(f"\n# bench_driver part 1: {args.images} images, batches of {args.batch_size}, "
+                          f"{args.actors} model-free actors, local store, one Parquet file per batch; "
+                          f"load average {os.getloadavg()[0]:.1f}", figures)
             if args.tiny_images:
                 rates = {n: tiny_actor_scaling(os.path.join(tmp, f"tiny-{n}"), args.tiny_images + 2 * n, n)
                          for n in (1, 2)}

@@ -37,19 +37,43 @@ def sql(store: Store, query: str) -> list[dict]:
 
 
 # -- (a) ray.cluster_utils.Cluster ------------------------------------------------------------------
+def start_harness(attempts: int = 3):
+    """Head (no CPUs/GPUs) + two nodes (1 CPU, 1 faked GPU each), tried again when a node does not come up in time.
+
+    A failed try's processes (children of this process started by it) are killed before the next one.
+    """
+    import psutil
+    from ray.cluster_utils import Cluster
+
+    me = psutil.Process()
+    for attempt in range(attempts):
+        before = {child.pid for child in me.children(recursive=True)}
+        harness = Cluster()
+        try:
+            harness.add_node(num_cpus=0, num_gpus=0, include_dashboard=False, **fixed_agent_ports())  # the head
+            workers = [harness.add_node(num_cpus=1, num_gpus=1, **fixed_agent_ports()) for _ in range(2)]
+            return harness, workers
+        except Exception:
+            try:
+                harness.shutdown()
+            except Exception:
+                pass
+            for child in me.children(recursive=True):
+                if child.pid not in before:
+                    child.kill()
+            if attempt == attempts - 1:
+                raise
+
+
 @pytest.fixture(scope="module")
 def cluster():
     """Head (no CPUs/GPUs: it only coordinates) + two nodes with 1 CPU and 1 faked GPU each; this process is the driver.
 
     The session's local Ray (tests/conftest.py) is shut down for the module and started again after it.
     """
-    from ray.cluster_utils import Cluster
-
     had_session_ray = stop_session_ray()
-    harness = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0, "include_dashboard": False,
-                                                           **fixed_agent_ports()})
+    harness, workers = start_harness()
     try:
-        workers = [harness.add_node(num_cpus=1, num_gpus=1, **fixed_agent_ports()) for _ in range(2)]
         ray.init(address=harness.address, log_to_driver=False)
         harness.wait_for_nodes()
         yield harness, workers
