@@ -299,7 +299,7 @@ class ActorPool:
         restarts_allowed = (max(0, self.options.max_retries) + 1) * max(capacity, 1)
         deaths = 0
         while pending or in_flight:
-            while pending and not idle and len(self._actors) < capacity:
+            while len(pending) > len(idle) and len(self._actors) < capacity:  # more work than idle actors
                 slot = next(s for s in range(capacity + len(self._restarts) + 1) if s not in self._actors)
                 self._start(slot)
                 idle.append(slot)

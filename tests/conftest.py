@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Ray starts its workers at nice 15 (the raylet first); on a CI machine shared with other jobs that starves
 # the actors behind everything else. The tests' nodes run them at normal priority.
 os.environ.setdefault("RAY_worker_niceness", "0")
+# Ray's token authentication, set before Ray is imported (its config is read then): the session's nodes, this
+# process and every subprocess that joins them (RAY_ADDRESS) share one token, never ~/.ray's.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 # The tiny models are dominated by per-op overhead: one intra-op thread is faster and keeps
 # Ray workers and pytest from oversubscribing CI's two cores. FASTFACE_TEST_THREADS=2 runs the
@@ -137,16 +142,13 @@ def stop_process_group(proc, timeout: float = 60.0) -> None:
 def start_session_ray():
     """The session's local Ray: one node with 2 CPUs and a faked GPU, no dashboard; this process its driver.
 
-    Workers inherit this process's environment (HF_HUB_OFFLINE etc. above). The token of the
-    session's cluster is set in this environment, so subprocesses joining it (RAY_ADDRESS) have it.
+    Workers inherit this process's environment (HF_HUB_OFFLINE, the Ray token etc. above), and so
+    do subprocesses that join it through RAY_ADDRESS.
     """
-    import secrets
     import tempfile
 
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
     log = Path(tempfile.mkdtemp(prefix="fastface-ray-")) / "head.log"
     proc, address = ray_start_node(log, num_cpus=2, num_gpus=1)
     try:
