@@ -111,14 +111,14 @@ def print_figures(title: str, figures: dict) -> None:
 
 
 def tiny_actor_scaling(root: str, images: int, workers: int) -> float:
+    import importlib.util
+    from pathlib import Path
+
     from actors.pool import GeneratorPools, PoolOptions
     from fastface.presets import get_preset
     from fastface.tiny import ensure_tiny_models
     from storage import Store, Sweep
     from storage.ids import bytes_sha256
-
-    import importlib.util
-    from pathlib import Path
 
     spec = importlib.util.find_spec("insightface")
     photo = Path(next(iter(spec.submodule_search_locations))) / "data" / "images" / "Tom_Hanks_54745.png"

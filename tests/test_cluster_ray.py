@@ -21,9 +21,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import (
+    fixed_agent_ports,
+    free_port,
+    ray_start_node,
+    start_session_ray,
+    stop_process_group,
+    stop_session_ray,
+)
 
-from conftest import (fixed_agent_ports, free_port, ray_start_node, start_session_ray, stop_process_group,
-                      stop_session_ray)
 from storage import Catalog, Store
 
 ray = pytest.importorskip("ray")
@@ -85,9 +91,16 @@ def cluster():
 
 
 def test_sweep_spreads_over_nodes_and_survives_a_lost_node(cluster, tmp_path, tiny_models):
-    from actors.pool import GeneratorPools, PoolOptions
-    from test_actors import STEPS, identity_row, make_examples, raw_generation_counts, tiny_factory  # noqa: F401
     from metrics_fixtures import sample_photo
+    from test_actors import (  # noqa: F401
+        STEPS,
+        identity_row,
+        make_examples,
+        raw_generation_counts,
+        tiny_factory,
+    )
+
+    from actors.pool import GeneratorPools, PoolOptions
 
     harness, workers = cluster
     identities = [identity_row("hanks", sample_photo("Tom_Hanks_54745.png")),

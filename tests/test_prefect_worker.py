@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 import pytest
+from test_flows_chain import prefect_server, raw_counts  # noqa: F401  (fixture)
 
 from storage import Store
-from test_flows_chain import prefect_server, raw_counts  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOYMENT = "evaluate/nightly-smoke"
