@@ -119,7 +119,7 @@ def test_worker_runs_the_deployment_and_resumes_after_being_killed(deployed, ray
         with get_client(sync_client=True) as client:  # artifacts by key: one run made the 8 images, the other none
             tables = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["ci-generation"])))
         assert sorted(json.loads(t.data)[0]["ok"] for t in tables) == [0, 8]
-        assert Artifact.get("ci-summary").type == "markdown" and Artifact.get("ci-report").type == "link"
+        assert Artifact.get("ci-summary").type == "markdown" and Artifact.get("ci-table").type == "table"
 
         # Killed during generation (worker and flow-run process, SIGKILL) ...
         root = tmp_path / "killed"
