@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -25,23 +26,78 @@ from fastface.provenance import package_versions
 from storage.ids import bytes_sha256
 from storage.store import Store
 
-#: Columns whose values must be equal for every example of one pipeline call.
-BATCH_KEY = ("model", "preset", "ip_adapter_scale", "lora_scale", "width", "height", "steps")
 
 PipelineFactory = Callable[..., Any]  # load_pipeline(model, *, steps, device, dtype, cache_dir, **overrides)
 
 
-def batch_key(row: Mapping[str, Any]) -> tuple:
-    """The settings one pipeline call shares (:data:`BATCH_KEY`), with numbers normalised."""
-    return (
-        str(row["model"]),
-        str(row["preset"]),
-        float(row["ip_adapter_scale"]),
-        float(row["lora_scale"]),
-        int(row["width"]),
-        int(row["height"]),
-        int(row["steps"]),
-    )
+@dataclass(frozen=True, order=True)
+class BatchKey:
+    """The settings every example of one pipeline call shares (numbers normalised, so equal settings compare equal)."""
+
+    model: str
+    preset: str
+    ip_adapter_scale: float
+    lora_scale: float
+    width: int
+    height: int
+    steps: int
+
+    @classmethod
+    def of(cls, row: Mapping[str, Any]) -> "BatchKey":
+        """The key of an ``examples`` row."""
+        return cls(
+            model=str(row["model"]),
+            preset=str(row["preset"]),
+            ip_adapter_scale=float(row["ip_adapter_scale"]),
+            lora_scale=float(row["lora_scale"]),
+            width=int(row["width"]),
+            height=int(row["height"]),
+            steps=int(row["steps"]),
+        )
+
+
+#: Columns whose values must be equal for every example of one pipeline call.
+BATCH_KEY = tuple(f.name for f in fields(BatchKey))
+
+
+def batch_key(row: Mapping[str, Any]) -> BatchKey:
+    """:meth:`BatchKey.of` (kept for callers of the function form)."""
+    return BatchKey.of(row)
+
+
+@dataclass(frozen=True)
+class GeneratorOptions:
+    """How each generator actor loads its pipeline (everything but the model and steps, which come from the batches).
+
+    ``pipeline_overrides`` go to the pipeline factory (load_pipeline's ``lora_scale``, source
+    overrides such as ``sdxl_base=``, or a test factory's own arguments).
+    """
+
+    device: str | None = None
+    dtype: str | None = None
+    cache_dir: str | None = None
+    identity_cache_dir: str | None = None
+    face_backend: str | None = None
+    face_backend_options: Mapping[str, Any] | None = None
+    pipeline_factory: PipelineFactory | None = None
+    fail_oom_above_batch: int | None = None  # test hook: raise torch.OutOfMemoryError for larger batches
+    pipeline_overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, options: Mapping[str, Any] | None) -> "GeneratorOptions":
+        """Known option names become fields; the rest become ``pipeline_overrides``."""
+        options = dict(options or {})
+        for reserved in ("store", "model", "steps", "identities", "worker_id", "node"):
+            if reserved in options:
+                raise ValueError(f"pipeline options may not set {reserved!r}; it comes from the examples and the pool")
+        known = {f.name for f in fields(cls)} - {"pipeline_overrides"}
+        overrides = {k: v for k, v in options.items() if k not in known}
+        return cls(**{k: v for k, v in options.items() if k in known}, pipeline_overrides=overrides)
+
+    def worker_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`GeneratorWorker` (besides store, model, steps, identities)."""
+        kwargs = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "pipeline_overrides"}
+        return {**kwargs, **dict(self.pipeline_overrides)}
 
 
 def identity_index(rows: "Iterable[Mapping[str, Any]] | Mapping[str, Mapping[str, Any]] | None") -> dict[str, dict]:
@@ -122,6 +178,7 @@ class GeneratorWorker:
         face_backend_options: Mapping[str, Any] | None = None,
         pipeline_factory: PipelineFactory | None = None,
         worker_id: str | None = None,
+        node: str | None = None,
         fail_oom_above_batch: int | None = None,
         **pipeline_overrides: Any,
     ) -> None:
@@ -152,6 +209,7 @@ class GeneratorWorker:
         self.identities_prepared = 0  # how many identities this worker has prepared (for tests and logs)
         self.fail_oom_above_batch = fail_oom_above_batch
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.node = node or socket.gethostname()  # the Ray node id when run by actors.pool
         device_name = str(self.device)
         if self.device.type == "cuda":
             device_name += f" ({torch.cuda.get_device_name(self.device)})"
@@ -238,21 +296,21 @@ class GeneratorWorker:
         return cached
 
     # -- generation --------------------------------------------------------------
-    def check_batch(self, batch: Sequence[Mapping[str, Any]]) -> tuple:
-        """Validate a batch; return its :func:`batch_key`."""
+    def check_batch(self, batch: Sequence[Mapping[str, Any]]) -> BatchKey:
+        """Validate a batch; return its :class:`BatchKey`."""
         if not batch:
             raise ValueError("empty batch: give at least one examples row")
-        keys = {batch_key(row) for row in batch}
+        keys = {BatchKey.of(row) for row in batch}
         if len(keys) > 1:
             raise ValueError(
                 f"batch mixes settings {sorted(keys)}; one pipeline call needs one value of each of {BATCH_KEY} "
-                "(group examples with actors.generator.batch_key)"
+                "(group examples by actors.generator.BatchKey.of)"
             )
         key = keys.pop()
-        if key[0] != self.model:
-            raise ValueError(f"batch is for model {key[0]!r} but this worker loaded {self.model!r}")
-        if self.steps is not None and key[6] != self.steps:
-            raise ValueError(f"batch asks for {key[6]} steps but this worker loaded {self.model!r} for {self.steps}")
+        if key.model != self.model:
+            raise ValueError(f"batch is for model {key.model!r} but this worker loaded {self.model!r}")
+        if self.steps is not None and key.steps != self.steps:
+            raise ValueError(f"batch asks for {key.steps} steps but this worker loaded {self.model!r} for {self.steps}")
         ids = [row["example_id"] for row in batch]
         if len(set(ids)) != len(ids):
             raise ValueError("batch lists an example_id twice")
@@ -266,7 +324,7 @@ class GeneratorWorker:
         """
         import torch
 
-        _, preset, ip_scale, lora_scale, width, height, steps = self.check_batch(batch)
+        key = self.check_batch(batch)
         if self.fail_oom_above_batch is not None and len(batch) > self.fail_oom_above_batch:
             raise torch.OutOfMemoryError(
                 f"injected out-of-memory: batch of {len(batch)} > fail_oom_above_batch={self.fail_oom_above_batch}"
@@ -288,13 +346,13 @@ class GeneratorWorker:
                 [example["prompt"] for example in runnable],
                 id_embeds=np.stack([identity.embedding for identity in inputs]),
                 clip_states=torch.cat([identity.clip_states for identity in inputs]),
-                preset=preset,
-                ip_adapter_scale=ip_scale,
-                lora_scale=lora_scale,
+                preset=key.preset,
+                ip_adapter_scale=key.ip_adapter_scale,
+                lora_scale=key.lora_scale,
                 seeds=[int(example["seed"]) for example in runnable],
-                num_inference_steps=steps,
-                height=height,
-                width=width,
+                num_inference_steps=key.steps,
+                height=key.height,
+                width=key.width,
                 output_type="np",
             )
             seconds = (time.perf_counter() - started) / len(runnable)
@@ -308,6 +366,31 @@ class GeneratorWorker:
         """``generations`` rows for a batch of ``examples`` rows that share :data:`BATCH_KEY` (one pipeline call)."""
         return self.render(batch)[0]
 
+    def render_text(self, batch: Sequence[Mapping[str, Any]]) -> list[dict]:
+        """Plain text-to-image renders for dataset synthesis: ``{key, image}`` (HxWx3 uint8) per ``{key, prompt, seed, size}``.
+
+        With λ = 0 and the adapter's LoRA at 0 (load the pool with ``lora_scale=0``) the
+        identity branch adds nothing, so this is the checkpoint's SDXL text-to-image and no
+        second model is loaded. Rows of one call share ``size`` and run as one pipeline call.
+        """
+        import torch
+
+        sizes = {int(row["size"]) for row in batch}
+        if len(sizes) != 1:
+            raise ValueError(f"one render call needs one size, got {sorted(sizes)}")
+        size = sizes.pop()
+        width = int(self.pipe._faceid_projection().proj.net[0].proj.in_features)
+        null_states = self.pipe.null_clip_states()
+        out = self.pipe(
+            [row["prompt"] for row in batch], id_embeds=np.zeros((len(batch), width), np.float32),
+            clip_states=torch.cat([null_states] * len(batch)), preset="baseline", ip_adapter_scale=0.0,
+            lora_scale=0.0, seeds=[int(row["seed"]) for row in batch], num_inference_steps=self.steps,
+            height=size, width=size, output_type="np",
+        )
+        images = (np.clip(np.asarray(out.images, dtype=np.float32), 0, 1) * 255).round().astype(np.uint8)
+        return [{"key": row["key"], "image": image, "worker": self.worker_id, "node": self.node}
+                for row, image in zip(batch, images)]
+
     def _row(self, example: Mapping[str, Any], *, status: str, image_uri: str | None = None,
              seconds: float | None = None, error: str | None = None) -> dict:
         return {
@@ -318,6 +401,7 @@ class GeneratorWorker:
             "seconds": seconds,
             "device": self.device_name,
             "worker": self.worker_id,
+            "node": self.node,
             "versions": self.versions,
             "error": error,
         }

@@ -1,16 +1,20 @@
-"""Ray pools of generator and metric actors: batches out, rows back, the driver writes them.
+"""Ray pools of generator and metric actors that live for a whole flow run: batches in, rows back, the driver writes them.
 
-- One actor per GPU Ray sees (``num_gpus=1``), or a fraction of a GPU each when more
-  workers than GPUs are asked for; with no GPU, actors on CPUs (one per
-  ``cpus_per_worker`` CPUs, at least one).
-- Examples are grouped into batches that share a pipeline call (:data:`actors.generator.BATCH_KEY`
-  and the run), actors load their model once, and batches are handed out with ``ray.wait``.
-- The DRIVER appends each finished batch's rows as ONE Parquet file (atomic), so a crash
-  never records half a batch, and a re-run (planned with :mod:`storage.plan`) does only
-  what is missing.
-- Faults: an actor that dies has its batch retried on a replacement actor (``max_retries``
-  per batch); a CUDA out-of-memory error splits the batch in halves, down to one example,
-  which then gets a failed row.
+- :class:`ActorPool` is one pool of actors of one kind (:class:`WorkerSpec`: a plain worker
+  class, its batch method and its constructor arguments). Actors start lazily, up to the
+  pool's shape (:func:`pool_shape`: one per GPU Ray sees, fractions of a GPU when more
+  workers are asked for, else one per ``cpus_per_worker`` CPUs), load their model ONCE and
+  are then fed batch after batch, call after call, until :meth:`ActorPool.close`. A flow
+  opens its pools once and feeds them shard by shard (:class:`GeneratorPools`,
+  :class:`MetricPool`), so N shards on M actors load each model M times, not N × M.
+- The DRIVER appends each finished batch's rows as ONE file (:meth:`storage.Store.append`,
+  atomic), so a crash never records half a batch, and a re-run plans only what is missing.
+- Faults: an actor that dies (a killed process, a lost node) has its batch retried on a
+  replacement actor (``max_retries`` per batch); when the cluster has shrunk below the
+  pool's shape the slot is retired instead of restarted. A CUDA out-of-memory error splits
+  the batch in halves, down to one example, which then gets a failed row. A worker
+  exception fails its batch's rows and the sweep goes on; an actor that cannot start
+  (a bad model name) stops the run with its reason.
 
 Works on a local Ray (``ray.init()``) or an existing cluster (``RAY_ADDRESS``); see
 :func:`connect_ray`. Uses Ray directly, not Prefect's task runner, so flows stay thin.
@@ -19,12 +23,13 @@ Works on a local Ray (``ray.init()``) or an existing cluster (``RAY_ADDRESS``); 
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import re
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from fastface.extras import require
 
@@ -33,38 +38,62 @@ require("ray", needed_for="the Ray actor pools")
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from actors.generator import GeneratorWorker, batch_key, failed_generation_rows, identity_index
+from actors.generator import BatchKey, GeneratorOptions, GeneratorWorker, failed_generation_rows, identity_index
 from actors.scorer import MetricWorker, failed_metric_rows
 from storage.plan import plan_missing_generations, plan_missing_metrics
 from storage.store import Store
 
 NAMESPACE = "fastface"
-"""Ray namespace of the pools' named actors (``fastface-generator-<pool>-<slot>.<restart>``)."""
+"""Ray namespace of the pools' named actors (``fastface-<kind>-<pool>-<slot>.<restart>``)."""
 
 _OOM = "__out_of_memory__"
+log = logging.getLogger("fastface.actors")
 
 
 def connect_ray(address: str | None = None, **init_kwargs: Any) -> dict[str, float]:
     """Join a Ray cluster unless this process already has: ``address``, else ``$RAY_ADDRESS``, else a local one.
 
     Returns ``ray.cluster_resources()``. ``init_kwargs`` go to ``ray.init`` (``num_cpus``,
-    ``num_gpus``, ``runtime_env``, …) and are ignored when Ray is already initialised.
+    ``num_gpus``, ``runtime_env``, …) and are ignored when Ray is already initialised. A
+    cluster with token authentication needs ``RAY_AUTH_MODE=token`` and the cluster's token
+    (``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH``) in this process's environment, as on
+    every node (see infra/README.md).
     """
+    global _connection
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or None
+        init_kwargs.setdefault("log_to_driver", _verbose())
         ray.init(address=address, **init_kwargs)
+        _connection = f"joined the cluster at {address}" if address else "started a local Ray"
     return ray.cluster_resources()
 
 
-def pool_shape(num_workers: int | None = None, *, cpus_per_worker: float = 1.0) -> tuple[int, float]:
+_connection = "joined an already connected Ray"
+
+
+def describe_ray() -> str:
+    """How this process reached Ray and what the cluster holds, e.g. ``joined the cluster at h:6379 (2 nodes, …)``."""
+    resources = ray.cluster_resources()
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    return (f"{_connection} ({nodes} node{'' if nodes == 1 else 's'}, {resources.get('CPU', 0):g} CPUs, "
+            f"{resources.get('GPU', 0):g} GPUs)")
+
+
+def _verbose() -> bool:
+    """Model-loading bars and worker logs only with ``--verbose`` (FASTFACE_VERBOSE=1) or debug logging."""
+    return os.environ.get("FASTFACE_VERBOSE", "") not in ("", "0") or logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
+def pool_shape(num_workers: int | None = None, *, cpus_per_worker: float = 1.0, use_gpus: bool = True) -> tuple[int, float]:
     """``(workers, GPUs per worker)`` for the GPUs Ray sees; ``(n, 0.0)`` on a cluster without GPUs.
 
     By default one worker per whole GPU. More workers than GPUs share them in equal fractions.
     Without GPUs, one worker per ``cpus_per_worker`` CPUs (at least one). Never more workers
     than the cluster's CPUs can place at ``cpus_per_worker`` each (each actor reserves that many).
+    ``use_gpus=False`` shapes a CPU-only pool on any cluster.
     """
     resources = ray.cluster_resources()
-    gpus = float(resources.get("GPU", 0.0))
+    gpus = float(resources.get("GPU", 0.0)) if use_gpus else 0.0
     cpus = float(resources.get("CPU", 1.0))
     if num_workers is not None and int(num_workers) < 1:
         raise ValueError(f"num_workers must be at least 1, got {num_workers}")
@@ -81,25 +110,94 @@ def pool_shape(num_workers: int | None = None, *, cpus_per_worker: float = 1.0) 
     return workers, (1.0 if workers <= gpus else gpus / workers)
 
 
+# -- the actor -------------------------------------------------------------------------------------
 class _WorkerActor:
-    """Ray actor around a worker (:class:`GeneratorWorker` or :class:`MetricWorker`) that loads its models once.
+    """Ray actor around a plain worker (:class:`GeneratorWorker`, :class:`MetricWorker`) that loads its models once.
 
-    ``method`` is the worker's batch method; an out-of-memory error comes back as a marker, not a crash.
+    ``run`` calls the worker's batch method; an out-of-memory error comes back as a marker, not a crash.
     """
 
-    def __init__(self, worker_class: type, method: str, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, worker_class: type, method: str, *args: Any, verbose: bool = False, **kwargs: Any) -> None:
+        if not verbose:  # model-loading bars of every actor would bury the driver's progress display
+            _quiet_loaders()
+        self.node = ray.get_runtime_context().get_node_id()
         self.worker = worker_class(*args, **kwargs)
-        self._run = getattr(self.worker, method)
+        if hasattr(self.worker, "node"):  # rows record the Ray node they were made on
+            self.worker.node = self.node
+        self._method = method
 
-    def run(self, batch: list[dict]) -> Any:
+    def run(self, batch: list[dict], method: str | None = None) -> Any:
         import torch
 
         try:
-            return self._run(batch)
+            return getattr(self.worker, method or self._method)(batch)
         except torch.OutOfMemoryError as exc:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             return {_OOM: str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"}
+
+    def describe(self) -> dict:
+        return {"pid": os.getpid(), "node": self.node}
+
+
+def _quiet_loaders() -> None:
+    """Turn off the libraries' model-loading progress bars and info logs in this (actor) process."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
+        diffusers_logging.set_verbosity_error()
+    except ImportError:
+        pass
+    try:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+        transformers_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+# -- the pool --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PoolOptions:
+    """Shape and fault tolerance of a pool (``execution`` of the config)."""
+
+    num_workers: int | None = None  # default: one per GPU, else one per cpus_per_worker CPUs
+    cpus_per_worker: float = 1.0
+    max_retries: int = 2  # re-runs of a batch whose actor died
+    use_gpus: bool = True  # False: CPU actors even where GPUs are (face analysis next to a generator pool)
+    verbose: bool | None = None  # model-loading bars in the actors; default from FASTFACE_VERBOSE / debug logging
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What every actor of a pool builds: ``worker_class(*args, worker_id=…, **kwargs)``, fed through ``method``."""
+
+    worker_class: type
+    method: str
+    args: tuple = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PoolStats:
+    """Counts of one pool call (or, summed, of a whole pool's life)."""
+
+    batches: int = 0
+    ok: int = 0  # rows recorded without an error
+    failed: int = 0  # rows recorded with status failed / an error
+    retried: int = 0  # batches re-run after their actor died
+    split: int = 0  # batches halved after an out-of-memory error
+    actor_restarts: int = 0
+    files: int = 0
+    workers: int = 0  # the most actors the pool had at once
+    actors_started: int = 0  # every start loads the worker's models once
+
+    def add(self, other: "PoolStats") -> None:
+        for key, value in asdict(other).items():
+            setattr(self, key, max(getattr(self, key), value) if key == "workers" else getattr(self, key) + value)
 
 
 @dataclass
@@ -121,122 +219,324 @@ def _task_error_text(exc: RayTaskError) -> str:
     return str(exc).strip().splitlines()[-1]
 
 
-def _drive(
-    store: Store,
-    table: str,
-    batches: list[list[dict]],
-    *,
-    actor_class: type,
-    actor_args: tuple,
-    actor_kwargs: dict,
-    kind: str,
-    num_workers: int | None,
-    cpus_per_worker: float,
-    max_retries: int,
-    failed_rows: Callable[[list[dict], str], list[dict]],
-    units: Callable[[list[dict]], int],
-    bar: Any,
-    on_batch: Callable[[dict], None] | None,
-    stats: dict,
-) -> None:
-    """Run ``batches`` on a pool of ``actor_class`` actors; append each batch's rows to ``table`` as one file."""
-    if not batches:
-        return
-    workers, gpus_each = pool_shape(num_workers, cpus_per_worker=cpus_per_worker)
-    workers = min(workers, len(batches))
-    remote = ray.remote(actor_class)
-    pool_id = uuid.uuid4().hex[:8]
-    restarts_allowed = max(0, max_retries) * workers + workers
-    stats["workers"] = max(stats.get("workers", 0), workers)
+class ActorPool:
+    """Actors of one :class:`WorkerSpec`, started on first use and kept until :meth:`close`.
 
-    def start(slot: int, restart: int):
-        name = f"fastface-{kind}-{pool_id}-{slot}.{restart}"
-        return remote.options(
-            name=name, namespace=NAMESPACE, num_gpus=gpus_each, num_cpus=cpus_per_worker, max_restarts=0,
-        ).remote(*actor_args, worker_id=name, **actor_kwargs)
+    :meth:`record` runs batches and appends each one's rows to a store table (one file per
+    batch); :meth:`map` runs batches and returns their results (dataset synthesis).
+    """
 
-    actors = [start(slot, 0) for slot in range(workers)]
-    restarts = [0] * workers
-    pending = collections.deque(_Batch(rows) for rows in batches)
-    idle = list(range(workers))[::-1]
-    in_flight: dict[Any, tuple[int, _Batch]] = {}
+    def __init__(self, spec: WorkerSpec, *, kind: str, options: PoolOptions = PoolOptions(),
+                 actor_class: type = _WorkerActor) -> None:
+        self.spec, self.kind, self.options = spec, kind, options
+        self._remote = ray.remote(actor_class)
+        self._pool_id = uuid.uuid4().hex[:8]
+        self._actors: dict[int, Any] = {}  # slot -> handle
+        self._restarts: dict[int, int] = {}
+        self._capacity: int | None = None
+        self._gpus_each = 0.0
+        self.stats = PoolStats()  # the whole life of the pool
+        self.closed = False
 
-    def record(rows: list[dict]) -> None:
-        by_run: dict[str, list[dict]] = {}
-        for row in rows:
-            by_run.setdefault(row["run_id"], []).append(row)
-        for run_id, run_rows in by_run.items():
-            if store.append(table, run_rows, run_id) is not None:
-                stats["files"] += 1
-        failed = sum(1 for row in rows if row.get("status") == "failed" or row.get("error") is not None)
-        stats["failed"] += failed
-        stats["ok"] += len(rows) - failed
-        bar.update(units(rows))
-        if on_batch is not None:
-            on_batch({"kind": kind, "rows": rows, **{k: v for k, v in stats.items() if not isinstance(v, dict)}})
+    # -- actors ----------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return f"fastface-{self.kind}-{self._pool_id}"
 
-    try:
+    def _shape(self) -> int:
+        if self._capacity is None:
+            self._capacity, self._gpus_each = pool_shape(self.options.num_workers,
+                                                         cpus_per_worker=self.options.cpus_per_worker,
+                                                         use_gpus=self.options.use_gpus)
+        return self._capacity
+
+    def _start(self, slot: int) -> Any:
+        restart = self._restarts.setdefault(slot, 0)
+        name = f"{self.name}-{slot}.{restart}"
+        verbose = _verbose() if self.options.verbose is None else self.options.verbose
+        handle = self._remote.options(
+            name=name, namespace=NAMESPACE, num_gpus=self._gpus_each, num_cpus=self.options.cpus_per_worker,
+            max_restarts=0,
+        ).remote(self.spec.worker_class, self.spec.method, *self.spec.args, worker_id=name, verbose=verbose,
+                 **dict(self.spec.kwargs))
+        self._actors[slot] = handle
+        self.stats.actors_started += 1
+        self.stats.workers = max(self.stats.workers, len(self._actors))
+        return handle
+
+    def actors(self) -> dict[str, Any]:
+        """Named handles of the live actors (for tests and diagnostics)."""
+        return {f"{self.name}-{slot}.{self._restarts[slot]}": handle for slot, handle in self._actors.items()}
+
+    def close(self) -> None:
+        """Kill the actors (their models go with them); the pool cannot be used afterwards."""
+        for handle in self._actors.values():
+            try:
+                ray.kill(handle, no_restart=True)
+            except Exception:  # already dead, or Ray is shutting down
+                pass
+        self._actors.clear()
+        self.closed = True
+
+    def __enter__(self) -> "ActorPool":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- feeding ---------------------------------------------------------------------------------
+    def _execute(self, batches: Iterable[list[dict]], on_result: Callable[[list[dict], Any], None],
+                 on_failure: Callable[[list[dict], str], None], stats: PoolStats, method: str | None) -> None:
+        """Feed ``batches`` to the actors; every batch ends in exactly one ``on_result`` or ``on_failure`` per row."""
+        if self.closed:
+            raise RuntimeError(f"{self.kind} pool is closed")
+        pending = collections.deque(_Batch(list(rows)) for rows in batches if rows)
+        if not pending:
+            return
+        capacity = self._shape()
+        idle = sorted(self._actors, reverse=True)  # live actors wait for work between calls
+        in_flight: dict[Any, tuple[int, _Batch]] = {}
+        restarts_allowed = (max(0, self.options.max_retries) + 1) * max(capacity, 1)
+        deaths = 0
         while pending or in_flight:
+            while len(pending) > len(idle) and len(self._actors) < capacity:  # more work than idle actors
+                slot = next(s for s in range(capacity + len(self._restarts) + 1) if s not in self._actors)
+                self._start(slot)
+                idle.append(slot)
             while pending and idle:
                 slot = idle.pop()
                 batch = pending.popleft()
-                in_flight[actors[slot].run.remote(batch.rows)] = (slot, batch)
+                in_flight[self._actors[slot].run.remote(batch.rows, method)] = (slot, batch)
+            if not in_flight:
+                raise RuntimeError(f"{self.kind} pool has no actors left and the cluster has no room for new ones "
+                                   f"({len(pending)} batches waiting)")
             (ref,), _ = ray.wait(list(in_flight), num_returns=1)
             slot, batch = in_flight.pop(ref)
             try:
                 result = ray.get(ref)
             except RayActorError as exc:
                 if getattr(exc, "actor_init_failed", False):  # a config error: every replacement would fail too
-                    raise RuntimeError(f"{kind} actor failed to start: {_last_line(str(exc))}") from exc
-                stats["actor_restarts"] += 1
-                if stats["actor_restarts"] > restarts_allowed:
+                    raise RuntimeError(f"{self.kind} actor failed to start: {_last_line(str(exc))}") from exc
+                deaths += 1
+                stats.actor_restarts += 1
+                if deaths > restarts_allowed:
                     raise RuntimeError(
-                        f"{kind} actors died {stats['actor_restarts']} times (limit {restarts_allowed}); giving up"
+                        f"{self.kind} actors died {deaths} times (limit {restarts_allowed}); giving up"
                     ) from exc
-                restarts[slot] += 1
-                actors[slot] = start(slot, restarts[slot])
-                idle.append(slot)
-                batch.attempts += 1
-                if batch.attempts > max_retries:
-                    record(failed_rows(batch.rows, f"{kind} actor died {batch.attempts} times on this batch: {exc}"))
+                del self._actors[slot]
+                self._restarts[slot] += 1
+                # A lost node shrinks the cluster: keep only as many actors as it can still place.
+                self._capacity = None
+                capacity = self._shape()
+                if len(self._actors) < capacity:
+                    self._start(slot)
+                    idle.append(slot)
                 else:
-                    stats["retried"] += 1
+                    log.warning("%s pool: actor %s lost; the cluster now holds %d actors of this pool",
+                                self.kind, slot, capacity)
+                batch.attempts += 1
+                if batch.attempts > self.options.max_retries:
+                    on_failure(batch.rows, f"{self.kind} actor died {batch.attempts} times on this batch: {exc}")
+                else:
+                    stats.retried += 1
                     pending.appendleft(batch)
                 continue
-            except RayTaskError as exc:  # the worker raised: record the batch as failed, keep the sweep going
+            except RayTaskError as exc:  # the worker raised: the batch fails, the sweep goes on
                 idle.append(slot)
-                record(failed_rows(batch.rows, _task_error_text(exc)))
+                on_failure(batch.rows, _task_error_text(exc))
                 continue
             idle.append(slot)
             if isinstance(result, dict) and _OOM in result:
                 if len(batch.rows) > 1:
-                    stats["split"] += 1
+                    stats.split += 1
                     half = (len(batch.rows) + 1) // 2
                     pending.appendleft(_Batch(batch.rows[half:], batch.attempts))
                     pending.appendleft(_Batch(batch.rows[:half], batch.attempts))
                 else:
-                    record(failed_rows(batch.rows, f"out of memory at batch size 1: {result[_OOM]}"))
+                    on_failure(batch.rows, f"out of memory at batch size 1: {result[_OOM]}")
                 continue
-            record(result)
-    finally:
-        for actor in actors:
-            ray.kill(actor, no_restart=True)
+            on_result(batch.rows, result)
+
+    def record(self, store: Store, table: str, batches: Sequence[list[dict]], *,
+               failed_rows: Callable[[list[dict], str], list[dict]],
+               on_batch: Callable[[dict], None] | None = None) -> PoolStats:
+        """Run ``batches``; append each batch's rows (or its failed rows) to ``table`` as one file per run."""
+        stats = PoolStats(batches=len(batches))
+        before = (self.stats.actors_started, self.stats.workers)
+
+        def write(rows: list[dict]) -> None:
+            by_run: dict[str, list[dict]] = {}
+            for row in rows:
+                by_run.setdefault(row["run_id"], []).append(row)
+            for run_id, run_rows in by_run.items():
+                if store.append(table, run_rows, run_id) is not None:
+                    stats.files += 1
+            failed = sum(1 for row in rows if row.get("status") == "failed" or row.get("error") is not None)
+            stats.failed += failed
+            stats.ok += len(rows) - failed
+            if on_batch is not None:
+                on_batch({"kind": self.kind, "rows": rows, "ok": stats.ok, "failed": stats.failed})
+
+        self._execute(batches, lambda _, rows: write(rows), lambda batch, error: write(failed_rows(batch, error)),
+                      stats, None)
+        stats.actors_started = self.stats.actors_started - before[0]
+        stats.workers = self.stats.workers
+        self.stats.add(PoolStats(**{**asdict(stats), "actors_started": 0, "workers": 0}))
+        return stats
+
+    def map(self, batches: Sequence[list[dict]], *, method: str | None = None) -> list[Any]:
+        """Run ``batches`` (with ``method`` instead of the spec's) and return their results, concatenated in order.
+
+        A batch that fails (worker exception, out of memory at one row, actor deaths past the
+        retries) raises: results here feed a computation, not a table of per-row outcomes.
+        """
+        keyed = [[dict(row, _order=(b, i)) for i, row in enumerate(rows)] for b, rows in enumerate(batches)]
+        out: dict[tuple[int, int], Any] = {}
+        stats = PoolStats(batches=len(batches))
+
+        def keep(rows: list[dict], results: list[Any]) -> None:
+            for row, result in zip(rows, results):
+                out[row["_order"]] = result
+
+        def fail(rows: list[dict], error: str) -> None:
+            raise RuntimeError(f"{self.kind} pool: {error}")
+
+        self._execute(keyed, keep, fail, stats, method)
+        self.stats.add(PoolStats(**{**asdict(stats), "actors_started": 0, "workers": 0}))
+        return [out[key] for key in sorted(out)]
 
 
-def _new_stats() -> dict:
-    return {"planned": 0, "skipped": 0, "batches": 0, "ok": 0, "failed": 0, "retried": 0, "split": 0,
-            "actor_restarts": 0, "files": 0, "workers": 0, "seconds": 0.0}
-
-
-def _identities_for(store: Store, identities: Any, hashes: set[str]) -> dict[str, dict]:
-    index = identity_index(identities)
-    if not hashes <= set(index):
-        index = {**identity_index(store.read("identities").to_pylist()), **index}
-    return {h: index[h] for h in hashes if h in index}
-
-
+# -- generation and scoring pools of a flow run ------------------------------------------------------
 def _chunks(rows: list[dict], size: int) -> list[list[dict]]:
-    return [rows[i : i + size] for i in range(0, len(rows), size)]
+    return [rows[i: i + size] for i in range(0, len(rows), size)]
+
+
+def _summary(stats: PoolStats, **extra: Any) -> dict:
+    return {**asdict(stats), **extra}
+
+
+class GeneratorPools:
+    """One generator pool per (model, steps) for the life of a flow run, fed shard by shard.
+
+    Pools of different models would claim the same GPUs, so a shard of a new model closes
+    the previous model's pool first; shards come grouped by model (:func:`flows.generate.shards`),
+    so each model's pool starts once per run. ``identities``: ``identities`` rows (or
+    content_hash → row) shipped to every actor once; hashes not found there are looked up in
+    the store by the workers.
+    """
+
+    def __init__(self, store: Store, *, options: GeneratorOptions | Mapping[str, Any] | None = None,
+                 pool: PoolOptions = PoolOptions(), batch_size: int = 4, identities: Any = None) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.store, self.batch_size, self.pool_options = store, int(batch_size), pool
+        self.options = options if isinstance(options, GeneratorOptions) else GeneratorOptions.from_mapping(options)
+        self._identities = identity_index(identities)
+        self._identities_ref = None
+        self._current: tuple[tuple[str, int], ActorPool] | None = None
+        self.stats = PoolStats()
+        self.loads: dict[tuple[str, int], int] = {}  # (model, steps) -> actors started (= pipelines loaded)
+
+    def pool_for(self, model: str, steps: int) -> ActorPool:
+        if self._current is not None and self._current[0] == (model, steps):
+            return self._current[1]
+        self._close_current()
+        if self._identities_ref is None:
+            self._identities_ref = ray.put(self._identities)
+        spec = WorkerSpec(GeneratorWorker, "generate", (self.store, model),
+                          dict(self.options.worker_kwargs(), steps=steps, identities=self._identities_ref))
+        pool = ActorPool(spec, kind="generator", options=self.pool_options)
+        self._current = ((model, steps), pool)
+        return pool
+
+    def generate(self, examples: Sequence[Mapping[str, Any]], *,
+                 on_batch: Callable[[dict], None] | None = None) -> dict:
+        """Generate ``examples`` (``examples`` rows, already planned) on the pools; returns the call's counts."""
+        started = time.perf_counter()
+        total = PoolStats()
+        groups: dict[tuple[str, int], dict[tuple[str, BatchKey], list[dict]]] = {}
+        for row in examples:
+            key = BatchKey.of(row)
+            groups.setdefault((key.model, key.steps), {}).setdefault((row["run_id"], key), []).append(dict(row))
+        for (model, steps), by_key in groups.items():
+            batches = [chunk for rows in by_key.values() for chunk in _chunks(rows, self.batch_size)]
+            pool = self.pool_for(model, steps)
+            stats = pool.record(self.store, "generations", batches, failed_rows=failed_generation_rows,
+                                on_batch=on_batch)
+            self.loads[(model, steps)] = self.loads.get((model, steps), 0) + stats.actors_started
+            total.add(stats)
+        self.stats.add(total)
+        return _summary(total, planned=len(examples), seconds=time.perf_counter() - started)
+
+    def _close_current(self) -> None:
+        if self._current is not None:
+            self._current[1].close()
+            self._current = None
+
+    def close(self) -> None:
+        self._close_current()
+
+    def __enter__(self) -> "GeneratorPools":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class MetricPool:
+    """The metric pool of a flow run: metric models load once per actor; fed with (example, metrics) work shard by shard."""
+
+    def __init__(self, store: Store, metrics: Sequence[str], *, options: Mapping[str, Any] | None = None,
+                 pool: PoolOptions = PoolOptions(), batch_size: int = 16, identities: Any = None) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.metrics = list(dict.fromkeys(metrics))
+        if not self.metrics:
+            raise ValueError("no metrics given")
+        self.store, self.batch_size = store, int(batch_size)
+        self._options = dict(options or {})
+        self._identities = identity_index(identities)
+        self._pool: ActorPool | None = None
+        self.pool_options = pool
+        self.stats = PoolStats()
+
+    @property
+    def pool(self) -> ActorPool:
+        if self._pool is None:
+            spec = WorkerSpec(MetricWorker, "score", (self.store, self.metrics),
+                              dict(self._options, identities=ray.put(self._identities), batch_size=self.batch_size))
+            self._pool = ActorPool(spec, kind="scorer", options=self.pool_options)
+        return self._pool
+
+    def score(self, work: Sequence[Mapping[str, Any]], *, on_batch: Callable[[dict], None] | None = None) -> dict:
+        """Score ``work``: ``examples`` rows, each with ``metrics`` (those still missing; default all of the pool's)."""
+        started = time.perf_counter()
+        groups: dict[tuple[str, BatchKey], list[dict]] = {}
+        for row in work:
+            groups.setdefault((row["run_id"], BatchKey.of(row)), []).append(dict(row))
+        batches = [chunk for rows in groups.values() for chunk in _chunks(rows, self.batch_size)]
+        stats = self.pool.record(self.store, "metrics", batches, on_batch=on_batch,
+                                 failed_rows=lambda batch, error: failed_metric_rows(batch, self.metrics, error))
+        self.stats.add(stats)
+        planned = sum(len(row.get("metrics") or self.metrics) for row in work)
+        return _summary(stats, planned=planned, seconds=time.perf_counter() - started)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+
+    def __enter__(self) -> "MetricPool":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# -- one-call forms (a pool for one call; flows keep theirs open for the whole run) ----------------
+def _progress_bar(total: int, desc: str, unit: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled)
 
 
 def run_generation(
@@ -245,7 +545,7 @@ def run_generation(
     *,
     batch_size: int = 4,
     num_workers: int | None = None,
-    pipeline_options: Mapping[str, Any] | None = None,
+    pipeline_options: Mapping[str, Any] | GeneratorOptions | None = None,
     progress: bool = True,
     identities: Any = None,
     max_retries: int = 2,
@@ -253,57 +553,47 @@ def run_generation(
     plan: bool = True,
     on_batch: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Generate the images of ``examples`` (``examples`` rows) on a Ray pool; returns a summary.
+    """Generate the images of ``examples`` (``examples`` rows) on pools opened for this call; returns a summary.
 
     With ``plan`` (default) examples whose latest ``generations`` row is ok are skipped
-    (:func:`storage.plan.plan_missing_generations`). Examples are grouped by run and
-    :data:`~actors.generator.BATCH_KEY` into batches of at most ``batch_size``; each
-    (model, steps) gets its own pool, one after another, so weights load once per actor.
-    ``pipeline_options`` go to :class:`~actors.generator.GeneratorWorker` (``device``,
-    ``dtype``, ``cache_dir``, ``identity_cache_dir``, ``face_backend``, ``pipeline_factory``,
-    load_pipeline overrides, the ``fail_oom_above_batch`` test hook). ``identities``:
-    identities rows for the examples (default: read from the store). ``on_batch(event)``
-    is called in the driver after each batch's rows are stored.
+    (:func:`storage.plan.plan_missing_generations`). ``pipeline_options``: a
+    :class:`~actors.generator.GeneratorOptions` or its fields as a mapping. ``identities``:
+    identities rows for the examples (default: the workers read them from the store).
 
-    Summary keys: planned, skipped, batches, ok, failed, retried (batches re-run after an
-    actor died), split (batches halved after out-of-memory), actor_restarts, files,
-    workers, seconds.
+    Summary keys: planned, skipped, batches, ok, failed, retried, split, actor_restarts,
+    files, workers, actors_started, seconds.
     """
-    from tqdm.auto import tqdm
-
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     started = time.perf_counter()
     connect_ray()
     rows = [dict(r) for r in examples]
     todo = plan_missing_generations(store, rows) if plan and rows else rows
-    stats = _new_stats()
-    stats["planned"], stats["skipped"] = len(todo), len(rows) - len(todo)
-    options = dict(pipeline_options or {})
-    for reserved in ("store", "model", "steps", "identities", "worker_id"):
-        if reserved in options:
-            raise ValueError(f"pipeline_options may not set {reserved!r}; it comes from the examples and the pool")
-    pools: dict[tuple[str, int], dict[tuple, list[dict]]] = {}
-    for row in todo:
-        key = batch_key(row)
-        pools.setdefault((key[0], key[6]), {}).setdefault((row["run_id"], *key), []).append(row)
-    with tqdm(total=len(todo), desc="generating", unit="img", disable=not progress) as bar:
-        for (model, steps), groups in pools.items():
-            batches = [chunk for group in groups.values() for chunk in _chunks(group, batch_size)]
-            stats["batches"] += len(batches)
-            hashes = {row["identity_hash"] for group in groups.values() for row in group}
-            index = ray.put(_identities_for(store, identities, hashes))
-            bar.set_description(f"generating {model}")
-            _drive(
-                store, "generations", batches,
-                actor_class=_WorkerActor, actor_args=(GeneratorWorker, "generate", store, model),
-                actor_kwargs=dict(options, steps=steps, identities=index),
-                kind="generator", num_workers=num_workers, cpus_per_worker=cpus_per_worker,
-                max_retries=max_retries, failed_rows=failed_generation_rows, units=len, bar=bar,
-                on_batch=on_batch, stats=stats,
-            )
-    stats["seconds"] = time.perf_counter() - started
-    return stats
+    options = PoolOptions(num_workers=num_workers, cpus_per_worker=cpus_per_worker, max_retries=max_retries)
+    with GeneratorPools(store, options=pipeline_options, pool=options, batch_size=batch_size,
+                        identities=identities) as pools, \
+            _progress_bar(len(todo), "images", "img", progress) as bar:
+        def step(event: dict) -> None:
+            bar.update(len(event["rows"]))
+            if on_batch is not None:
+                on_batch(event)
+
+        summary = pools.generate(todo, on_batch=step)
+    summary["skipped"] = len(rows) - len(todo)
+    summary["seconds"] = time.perf_counter() - started
+    return summary
+
+
+def missing_metric_work(store: Store, examples: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> list[dict]:
+    """``examples`` rows with the ``metrics`` each still lacks (:func:`storage.plan.plan_missing_metrics`, per run)."""
+    by_run: dict[str, list[dict]] = {}
+    for row in examples:
+        by_run.setdefault(row["run_id"], []).append(dict(row))
+    work = []
+    for run_rows in by_run.values():
+        wanted: dict[str, list[str]] = {}
+        for example_id, metric in plan_missing_metrics(store, run_rows, list(metrics)):
+            wanted.setdefault(example_id, []).append(metric)
+        work += [dict(row, metrics=wanted[row["example_id"]]) for row in run_rows if row["example_id"] in wanted]
+    return work
 
 
 def run_scoring(
@@ -321,60 +611,37 @@ def run_scoring(
     plan: bool = True,
     on_batch: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Score the generated images of ``examples`` with ``metrics`` on a Ray pool; returns a summary.
+    """Score the generated images of ``examples`` with ``metrics`` on a pool opened for this call; returns a summary.
 
     With ``plan`` (default) only (example, metric) pairs not yet scored whose generation is
-    ok are done (:func:`storage.plan.plan_missing_metrics`, per run). Each batch's rows
-    go to the ``metrics`` table as one file. ``metric_options`` go to
-    :class:`~actors.scorer.MetricWorker` (and from there to ``score_images``). Summary as
+    ok are done. The worker reads each image at ``images/<run>/<example_id>.png`` (where
+    the generator writes it) unless a row carries ``image_uri``. Summary as
     :func:`run_generation`, counted in (example, metric) rows; ``planned`` counts pairs.
     """
-    from tqdm.auto import tqdm
-
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     started = time.perf_counter()
     connect_ray()
     metrics = list(dict.fromkeys(metrics))
     if not metrics:
         raise ValueError("no metrics given")
     rows = [dict(r) for r in examples]
-    by_run: dict[str, list[dict]] = {}
-    for row in rows:
-        by_run.setdefault(row["run_id"], []).append(row)
-    stats = _new_stats()
-    todo: list[dict] = []
-    for run_id, run_rows in by_run.items():
-        if plan:
-            wanted: dict[str, list[str]] = {}
-            for example_id, metric in plan_missing_metrics(store, run_rows, metrics):
-                wanted.setdefault(example_id, []).append(metric)
-        else:
-            wanted = {row["example_id"]: list(metrics) for row in run_rows}
-        generations = {g["example_id"]: g for g in store.latest("generations", run_id=run_id).to_pylist()}
-        for row in run_rows:
-            if row["example_id"] in wanted:
-                uri = (generations.get(row["example_id"]) or {}).get("image_uri")
-                todo.append(dict(row, metrics=wanted[row["example_id"]], image_uri=uri))
-    stats["planned"] = sum(len(row["metrics"]) for row in todo)
-    stats["skipped"] = len(rows) * len(metrics) - stats["planned"]
-    groups: dict[tuple, list[dict]] = {}
-    for row in todo:
-        groups.setdefault((row["run_id"], *batch_key(row)), []).append(row)
-    batches = [chunk for group in groups.values() for chunk in _chunks(group, batch_size)]
-    stats["batches"] = len(batches)
-    index = ray.put(_identities_for(store, identities, {row["identity_hash"] for row in todo})) if todo else None
-    with tqdm(total=stats["planned"], desc=f"scoring {', '.join(metrics)}", unit="score", disable=not progress) as bar:
-        _drive(
-            store, "metrics", batches,
-            actor_class=_WorkerActor, actor_args=(MetricWorker, "score", store, metrics),
-            actor_kwargs=dict(dict(metric_options or {}), identities=index, batch_size=batch_size),
-            kind="scorer", num_workers=num_workers, cpus_per_worker=cpus_per_worker, max_retries=max_retries,
-            failed_rows=lambda batch, error: failed_metric_rows(batch, metrics, error), units=len, bar=bar,
-            on_batch=on_batch, stats=stats,
-        )
-    stats["seconds"] = time.perf_counter() - started
-    return stats
+    work = missing_metric_work(store, rows, metrics) if plan else [dict(r, metrics=metrics) for r in rows]
+    options = PoolOptions(num_workers=num_workers, cpus_per_worker=cpus_per_worker, max_retries=max_retries)
+    planned = sum(len(row["metrics"]) for row in work)
+    with MetricPool(store, metrics, options=metric_options, pool=options, batch_size=batch_size,
+                    identities=identities) as pool, \
+            _progress_bar(planned, "scores", "score", progress) as bar:
+        def step(event: dict) -> None:
+            bar.update(len(event["rows"]))
+            if on_batch is not None:
+                on_batch(event)
+
+        summary = pool.score(work, on_batch=step) if work else _summary(PoolStats(), planned=0)
+    summary["skipped"] = len(rows) * len(metrics) - planned
+    summary["seconds"] = time.perf_counter() - started
+    return summary
 
 
-__all__ = ["NAMESPACE", "connect_ray", "pool_shape", "run_generation", "run_scoring"]
+__all__ = [
+    "NAMESPACE", "ActorPool", "GeneratorPools", "MetricPool", "PoolOptions", "PoolStats", "WorkerSpec",
+    "connect_ray", "describe_ray", "missing_metric_work", "pool_shape", "run_generation", "run_scoring",
+]

@@ -50,7 +50,10 @@ class MetricWorker:
         self.device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
         self.batch_size = int(batch_size)
         # Models load once per worker; unknown metric names and option typos fail here, not per batch.
-        self._built = build_metrics(self.metrics, device=self.device, **metric_options)
+        # No metrics: a face-analysis worker (dataset synthesis and import), see detect_faces.
+        self._built = build_metrics(self.metrics, device=self.device, **metric_options) if self.metrics else None
+        self._face_backend = None
+        self._face_backend_options = dict(metric_options.get("face_backend_options") or {})
         faces = metric_options.get("faces")
         self.face_backend_name = (
             faces.backend.name if faces is not None else metric_options.get("face_backend", DEFAULT_FACE_BACKEND)
@@ -58,6 +61,43 @@ class MetricWorker:
         self._identity_rows = identity_index(identities)
         self._sources: dict[str, Any] = {}
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+
+    @property
+    def face_backend(self) -> Any:
+        """The face backend of ``face_backend`` (loaded once, on first use)."""
+        if self._face_backend is None:
+            from fastface.faces import get_face_backend
+
+            self._face_backend = get_face_backend(self.face_backend_name, **self._face_backend_options)
+        return self._face_backend
+
+    def detect_faces(self, batch: Sequence[Mapping[str, Any]]) -> list[dict]:
+        """Faces of images: ``{key, faces: [{bbox, area, embedding}], backend, threshold, dim}`` per ``{key, image}``.
+
+        ``image`` is an HxWx3 uint8 array or encoded bytes (PNG/JPEG, EXIF-rotated when decoded).
+        Faces come in the backend's order (insightface: by detection score; the first is the
+        "most prominent" face the authors embed).
+        """
+        backend = self.face_backend
+        out = []
+        for row in batch:
+            image = row["image"]
+            rgb = load_image_rgb(image) if isinstance(image, (bytes, bytearray)) else np.asarray(image, np.uint8)
+            faces = backend.detect(rgb)
+            out.append({
+                "key": row["key"],
+                "faces": [{"bbox": [float(v) for v in f.bbox], "area": float(f.area),
+                           "embedding": np.asarray(f.embedding, np.float32)} for f in faces],
+                "backend": backend.name, "threshold": float(backend.same_person_threshold),
+                "dim": int(backend.embedding_dim), "worker": self.worker_id,
+            })
+        return out
+
+    def face_backend_info(self, batch: Sequence[Mapping[str, Any]]) -> list[dict]:
+        """``{key, backend, threshold, dim}`` of the face backend, once per row (loads the backend)."""
+        backend = self.face_backend
+        return [{"key": row["key"], "backend": backend.name, "threshold": float(backend.same_person_threshold),
+                 "dim": int(backend.embedding_dim)} for row in batch]
 
     def _identity_row(self, identity_hash: str) -> dict | None:
         if identity_hash not in self._identity_rows:  # once per unknown hash: _source caches the outcome

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ from prefect.cache_policies import NONE
 
 from flows.config import EvaluationConfig, resolve_uri
 from flows.dataset import (
+    Candidate,
     PHOTO_SUFFIXES,
     authors_layout,
     crop_face,
@@ -33,7 +35,6 @@ from flows.dataset import (
     list_photos,
     parse_prompt_lines,
     synthesise_identities,
-    text_to_image_renderer,
 )
 from flows.retries import retry_transient
 from fastface.faces import load_image_rgb
@@ -41,6 +42,92 @@ from fastface.faces.images import encode_png
 from storage import Store, bytes_sha256
 
 PHOTOS_DIR = "identity_photos"
+DETECT_BATCH = 8  # images per face-analysis call
+
+
+class DatasetPools:
+    """The dataset flow's Ray pools, started on first use and closed with the flow: no model loads in the flow process.
+
+    - face analysis (detection + embedding by ``face_backend``) on a pool of metric workers
+      without metrics (:meth:`actors.scorer.MetricWorker.detect_faces`);
+    - candidate renders of synthesis on a generator pool of the synthesis checkpoint with
+      the adapter's LoRA at 0 (:meth:`actors.generator.GeneratorWorker.render_text`).
+    """
+
+    def __init__(self, config: EvaluationConfig, store: Store) -> None:
+        self.config, self.store = config, store
+        self._faces = None
+        self._renderer = None
+        self.backend: dict | None = None  # name, threshold, dim of the face backend (from the workers)
+
+    def _pool_options(self):
+        from actors.pool import PoolOptions
+
+        ex = self.config.execution
+        return PoolOptions(num_workers=ex.num_workers, cpus_per_worker=ex.cpus_per_worker)
+
+    @property
+    def faces(self):
+        if self._faces is None:
+            from actors.pool import ActorPool, WorkerSpec, connect_ray
+            from actors.scorer import MetricWorker
+
+            connect_ray(self.config.execution.ray_address)
+            from actors.pool import PoolOptions
+
+            # One CPU worker: a few hundred photos or candidates, and the GPUs stay free for the renderer pool
+            # that works next to it during synthesis.
+            spec = WorkerSpec(MetricWorker, "detect_faces", (self.store, []),
+                              {"face_backend": self.config.face_backend, "device": "cpu"})
+            options = PoolOptions(num_workers=1, cpus_per_worker=self.config.execution.cpus_per_worker, use_gpus=False)
+            self._faces = ActorPool(spec, kind="faces", options=options)
+        return self._faces
+
+    def detect(self, images: list) -> list[list[SimpleNamespace]]:
+        """Faces of each image (arrays or encoded bytes), in the backend's order: ``bbox``, ``area``, ``embedding``."""
+        rows = [{"key": i, "image": image} for i, image in enumerate(images)]
+        results = self.faces.map([rows[i:i + DETECT_BATCH] for i in range(0, len(rows), DETECT_BATCH)])
+        if results:
+            self.backend = {k: results[0][k] for k in ("backend", "threshold", "dim")}
+        return [[SimpleNamespace(**face) for face in result["faces"]] for result in results]
+
+    def backend_info(self) -> dict:
+        if self.backend is None:
+            self.backend = self.faces.map([[{"key": 0}]], method="face_backend_info")[0]
+        return self.backend
+
+    def render(self, candidates: list[Candidate]) -> list[np.ndarray]:
+        """RGB uint8 renders of synthesis candidates, on the generator pool."""
+        syn = self.config.dataset.synthesise
+        if self._renderer is None:
+            from actors.generator import GeneratorWorker
+            from actors.pool import ActorPool, WorkerSpec, connect_ray
+            from fastface.checkpoints import get_checkpoint
+            from flows.generate import pipeline_options
+
+            connect_ray(self.config.execution.ray_address)
+            checkpoint = get_checkpoint(syn.model)
+            self._steps, self._size = checkpoint.resolve_steps(syn.steps), syn.size or checkpoint.size
+            options = pipeline_options(self.config)
+            kwargs = dict(options.worker_kwargs(), steps=self._steps, lora_scale=0.0)
+            self._renderer = ActorPool(WorkerSpec(GeneratorWorker, "render_text", (self.store, syn.model), kwargs),
+                                       kind="renderer", options=self._pool_options())
+        rows = [{"key": c.id, "prompt": c.prompt, "seed": c.seed, "size": self._size} for c in candidates]
+        size = self.config.execution.batch_size
+        self.render_workers = getattr(self, "render_workers", set())
+        results = self._renderer.map([rows[i:i + size] for i in range(0, len(rows), size)])
+        self.render_workers |= {r["worker"] for r in results}
+        return [r["image"] for r in results]
+
+    def loads(self) -> dict[str, int]:
+        """Actors started per pool (each loads its models once)."""
+        return {name: pool.stats.actors_started for name, pool in (("faces", self._faces), ("renderer", self._renderer))
+                if pool is not None}
+
+    def close(self) -> None:
+        for pool in (self._faces, self._renderer):
+            if pool is not None:
+                pool.close()
 
 
 def _photo_hashes(photo: dict) -> list[str]:
@@ -62,34 +149,41 @@ def _embed_cache_key(context: Any, parameters: dict) -> str:
 
 
 @task(cache_key_fn=_embed_cache_key, persist_result=True, retries=1, retry_condition_fn=retry_transient)
-def embed_photos(photos: list[dict], backend: str) -> list[dict]:
-    """Detect and embed each photo's most prominent face; cached by the photos' content and the backend."""
-    from fastface.faces import get_face_backend
+def embed_photos(photos: list[dict], backend: str, pools: DatasetPools) -> list[dict]:
+    """Detect and embed each photo's most prominent face on the face pool; cached by the photos' content and the backend.
 
+    Several photos of one person (``members``): every one needs a face; the embedding is their combination.
+    """
     from fastface.faces.identity import combine_embeddings
 
-    face_backend = get_face_backend(backend)
+    members = [photo.get("members") or [photo["data"]] for photo in photos]
+    for photo, datas in zip(photos, members):  # a photo that cannot be decoded is named, not its byte count
+        for data in datas:
+            try:
+                load_image_rgb(data)
+            except ValueError as exc:
+                where = photo["provenance"].get("file") or photo["id"]
+                raise ValueError(f"identity photo {where} ({photo['provenance'].get('uri') or photo['id']}): "
+                                 f"{str(exc).split(': ', 1)[-1]}") from None
+    detected = iter(pools.detect([data for datas in members for data in datas]))
     out = []
-    for photo in photos:
-        members = photo.get("members") or [photo["data"]]
-        try:
-            found = [face_backend.detect(load_image_rgb(data)) for data in members]
-        except ValueError as exc:  # name the photo, not its byte count
-            where = photo["provenance"].get("file") or photo["id"]
-            raise ValueError(f"identity photo {where} ({photo['provenance'].get('uri') or photo['id']}): "
-                             f"{str(exc).split(': ', 1)[-1]}") from None
-        # Several photos of one person: every one needs a face; the embedding is their combination.
+    for datas in members:
+        found = [next(detected) for _ in datas]
         faces = min(len(f) for f in found)
         embedding = None
         if faces:
-            embedding = (np.asarray(found[0][0].embedding, np.float32) if len(members) == 1
+            embedding = (np.asarray(found[0][0].embedding, np.float32) if len(datas) == 1
                          else combine_embeddings([f[0].embedding for f in found])).tolist()
-        out.append({"faces": faces, "embedding": embedding, "threshold": face_backend.same_person_threshold})
+        out.append({"faces": faces, "embedding": embedding, "threshold": pools.backend["threshold"]})
     return out
 
 
-def gather_photos(config: EvaluationConfig, backend: str) -> tuple[list[dict], list[dict]]:
-    """Photos to import (``{id, data, provenance, gender, age, ethnicity}``) and the prompts of files/inline lists."""
+def gather_photos(config: EvaluationConfig, detect: Any) -> tuple[list[dict], list[dict]]:
+    """Photos to import (``{id, data, provenance, gender, age, ethnicity}``) and the prompts of files/inline lists.
+
+    ``detect(images)`` returns each image's faces (``bbox``, ``area``); it is called only for
+    sources with ``crop_faces`` (a :class:`DatasetPools`' ``detect``, so no model loads here).
+    """
     base = config.base_dir
     data = config.dataset
     photos: list[dict] = []
@@ -107,7 +201,6 @@ def gather_photos(config: EvaluationConfig, backend: str) -> tuple[list[dict], l
                 raise ValueError(f"{path}: {len(mismatched)} prompt(s) are not {kind} "
                                  f"(stylistic prompts have ';'), e.g. {mismatched[0]!r}")
             prompts += rows
-    face_backend = None
     for source in data.identities:
         uri = resolve_uri(source.uri, base)
         group = {"gender": source.gender, "age": source.age, "ethnicity": source.ethnicity}
@@ -130,12 +223,10 @@ def gather_photos(config: EvaluationConfig, backend: str) -> tuple[list[dict], l
             raw = path.read_bytes()
             provenance = {"source": "photo", "uri": source.uri, "file": path.name}
             if source.crop_faces:
-                if face_backend is None:
-                    from fastface.faces import get_face_backend
+                from fastface.faces import load_image_rgb
 
-                    face_backend = get_face_backend(backend)
-                rgb = load_image_rgb(path)
-                faces = sorted(face_backend.detect(rgb), key=lambda f: -f.area)[: source.crop_faces]
+                rgb = load_image_rgb(raw)
+                faces = sorted(detect([rgb])[0], key=lambda f: -f.area)[: source.crop_faces]
                 for k, face in enumerate(faces):
                     photos.append({"id": identity_name(f"{path.stem}-face{k}"), "data": encode_png(crop_face(rgb, face.bbox)),
                                    "provenance": dict(provenance, crop_of_face=k, bbox=[float(v) for v in face.bbox]),
@@ -213,17 +304,15 @@ def import_prompts(root: str, dataset_run: str, prompts: list[dict]) -> dict:
 
 
 @task(cache_policy=NONE, retries=1, retry_condition_fn=retry_transient)
-def synthesise_task(config: EvaluationConfig) -> list[dict]:
-    """Render and filter synthetic identities; returns photos ready for import."""
-    from fastface.faces import get_face_backend
+def synthesise_task(config: EvaluationConfig, pools: DatasetPools) -> list[dict]:
+    """Render candidates on the generator pool, detect and embed them on the face pool, filter; returns photos."""
+    from fastface.faces import cosine_similarity
 
     syn = config.dataset.synthesise
     logger = get_run_logger()
-    backend = get_face_backend(config.face_backend)
-    render = text_to_image_renderer(syn.model, steps=syn.steps, size=syn.size, cache_dir=config.execution.cache_dir,
-                                    device=config.execution.device, dtype=config.execution.dtype)
+    threshold = float(pools.backend_info()["threshold"])
     result = synthesise_identities(
-        render, backend.detect, backend.similarity, backend.same_person_threshold,
+        pools.render, None, cosine_similarity, threshold, detect_batch=pools.detect,
         genders=syn.genders, ages=syn.ages, ethnicities=syn.ethnicities, per_group=syn.per_group,
         max_rounds=syn.max_rounds, seed=syn.seed,
         on_round=lambda r, c: logger.info("synthesis round %d: %s", r, c),
@@ -231,7 +320,7 @@ def synthesise_task(config: EvaluationConfig) -> list[dict]:
     create_table_artifact(
         key=f"{config.name}-synthesis".lower().replace("_", "-").replace(".", "-"),
         table=[{"outcome": k, "count": v} for k, v in result.counts.items()],
-        description=f"Synthesised identities ({syn.model}, threshold {backend.same_person_threshold:g}, "
+        description=f"Synthesised identities ({syn.model}, threshold {threshold:g}, "
                     f"{result.rounds} rounds). Tiny models render noise, so every candidate is faceless."
         if syn.model.startswith("tiny-") else f"Synthesised identities ({syn.model}).",
     )
@@ -241,21 +330,27 @@ def synthesise_task(config: EvaluationConfig) -> list[dict]:
             photos.append({"id": m["id"], "data": encode_png(m["image"]), "gender": m["gender"], "age": m["age"],
                            "ethnicity": m["ethnicity"],
                            "provenance": {"source": "synthesised", "model": syn.model, "prompt": m["prompt"],
-                                          "seed": m["seed"], "threshold": backend.same_person_threshold}})
+                                          "seed": m["seed"], "threshold": threshold}})
     return photos
 
 
 @flow(name="build-dataset", log_prints=True)
 def build_dataset_flow(config: EvaluationConfig, root: str) -> dict:
     """Identities and prompts of ``config.dataset`` into ``root`` (run ``config.dataset_run``)."""
-    photos, prompts = gather_photos(config, config.face_backend)
-    if config.dataset.synthesise is not None:
-        photos += synthesise_task(config)
-    embeddings = embed_photos(photos, config.face_backend) if photos else []
+    pools = DatasetPools(config, Store(root))
+    try:
+        photos, prompts = gather_photos(config, pools.detect)
+        if config.dataset.synthesise is not None:
+            photos += synthesise_task(config, pools)
+        embeddings = embed_photos(photos, config.face_backend, pools) if photos else []
+    finally:
+        pools.close()
     identities = import_identities(root, config.dataset_run, photos, embeddings, config.face_backend,
                                    config.dataset.max_identities)
     prompt_counts = import_prompts(root, config.dataset_run, prompts)
-    summary = {"identities": identities["counts"], "prompts": prompt_counts}
+    summary = {"identities": identities["counts"], "prompts": prompt_counts, "model_loads": pools.loads()}
+    if getattr(pools, "render_workers", None):
+        summary["render_workers"] = sorted(pools.render_workers)
     create_markdown_artifact(
         key=f"{config.name}-dataset".lower().replace("_", "-").replace(".", "-"),
         markdown="# Dataset\n\n```json\n" + json.dumps(summary, indent=2) + "\n```\n"

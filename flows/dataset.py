@@ -242,10 +242,11 @@ def plan_candidates(group: tuple[str, str], start: int, count: int, ethnicities:
 
 def synthesise_identities(
     render: Callable[[Sequence[Candidate]], Sequence[np.ndarray]],
-    detect: Callable[[np.ndarray], Sequence[Any]],
+    detect: Callable[[np.ndarray], Sequence[Any]] | None,
     similarity_fn: Callable[[Any, Any], float],
     threshold: float,
     *,
+    detect_batch: Callable[[Sequence[np.ndarray]], Sequence[Sequence[Any]]] | None = None,
     genders: Sequence[str],
     ages: Sequence[str],
     ethnicities: Sequence[str],
@@ -257,7 +258,8 @@ def synthesise_identities(
     """Render candidates until every gender × age group holds ``per_group`` dissimilar identities, or rounds run out.
 
     ``render(candidates)`` returns one RGB array per candidate; ``detect(image)`` the faces
-    found (objects with ``.embedding``). Candidates with no face or more than one face are
+    found (objects with ``.embedding``), or ``detect_batch(images)`` the faces of each image of a
+    round in one call (a pool of face workers). Candidates with no face or more than one face are
     dropped (counted); each round then applies :func:`filter_similar_identities` to each group.
     """
     groups = [(g, a) for g in genders for a in ages]
@@ -279,8 +281,9 @@ def synthesise_identities(
             next_index[name] += n
         images = list(render(candidates))
         counts["rendered"] += len(candidates)
-        for candidate, image in zip(candidates, images):
-            faces = list(detect(image))
+        found = list(detect_batch(images)) if detect_batch is not None else [detect(image) for image in images]
+        for candidate, image, faces in zip(candidates, images, found):
+            faces = list(faces)
             if not faces:
                 counts["no_face"] += 1
                 discarded.append({"group": candidate.group, "id": candidate.id, "reason": "no face", "round": round_})
@@ -305,44 +308,9 @@ def synthesise_identities(
     return SynthesisResult(accepted=accepted, counts=counts, discarded=discarded, rounds=rounds)
 
 
-def text_to_image_renderer(model: str, *, steps: int | None, size: int | None, cache_dir: str | None,
-                           device: str | None = None, dtype: str | None = None) -> Callable[[Sequence[Candidate]], list]:
-    """A renderer for :func:`synthesise_identities`: plain SDXL text-to-image through the checkpoint loader.
-
-    The loaded pipeline carries the FaceID adapter; with λ = 0 and the adapter's LoRA at 0 it
-    is SDXL text-to-image (the identity branch adds nothing), so no second model is loaded.
-    """
-    from fastface.checkpoints import get_checkpoint, load_pipeline
-
-    checkpoint = get_checkpoint(model)
-    steps = checkpoint.resolve_steps(steps)
-    size = size or checkpoint.size
-    pipe = load_pipeline(model, steps=steps, device=device, dtype=dtype, cache_dir=cache_dir, lora_scale=0.0)
-    pipe.set_progress_bar_config(disable=True)
-    width = int(pipe._faceid_projection().proj.net[0].proj.in_features)
-    null_states = pipe.null_clip_states()
-
-    def render(candidates: Sequence[Candidate]) -> list[np.ndarray]:
-        images = []
-        for start in range(0, len(candidates), 4):
-            chunk = candidates[start:start + 4]
-            import torch
-
-            out = pipe(
-                [c.prompt for c in chunk], id_embeds=np.zeros((len(chunk), width), np.float32),
-                clip_states=torch.cat([null_states] * len(chunk)), preset="baseline", ip_adapter_scale=0.0,
-                lora_scale=0.0, seeds=[c.seed for c in chunk], num_inference_steps=steps, height=size, width=size,
-                output_type="np",
-            )
-            images += [(np.clip(np.asarray(i), 0, 1) * 255).round().astype(np.uint8) for i in out.images]
-        return images
-
-    return render
-
-
 __all__ = [
     "ACTIONS", "AUTHORS_PROMPT_FILES", "Candidate", "FilterResult", "IDENTITY_PROMPT", "LOCATIONS", "STYLES",
     "SynthesisResult", "authors_layout", "crop_face", "curated_prompts", "filter_similar_identities",
     "list_photos", "mean_similarities", "parse_prompt_lines", "plan_candidates", "prompt_row",
-    "synthesise_identities", "text_to_image_renderer",
+    "synthesise_identities",
 ]

@@ -1,7 +1,8 @@
 """Prefect flows ``evaluate`` (the whole chain from one YAML config) and ``report``.
 
-``evaluate``: validate the config (fails before anything runs) → record the run →
-``build-dataset`` → ``generate`` → ``score`` → ``report``. Every step only does what is
+``evaluate``: validate the config (fails before anything runs) → take the run's slot
+(:mod:`flows.run_lock`: overlapping runs of one config never do the same work) → record
+the run → ``build-dataset`` → ``generate`` → ``score`` → ``report``. Every step only does what is
 missing, so re-running a config adds no rows and a killed run resumes where it stopped.
 Deployments use ``flows/evaluate.py:evaluate_flow`` (see ``prefect.yaml`` and ``flows/serve.py``).
 """
@@ -27,6 +28,7 @@ from flows.config import EvaluationConfig, load_config
 from flows.generate import artifact_key, generate_flow, score_flow
 from flows.report import build_report
 from flows.retries import retry_transient
+from flows.run_lock import run_lock
 from storage import Store, canonical_json
 
 
@@ -72,11 +74,12 @@ def evaluate_flow(config: str, root: str, overrides: dict[str, Any] | None = Non
     """The whole evaluation of one YAML config into ``root`` (a folder or s3:// URL)."""
     started = time.perf_counter()
     cfg = load_config(config, overrides)
-    written = record_run(cfg, root)
-    dataset = build_dataset_flow(cfg, root)
-    generation = generate_flow(cfg, root)
-    scoring = score_flow(cfg, root)
-    report = report_flow(cfg, root)
+    with run_lock(cfg.name, root):  # an overlapping run of this config waits, then finds its work done
+        written = record_run(cfg, root)
+        dataset = build_dataset_flow(cfg, root)
+        generation = generate_flow(cfg, root)
+        scoring = score_flow(cfg, root)
+        report = report_flow(cfg, root)
     summary = {"run": cfg.name, "root": root, "run_row_written": written, "dataset": dataset,
                "generation": generation, "scoring": scoring, "report": report["files"],
                "seconds": round(time.perf_counter() - started, 1)}

@@ -1,10 +1,11 @@
-"""Prefect flows ``generate`` and ``score``: plan what is missing, run it on the Ray pools, one task per shard.
+"""Prefect flows ``generate`` and ``score``: plan what is missing once, run it on Ray pools, one task per shard.
 
-A shard is a list of examples (``execution.shard_size``, grouped by model so a shard
-loads one model): the unit of retry and of progress in the Prefect UI. Each shard task
-calls :func:`actors.pool.run_generation` / :func:`actors.pool.run_scoring`, which plan
-again against the store before working, so a retried or re-run shard does only what is
-missing and never writes a row twice.
+Each flow run opens its pools once (:class:`actors.pool.GeneratorPools`: one generator
+pool per model; :class:`actors.pool.MetricPool`) and feeds them shard by shard, so
+models load once per actor for the whole run. A shard is a list of examples
+(``execution.shard_size``, grouped by model): the unit of retry and of progress in the
+Prefect UI. The flow plans once against the store; a shard's retry re-checks only its own
+examples, so it does only what is still missing and never writes a row twice.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.cache_policies import NONE
 
+from actors.generator import GeneratorOptions
+from actors.pool import GeneratorPools, MetricPool, PoolOptions, missing_metric_work
 from fastface.cache import identities_dir
 from flows.config import EvaluationConfig
 from flows.retries import retry_transient
-from storage import Store, Sweep, plan_missing_examples, plan_missing_generations, plan_missing_metrics
+from storage import Store, Sweep, plan_missing_examples, plan_missing_generations
 
 
 def artifact_key(*parts: str) -> str:
@@ -82,11 +85,10 @@ def shards(examples: list[dict], size: int) -> list[list[dict]]:
     return [rows[i:i + size] for rows in by_model.values() for i in range(0, len(rows), size)]
 
 
-def pipeline_options(config: EvaluationConfig) -> dict:
+def pipeline_options(config: EvaluationConfig) -> GeneratorOptions:
     ex = config.execution
-    options = {"cache_dir": str(cache_root(config)), "identity_cache_dir": str(identities_dir(config.execution.cache_dir)),
-               "face_backend": config.face_backend, "device": ex.device, "dtype": ex.dtype}
-    return {k: v for k, v in options.items() if v is not None}
+    return GeneratorOptions(cache_dir=str(cache_root(config)), identity_cache_dir=str(identities_dir(ex.cache_dir)),
+                            face_backend=config.face_backend, device=ex.device, dtype=ex.dtype)
 
 
 def metric_options(config: EvaluationConfig) -> dict:
@@ -137,50 +139,74 @@ def plan_task(config: EvaluationConfig, root: str) -> list[dict]:
     return examples
 
 
-def _progress(artifact_id, total: int):
+def pool_options(config: EvaluationConfig) -> PoolOptions:
+    ex = config.execution
+    return PoolOptions(num_workers=ex.num_workers, cpus_per_worker=ex.cpus_per_worker)
+
+
+def _is_retry() -> bool:
+    """True in a task run's second or later attempt (Prefect retries a shard that raised)."""
+    from prefect.context import TaskRunContext
+
+    context = TaskRunContext.get()
+    return context is not None and context.task_run.run_count > 1
+
+
+def _progress(artifact_id, total: int, bar: Any):
     done = {"n": 0}
 
     def on_batch(event: dict) -> None:
         done["n"] += len(event["rows"])
+        bar.update(len(event["rows"]))
         update_progress_artifact(artifact_id=artifact_id, progress=min(100.0, 100.0 * done["n"] / max(total, 1)))
 
     return on_batch
 
 
+def _bar(total: int, desc: str, unit: str):
+    """The stage's one progress display (counts and rate), on the flow's console."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=0.5)
+
+
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=10, task_run_name="generate-shard-{index}",
       retry_condition_fn=retry_transient)
-def generate_shard(root: str, examples: list[dict], index: int, *, batch_size: int, num_workers: int | None,
-                   cpus_per_worker: float, options: dict, ray_address: str | None) -> dict:
-    """Generate one shard on the generator pool (only what is still missing when it starts)."""
-    from actors.pool import connect_ray, run_generation
+def generate_shard(pools: GeneratorPools, examples: list[dict], index: int, bar: Any = None) -> dict:
+    """Generate one shard on the run's generator pools.
 
-    connect_ray(ray_address)
-    store = Store(root)
-    todo = plan_missing_generations(store, examples)
+    The flow planned the shard; a retry re-checks this shard's examples only (rows its first
+    attempt recorded are not made again).
+    """
+    todo = plan_missing_generations(pools.store, examples) if _is_retry() else examples
+    if bar is not None and len(todo) < len(examples):
+        bar.update(len(examples) - len(todo))
     artifact = create_progress_artifact(progress=0.0, description=f"shard {index}: {len(todo)} images")
-    summary = run_generation(store, todo, batch_size=batch_size, num_workers=num_workers, pipeline_options=options,
-                             progress=False, cpus_per_worker=cpus_per_worker, plan=False,
-                             on_batch=_progress(artifact, len(todo)))
+    summary = pools.generate(todo, on_batch=_progress(artifact, len(todo), bar if bar is not None else _NoBar()))
     update_progress_artifact(artifact_id=artifact, progress=100.0)
-    summary["skipped"] += len(examples) - len(todo)
+    summary["skipped"] = len(examples) - len(todo)
     return summary
 
 
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=10, task_run_name="score-shard-{index}",
       retry_condition_fn=retry_transient)
-def score_shard(root: str, examples: list[dict], index: int, *, metrics: list[str], batch_size: int,
-                num_workers: int | None, cpus_per_worker: float, options: dict, ray_address: str | None) -> dict:
-    """Score one shard on the metric pool (pairs not yet scored)."""
-    from actors.pool import connect_ray, run_scoring
-
-    connect_ray(ray_address)
-    store = Store(root)
-    artifact = create_progress_artifact(progress=0.0, description=f"scoring shard {index}: {len(examples)} images")
-    summary = run_scoring(store, examples, metrics, batch_size=batch_size, num_workers=num_workers,
-                          metric_options=options, progress=False, cpus_per_worker=cpus_per_worker,
-                          on_batch=_progress(artifact, len(examples) * len(metrics)))
+def score_shard(pool: MetricPool, work: list[dict], index: int, bar: Any = None) -> dict:
+    """Score one shard (examples with the metrics they lack) on the run's metric pool; a retry re-checks its own pairs."""
+    todo = missing_metric_work(pool.store, work, pool.metrics) if _is_retry() else work
+    planned = sum(len(row["metrics"]) for row in work)
+    remaining = sum(len(row["metrics"]) for row in todo)
+    if bar is not None and remaining < planned:
+        bar.update(planned - remaining)
+    artifact = create_progress_artifact(progress=0.0, description=f"scoring shard {index}: {remaining} scores")
+    summary = pool.score(todo, on_batch=_progress(artifact, remaining, bar if bar is not None else _NoBar()))
     update_progress_artifact(artifact_id=artifact, progress=100.0)
+    summary["skipped"] = planned - remaining
     return summary
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
 
 
 def _total(summaries: list[dict]) -> dict:
@@ -188,44 +214,66 @@ def _total(summaries: list[dict]) -> dict:
     return {k: sum(int(s.get(k, 0)) for s in summaries) for k in keys}
 
 
+def _identities(store: Store, config: EvaluationConfig) -> list[dict]:
+    if config.dataset_run not in store.run_ids("identities"):
+        return []
+    return store.latest("identities", run_id=config.dataset_run).to_pylist()
+
+
 @flow(name="generate", log_prints=True)
 def generate_flow(config: EvaluationConfig, root: str) -> dict:
-    """Plan the sweep, then generate the missing images shard by shard."""
+    """Plan the sweep once, then generate the missing images shard by shard on pools that live for this run."""
+    from actors.pool import connect_ray, describe_ray
+
+    logger = get_run_logger()
     examples = plan_task(config, root)
     store = Store(root)
-    todo = plan_missing_generations(store, examples)
+    todo = plan_missing_generations(store, examples)  # the run's one planning call; shards trust it
     parts = shards(todo, config.execution.shard_size)
     ex = config.execution
-    summaries = [
-        generate_shard(root, shard, i, batch_size=ex.batch_size, num_workers=ex.num_workers,
-                       cpus_per_worker=ex.cpus_per_worker, options=pipeline_options(config), ray_address=ex.ray_address)
-        for i, shard in enumerate(parts)
-    ]
-    total = dict(_total(summaries), examples=len(examples), shards=len(parts))
+    summaries, loads = [], {}
+    if parts:
+        connect_ray(ex.ray_address)
+        logger.info("Ray: %s", describe_ray())
+        logger.info("generating %d images (%d already stored) in %d shards", len(todo), len(examples) - len(todo),
+                    len(parts))
+        with GeneratorPools(store, options=pipeline_options(config), pool=pool_options(config),
+                            batch_size=ex.batch_size, identities=_identities(store, config)) as pools, \
+                _bar(len(todo), "images", "img") as bar:
+            summaries = [generate_shard(pools, shard, i, bar) for i, shard in enumerate(parts)]
+            loads = {f"{model}@{steps}": n for (model, steps), n in pools.loads.items()}
+    total = dict(_total(summaries), examples=len(examples), shards=len(parts), pipeline_loads=loads)
     total["skipped"] += len(examples) - len(todo)
-    create_table_artifact(key=artifact_key(config.name, "generation"), table=[total],
+    create_table_artifact(key=artifact_key(config.name, "generation"),
+                          table=[{k: v for k, v in total.items() if k != "pipeline_loads"}],
                           description=f"generation of run {config.name}")
     return total
 
 
 @flow(name="score", log_prints=True)
 def score_flow(config: EvaluationConfig, root: str) -> dict:
-    """Score what is generated and not yet scored, shard by shard."""
+    """Score what is generated and not yet scored, shard by shard, on one metric pool for the run."""
+    from actors.pool import connect_ray
+
     store = Store(root)
     examples = store.latest("examples", run_id=config.name).to_pylist() if config.name in store.run_ids("examples") else []
     metrics = list(config.metrics.names)
-    missing = plan_missing_metrics(store, examples, metrics) if examples else []
-    wanted = {eid for eid, _ in missing}
-    todo = [e for e in examples if e["example_id"] in wanted]
-    parts = shards(todo, config.execution.shard_size)
+    work = missing_metric_work(store, examples, metrics) if examples else []  # the run's one planning call
+    parts = shards(work, config.execution.shard_size)
     ex = config.execution
-    options = metric_options(config) if parts else {}
-    summaries = [
-        score_shard(root, shard, i, metrics=metrics, batch_size=ex.score_batch_size, num_workers=ex.num_workers,
-                    cpus_per_worker=ex.cpus_per_worker, options=options, ray_address=ex.ray_address)
-        for i, shard in enumerate(parts)
-    ]
-    total = dict(_total(summaries), examples=len(examples), shards=len(parts), pairs_missing=len(missing))
+    summaries, loads = [], 0
+    if parts:
+        connect_ray(ex.ray_address)
+        planned = sum(len(row["metrics"]) for row in work)
+        get_run_logger().info("scoring %d (image, metric) pairs of %d images in %d shards", planned, len(work),
+                              len(parts))
+        with MetricPool(store, metrics, options=metric_options(config), pool=pool_options(config),
+                        batch_size=ex.score_batch_size, identities=_identities(store, config)) as pool, \
+                _bar(planned, "scores", "score") as bar:
+            summaries = [score_shard(pool, shard, i, bar) for i, shard in enumerate(parts)]
+            loads = pool.pool.stats.actors_started
+    total = dict(_total(summaries), examples=len(examples), shards=len(parts), pairs_missing=sum(
+        len(row["metrics"]) for row in work), metric_worker_loads=loads)
     create_table_artifact(key=artifact_key(config.name, "scoring"), table=[total],
                           description=f"scoring of run {config.name} ({', '.join(metrics)})")
     return total

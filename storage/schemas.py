@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: generations.node
 """Bump when a column is added, removed or retyped. Readers accept files of this
 version or older (missing *nullable* columns of older files are filled with nulls)
 and refuse newer ones."""
@@ -89,6 +89,7 @@ _FIELDS: dict[str, list[pa.Field]] = {
         _f("seconds", pa.float64()),
         _f("device", pa.string()),
         _f("worker", pa.string()),
+        _f("node", pa.string()),  # the Ray node (id) that made the image; added in schema version 2
         _f("versions", pa.string()),  # JSON {package: version}
         _f("error", pa.string()),
         _f("created_at", TIMESTAMP, False),

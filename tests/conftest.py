@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray starts its workers at nice 15 (the raylet first); on a CI machine shared with other jobs that starves
+# the actors behind everything else. The tests' nodes run them at normal priority.
+os.environ.setdefault("RAY_worker_niceness", "0")
+# Ray's token authentication, set before Ray is imported (its config is read then): the session's nodes, this
+# process and every subprocess that joins them (RAY_ADDRESS) share one token, never ~/.ray's.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 # The tiny models are dominated by per-op overhead: one intra-op thread is faster and keeps
 # Ray workers and pytest from oversubscribing CI's two cores. FASTFACE_TEST_THREADS=2 runs the
@@ -53,20 +61,125 @@ def tiny_pipeline(tiny_models):
     return load_faceid_adapter(pipe, tiny_models.adapter, image_encoder=tiny_models.image_encoder)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fixed_agent_ports() -> dict[str, int]:
+    """Fixed free ports for a Ray node's agents.
+
+    With port 0 the raylet waits a fixed 15 s for the dashboard agent to write its port file
+    and dies when a loaded machine starts the agent slower (ray-project/ray#65983); fixed
+    ports also keep nodes on one machine off the default agent port 52365.
+    """
+    return {"metrics_agent_port": free_port(), "metrics_export_port": free_port(),
+            "dashboard_agent_listen_port": free_port(), "runtime_env_agent_port": free_port()}
+
+
+_SESSION_RAY: dict = {}
+
+
+def ray_start_node(log_path, *, num_cpus: int, num_gpus: int, address: str | None = None, env: dict | None = None,
+                   attempts: int = 5, timeout: float = 180.0):
+    """A Ray node as a `ray start --block` process group: a head, or a node joining ``address``.
+
+    Returns ``(process, address of the cluster)``.
+
+    Tried again when the node does not come up: on a loaded machine Ray's dashboard agent can
+    start slower than the raylet waits for it (a fixed 15 s, ray-project/ray#65983); a process
+    group is stopped whole, so a failed try leaves nothing behind. Agents get fixed free ports.
+    Token authentication as the environment says (``RAY_AUTH_MODE``/``RAY_AUTH_TOKEN``).
+    """
+    import subprocess
+    import sys
+    import time
+
+    for _ in range(attempts):
+        port = free_port()
+        ports = fixed_agent_ports()
+        role = [f"--address={address}"] if address else [
+            "--head", f"--port={port}", "--include-dashboard=false", f"--ray-client-server-port={free_port()}"]
+        started = Path(log_path).stat().st_size if Path(log_path).exists() else 0
+        log = open(log_path, "a")  # every try's output stays for the diagnosis
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", *role, "--node-ip-address=127.0.0.1",
+             f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}",
+             f"--dashboard-agent-grpc-port={ports['metrics_agent_port']}",
+             f"--metrics-export-port={ports['metrics_export_port']}",
+             f"--dashboard-agent-listen-port={ports['dashboard_agent_listen_port']}",
+             f"--runtime-env-agent-port={ports['runtime_env_agent_port']}"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            if "Ray runtime started" in Path(log_path).read_text(errors="replace")[started:]:
+                log.close()
+                return proc, address or f"127.0.0.1:{port}"
+            time.sleep(0.5)
+        stop_process_group(proc)
+        log.close()
+    raise RuntimeError(f"ray start failed {attempts} times:\n{Path(log_path).read_text()[-3000:]}")
+
+
+def stop_process_group(proc, timeout: float = 60.0) -> None:
+    """SIGTERM a process group (`ray start --block` stops its node's processes), SIGKILL when it lingers."""
+    import signal
+    import subprocess
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def start_session_ray():
+    """The session's local Ray: one node with 2 CPUs and a faked GPU, no dashboard; this process its driver.
+
+    Workers inherit this process's environment (HF_HUB_OFFLINE, the Ray token etc. above), and so
+    do subprocesses that join it through RAY_ADDRESS.
+    """
+    import tempfile
+
+    import ray
+
+    log = Path(tempfile.mkdtemp(prefix="fastface-ray-")) / "head.log"
+    proc, address = ray_start_node(log, num_cpus=2, num_gpus=1)
+    try:
+        ray.init(address=address, log_to_driver=False)
+    except BaseException:
+        stop_process_group(proc)
+        raise
+    _SESSION_RAY["head"] = proc
+    return ray
+
+
+def stop_session_ray() -> bool:
+    """Stop the session's Ray if this process started it; True when it did (for a module that needs its own)."""
+    import ray
+
+    proc = _SESSION_RAY.pop("head", None)
+    if proc is None:
+        return False
+    ray.shutdown()
+    stop_process_group(proc)
+    return True
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """ONE local Ray per test session (start-up is slow): 2 CPUs and a faked GPU, no dashboard.
-
-    Workers inherit this process's environment (HF_HUB_OFFLINE etc. above).
-    """
+    """ONE local Ray per test session (start-up is slow): 2 CPUs and a faked GPU (see :func:`start_session_ray`)."""
     ray = pytest.importorskip("ray")
-    started = False
     if not ray.is_initialized():
-        ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
-        started = True
+        start_session_ray()
     yield ray
-    if started:
-        ray.shutdown()
+    stop_session_ray()
 
 
 @pytest.fixture(scope="session")

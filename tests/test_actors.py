@@ -298,7 +298,7 @@ def test_out_of_memory_splits_the_batch(ray_cluster, tmp_path_factory, identitie
 
 
 class FakeGenerator:
-    """A model-free actor for the pool's scheduling rules (starts in a second, not ten)."""
+    """A model-free worker for the pool's scheduling rules (starts in a second, not ten)."""
 
     def __init__(self, *, worker_id, oom_above=None, raise_on=None, fail_init=False):
         if fail_init:
@@ -306,27 +306,23 @@ class FakeGenerator:
         self.worker_id, self.oom_above, self.raise_on = worker_id, oom_above, raise_on
 
     def run(self, batch):
-        from actors.pool import _OOM
+        import torch
 
         if self.oom_above is not None and len(batch) > self.oom_above:
-            return {_OOM: "CUDA out of memory (injected)"}
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         if any(row["example_id"] == self.raise_on for row in batch):
             raise ValueError("boom")
         return [{"example_id": r["example_id"], "run_id": r["run_id"], "status": "ok", "worker": self.worker_id}
                 for r in batch]
 
 
-def drive_fake(store, batches, **actor_kwargs):
-    from tqdm.auto import tqdm
-
+def drive_fake(store, batches, **worker_kwargs):
     from actors.generator import failed_generation_rows
-    from actors.pool import _drive, _new_stats
+    from actors.pool import ActorPool, PoolOptions, WorkerSpec
 
-    stats = _new_stats()
-    _drive(store, "generations", batches, actor_class=FakeGenerator, actor_args=(), actor_kwargs=actor_kwargs,
-           kind="fake", num_workers=1, cpus_per_worker=1, max_retries=1, failed_rows=failed_generation_rows,
-           units=len, bar=tqdm(disable=True), on_batch=None, stats=stats)
-    return stats
+    with ActorPool(WorkerSpec(FakeGenerator, "run", kwargs=worker_kwargs), kind="fake",
+                   options=PoolOptions(num_workers=1, max_retries=1)) as pool:
+        return pool.record(store, "generations", batches, failed_rows=failed_generation_rows)
 
 
 def test_pool_rules_with_a_model_free_actor(ray_cluster, tmp_path, examples):
@@ -335,7 +331,7 @@ def test_pool_rules_with_a_model_free_actor(ray_cluster, tmp_path, examples):
     # Out of memory down to one example: that example gets a failed row, nothing is lost or doubled.
     store = Store(str(tmp_path / "oom"))
     stats = drive_fake(store, [rows[:3]], oom_above=0)
-    assert stats["split"] == 2 and stats["failed"] == 3 and stats["files"] == 3
+    assert stats.split == 2 and stats.failed == 3 and stats.files == 3
     failed = store.read("generations").to_pylist()
     assert sorted(r["example_id"] for r in failed) == sorted(r["example_id"] for r in rows[:3])
     assert all(r["status"] == "failed" and "out of memory at batch size 1" in r["error"] for r in failed)
@@ -343,13 +339,52 @@ def test_pool_rules_with_a_model_free_actor(ray_cluster, tmp_path, examples):
     # A worker exception fails its batch only; the sweep goes on.
     store = Store(str(tmp_path / "raise"))
     stats = drive_fake(store, [rows[:2], rows[2:4]], raise_on=rows[0]["example_id"])
-    assert stats["failed"] == 2 and stats["ok"] == 2
+    assert stats.failed == 2 and stats.ok == 2
     errors = {r["example_id"]: r["error"] for r in store.read("generations").to_pylist()}
     assert errors[rows[0]["example_id"]] == "ValueError: boom" and errors[rows[2]["example_id"]] is None
 
     # A worker that cannot start (bad model name, missing weights) stops the run with its reason.
     with pytest.raises(RuntimeError, match="failed to start.*unknown checkpoint 'nope'"):
         drive_fake(Store(str(tmp_path / "init")), [rows[:1]], fail_init=True)
+
+
+def counting_factory(model, *, count_dir, **kwargs):
+    """tiny_factory that leaves one file per pipeline load (in whichever process loads it)."""
+    import os
+    import uuid
+    from pathlib import Path
+
+    Path(count_dir, f"{model}-{os.getpid()}-{uuid.uuid4().hex[:6]}").touch()
+    return tiny_factory(model, **kwargs)
+
+
+def test_pools_live_for_the_run_and_load_once_per_actor(
+    ray_cluster, tmp_path_factory, tmp_path, identities, examples, options, tiny_clip_dir  # noqa: F811
+):
+    """N shards on a pool of M actors: M pipeline loads per model, M metric-model loads; every row once."""
+    from actors.pool import GeneratorPools, MetricPool, PoolOptions
+
+    store = new_store(tmp_path_factory, "lifetime", identities)
+    counts = tmp_path / "loads"
+    counts.mkdir()
+    shards = [examples[i:i + 2] for i in range(0, len(examples), 2)]  # N = 4 shards, M = 2 actors
+    with GeneratorPools(store, options=dict(options, pipeline_factory=counting_factory, count_dir=str(counts)),
+                        pool=PoolOptions(num_workers=2), batch_size=1, identities=identities) as pools:
+        summaries = [pools.generate(shard) for shard in shards]
+        assert pools.loads == {(MODEL, STEPS): 2}
+    assert len(list(counts.iterdir())) == 2  # one pipeline per actor, not one per shard
+    assert sum(s["ok"] for s in summaries) == 8 and summaries[0]["actors_started"] == 2
+    assert all(s["actors_started"] == 0 for s in summaries[1:])
+    assert raw_generation_counts(store) == (8, 8)
+    assert len({r["node"] for r in store.read("generations").to_pylist()}) == 1  # the one local node, recorded
+
+    metric_options = {"face_backend": "dlib", "clip_model": str(tiny_clip_dir), "clip_pretrained": None}
+    work = [dict(e, metrics=["clip", "ffc"]) for e in examples]
+    with MetricPool(store, ["clip", "ffc"], options=metric_options, pool=PoolOptions(num_workers=2),
+                    batch_size=1) as scorer:
+        scored = [scorer.score(work[i:i + 2]) for i in range(0, len(work), 2)]
+        assert scorer.pool.stats.actors_started == 2 and scorer.pool.stats.workers == 2
+    assert sum(s["ok"] for s in scored) == 16
 
 
 @pytest.mark.slow

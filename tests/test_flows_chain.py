@@ -88,12 +88,25 @@ def raw_counts(root: str) -> dict[str, tuple[int, int]]:
                     catalog.query(f"SELECT count(*) AS n FROM {t}").column(0)[0].as_py()) for t in TABLES}
 
 
+PLANNING_CALLS: dict[str, int] = {}
+
+
 @pytest.fixture(scope="module")
 def ci_run(prefect_server, ray_cluster, cache_dir, tmp_path_factory):
+    import flows.generate
     from flows.evaluate import evaluate_flow
 
+    def counted(name, function):
+        def planning(*args, **kwargs):
+            PLANNING_CALLS[name] = PLANNING_CALLS.get(name, 0) + 1
+            return function(*args, **kwargs)
+        return planning
+
     root = str(tmp_path_factory.mktemp("ci-root"))
-    summary = evaluate_flow(config=CI_CONFIG, root=root, overrides={"execution.cache_dir": cache_dir})
+    with pytest.MonkeyPatch.context() as patch:  # planning calls of the flows (the shard tasks share the module)
+        for name in ("plan_missing_generations", "missing_metric_work"):
+            patch.setattr(flows.generate, name, counted(name, getattr(flows.generate, name)))
+        summary = evaluate_flow(config=CI_CONFIG, root=root, overrides={"execution.cache_dir": cache_dir})
     return root, summary
 
 
@@ -107,6 +120,11 @@ def test_chain_writes_tables_report_and_artifacts(ci_run, prefect_server):
                                                      "generations": 8, "metrics": 32}
     assert all(raw == dedup for raw, dedup in counts.values())
     assert summary["generation"]["ok"] == 8 and summary["scoring"]["ok"] == 32
+    # Each flow planned once; its shards (none retried) trusted that plan.
+    assert PLANNING_CALLS == {"plan_missing_generations": 1, "missing_metric_work": 1}
+    # One pool per stage for the run: each model's pipeline and the metric models loaded once (1 actor).
+    assert summary["generation"]["pipeline_loads"] == {"tiny-hyper@2": 1}
+    assert summary["scoring"]["metric_worker_loads"] == 1
     store = Store(root)
     generations = store.read("generations").to_pylist()
     assert all(g["status"] == "ok" for g in generations)

@@ -3,6 +3,7 @@ filter on real dlib embeddings of the photos in the insightface wheel, and synth
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,6 +20,7 @@ from flows.dataset import (
 )
 from metrics_fixtures import dlib_backend, group_photo, hanks, noise_image  # noqa: F401  (fixtures)
 from storage import Store, bytes_sha256
+from test_flows_chain import prefect_server  # noqa: F401  (fixture)
 
 
 def test_prompt_rows_kind_style_and_case():
@@ -127,6 +129,21 @@ def test_synthesis_drops_faceless_and_multi_face_and_replaces_duplicates():
     assert none.counts == {"rendered": 6, "no_face": 6, "multi_face": 0, "similar": 0, "accepted": 0}
 
 
+class InProcessFaces:
+    """What flows.build_dataset.DatasetPools does on its face pool (MetricWorker.detect_faces), in this process."""
+
+    def __init__(self, root):
+        from actors.scorer import MetricWorker
+
+        self.worker = MetricWorker(Store(str(root)), [], face_backend="dlib")
+        self.backend = None
+
+    def detect(self, images):
+        results = self.worker.detect_faces([{"key": i, "image": image} for i, image in enumerate(images)])
+        self.backend = {k: results[0][k] for k in ("backend", "threshold", "dim")}
+        return [[SimpleNamespace(**face) for face in result["faces"]] for result in results]
+
+
 def test_importer_reads_the_authors_layout(tmp_path, dlib_backend, hanks, group_photo, t1_faces):  # noqa: F811
     from flows.build_dataset import embed_photos, gather_photos, import_identities, import_prompts
     from flows.config import config_from_dict
@@ -142,13 +159,16 @@ def test_importer_reads_the_authors_layout(tmp_path, dlib_backend, hanks, group_
         "name": "authors", "weights": "tiny", "face_backend": "dlib", "dataset": {"folder": str(data)},
         "sweep": {"models": ["tiny-hyper"], "sets": [{"prompts": "joint", "presets": ["am1"]}], "steps": 2},
     })
-    photos, prompts = gather_photos(config, "dlib")
+    faces = InProcessFaces(tmp_path / "faces")
+    photos, prompts = gather_photos(config, faces.detect)
     assert [p["id"] for p in photos] == ["0001", "0002", "0003"]
     assert sorted((p["kind"], p["text"]) for p in prompts) == [
         ("realistic", "a photo of a person at a cafe"), ("realistic", "a photo of a person in a park"),
         ("stylistic", "oil painting; person in a park reading")]
-    embedded = embed_photos.fn(photos, "dlib")
+    embedded = embed_photos.fn(photos, "dlib", faces)
     assert [e["faces"] for e in embedded] == [1, 1, 0]
+    assert embedded[0]["threshold"] == dlib_backend.same_person_threshold
+    assert np.allclose(embedded[0]["embedding"], dlib_backend.detect(hanks)[0].embedding, atol=1e-5)
     root = str(tmp_path / "store")
     result = import_identities.fn(root, config.dataset_run, photos, embedded, "dlib")
     assert result["counts"]["new"] == 2 and result["counts"]["no_face"] == 1
@@ -167,3 +187,46 @@ def test_importer_reads_the_authors_layout(tmp_path, dlib_backend, hanks, group_
     assert import_identities.fn(root, config.dataset_run, photos, embedded, "dlib")["counts"]["new"] == 0
     assert import_prompts.fn(root, config.dataset_run, prompts)["new"] == 0
     assert store.read("identities").num_rows == 2 and store.read("prompts").num_rows == 3
+
+
+def test_synthesis_renders_on_the_pools_and_the_flow_process_loads_no_model(
+    prefect_server, ray_cluster, fastface_cache, tmp_path, monkeypatch  # noqa: F811
+):
+    """A synthesis config on tiny weights: candidates render on a generator-pool actor, faces are found on a
+    face-pool actor, and this (the flow's) process builds no pipeline and no face backend."""
+    from fastface.faces import DlibFaceBackend, InsightFaceBackend
+    from fastface.pipeline import FastFacePipeline
+    from flows.build_dataset import build_dataset_flow
+    from flows.config import config_from_dict
+
+    loads: list[str] = []
+
+    def counted(name, original):
+        def load(*args, **kwargs):
+            loads.append(name)
+            return original(*args, **kwargs)
+        return load
+
+    monkeypatch.setattr(FastFacePipeline, "from_pretrained",
+                        classmethod(counted("pipeline", FastFacePipeline.from_pretrained.__func__)))
+    monkeypatch.setattr(DlibFaceBackend, "__init__", counted("dlib", DlibFaceBackend.__init__))
+    monkeypatch.setattr(InsightFaceBackend, "__init__", counted("insightface", InsightFaceBackend.__init__))
+    config = config_from_dict({
+        "name": "synth", "weights": "tiny", "face_backend": "dlib",
+        "dataset": {"prompts": ["a photo of a person"],
+                    "synthesise": {"model": "tiny-hyper", "steps": 2, "size": 32, "per_group": 2,
+                                   "genders": ["woman"], "ages": ["young"], "ethnicities": ["a", "b"],
+                                   "max_rounds": 1}},
+        "sweep": {"models": ["tiny-hyper"], "sets": [{"prompts": "joint", "presets": ["am1"]}], "steps": 2},
+        "execution": {"cache_dir": str(fastface_cache), "num_workers": 1},
+    })
+    summary = build_dataset_flow(config, str(tmp_path / "store"))
+    assert loads == []  # no model in the flow process
+    assert summary["model_loads"] == {"faces": 1, "renderer": 1}  # one actor each, models loaded once there
+    assert len(summary["render_workers"]) == 1 and summary["render_workers"][0].startswith("fastface-renderer-")
+    assert summary["prompts"]["new"] == 1
+    # Tiny models render noise: both candidates were rendered and found faceless (on the face pool).
+    from prefect.artifacts import Artifact
+
+    table = {row["outcome"]: row["count"] for row in json.loads(Artifact.get("synth-synthesis").data)}
+    assert table["rendered"] == 2 and table["no_face"] == 2 and table["accepted"] == 0
