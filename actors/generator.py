@@ -356,10 +356,11 @@ class GeneratorWorker:
                 output_type="np",
             )
             seconds = (time.perf_counter() - started) / len(runnable)
-            for example, image in zip(runnable, np.asarray(output.images, dtype=np.float32)):
+            for example, image, meta in zip(runnable, np.asarray(output.images, dtype=np.float32), output.metadata):
                 uri = self.store.write_image(example["run_id"], example["example_id"], encode_png(image))
                 arrays[example["example_id"]] = image
-                rows[example["example_id"]] = self._row(example, status="ok", image_uri=uri, seconds=seconds)
+                rows[example["example_id"]] = self._row(example, status="ok", image_uri=uri, seconds=seconds,
+                                                        metadata=meta)
         return [rows[example["example_id"]] for example in batch], arrays
 
     def generate(self, batch: Sequence[Mapping[str, Any]]) -> list[dict]:
@@ -392,7 +393,9 @@ class GeneratorWorker:
                 for row, image in zip(batch, images)]
 
     def _row(self, example: Mapping[str, Any], *, status: str, image_uri: str | None = None,
-             seconds: float | None = None, error: str | None = None) -> dict:
+             seconds: float | None = None, error: str | None = None, metadata: Mapping | None = None) -> dict:
+        """One ``generations`` row; ``metadata`` is the pipeline's per-image record (the resolved DCG and
+        AM config the image was made with, UNet rows per step, seconds, device, dtype)."""
         return {
             "example_id": example["example_id"],
             "run_id": example["run_id"],
@@ -403,6 +406,7 @@ class GeneratorWorker:
             "worker": self.worker_id,
             "node": self.node,
             "versions": self.versions,
+            "metadata": None if metadata is None else json.dumps(dict(metadata), sort_keys=True, default=str),
             "error": error,
         }
 

@@ -44,6 +44,16 @@ def cache_root(config: EvaluationConfig) -> Path:
 
 
 # -- planning ------------------------------------------------------------------------------------
+def resolved_preset_config(preset: str, checkpoint) -> str:
+    """JSON of the DCG (α, β, φ, variant) and AM (scales, schedules) ``preset`` runs with on ``checkpoint``:
+    what ``examples.resolved_config`` stores, so every image can be traced to its constants."""
+    from fastface.presets import get_preset
+
+    dcg, am = get_preset(preset).resolve(checkpoint.default_guidance)
+    return json.dumps({"preset": preset, "model_default_guidance": checkpoint.default_guidance,
+                       "dcg": dcg.to_dict(), "am": None if am is None else am.to_dict()}, sort_keys=True)
+
+
 def sweep_examples(config: EvaluationConfig, identities: list[dict], prompts: list[dict]) -> list[dict]:
     """The examples of the config's design: per set, its presets (and the baseline) on its prompts; deduplicated."""
     from fastface.checkpoints import check_steps, get_checkpoint
@@ -72,8 +82,9 @@ def sweep_examples(config: EvaluationConfig, identities: list[dict], prompts: li
                 run_seeds=config.sweep.seeds, steps=steps.pop(), width=size, height=size,
                 code_version=config.sweep.code_version,
             )
+            resolved = {p: resolved_preset_config(p, checkpoint) for p in presets}
             for row in sweep.examples():
-                rows.setdefault(row["example_id"], row)
+                rows.setdefault(row["example_id"], dict(row, resolved_config=resolved[row["preset"]]))
     return list(rows.values())
 
 

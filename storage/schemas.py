@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 
-SCHEMA_VERSION = 2  # 2: generations.node
+SCHEMA_VERSION = 3  # 2: generations.node; 3: examples.resolved_config, generations.metadata
 """Bump when a column is added, removed or retyped. Readers accept files of this
 version or older (missing *nullable* columns of older files are filled with nulls)
 and refuse newer ones."""
@@ -78,6 +78,7 @@ _FIELDS: dict[str, list[pa.Field]] = {
         _f("width", pa.int32(), False),
         _f("height", pa.int32(), False),
         _f("config_hash", pa.string(), False),
+        _f("resolved_config", pa.string()),  # JSON: the DCG and AM this preset runs with on this model; v3
         _f("code_version", pa.string(), False),
         _f("created_at", TIMESTAMP, False),
     ],
@@ -91,6 +92,7 @@ _FIELDS: dict[str, list[pa.Field]] = {
         _f("worker", pa.string()),
         _f("node", pa.string()),  # the Ray node (id) that made the image; added in schema version 2
         _f("versions", pa.string()),  # JSON {package: version}
+        _f("metadata", pa.string()),  # JSON: the pipeline's per-image record (resolved DCG/AM, UNet rows); v3
         _f("error", pa.string()),
         _f("created_at", TIMESTAMP, False),
     ],
@@ -121,7 +123,8 @@ key; readers that need one row per key keep the latest by ``created_at``."""
 JSON_COLUMNS: dict[str, frozenset[str]] = {
     "runs": frozenset({"config", "package_versions"}),
     "identities": frozenset({"provenance"}),
-    "generations": frozenset({"versions"}),
+    "examples": frozenset({"resolved_config"}),
+    "generations": frozenset({"versions", "metadata"}),
     "metrics": frozenset({"detail"}),
 }
 

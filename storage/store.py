@@ -407,6 +407,8 @@ class Store:
             raise StorageError(f"catalog {_redact(self.catalog)} belongs to the store {meta['root']}, not "
                                f"{self.uri(self.root)}; give each root its own catalog (database or file)")
         found = found or self._columns(con)
+        self._add_new_nullable_columns(con, expected, found, version)
+        found = self._columns(con)
         for table in TABLES:
             have = {n: t for n, t, _ in found[table]}
             for name, type_, _ in expected[table]:
@@ -416,6 +418,27 @@ class Store:
                 if have[name] != type_:
                     raise SchemaError(f"table {table!r} in {self.uri(self.root)}: column {name!r} is stored as "
                                       f"{have[name]}, expected {schema(table).field(name).type} ({type_})")
+
+    def _add_new_nullable_columns(self, con, expected, found, version: int) -> None:
+        """Schema evolution: tables of an older schema version get the nullable columns added since
+        (DuckLake's ALTER TABLE ADD COLUMN; old rows read them as NULL)."""
+        if version >= SCHEMA_VERSION:
+            return
+        missing = [(table, name, type_) for table in TABLES
+                   for name, type_, nullable in expected[table]
+                   if nullable and name not in {n for n, _, _ in found[table]}]
+        try:
+            with self.catalog_lock(exclusive=True):
+                con.execute("BEGIN TRANSACTION")
+                for table, name, type_ in missing:
+                    con.execute(f"ALTER TABLE {LAKE}.{table} ADD COLUMN IF NOT EXISTS {_q(name)} {type_}")
+                con.execute(f"UPDATE {LAKE}.{META_TABLE} SET value = ? WHERE key = 'schema_version'",
+                            [str(SCHEMA_VERSION)])
+                con.execute("COMMIT")
+        except duckdb.Error as exc:
+            _rollback(con)
+            raise StorageError(f"cannot upgrade the tables of {self.uri(self.root)} to schema version "
+                               f"{SCHEMA_VERSION}: {exc}") from None
 
     def _sql(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table:
         con = self._connection()
@@ -548,7 +571,9 @@ class Store:
                 con.register("fastface_rows", data)
                 try:
                     con.execute("BEGIN TRANSACTION")
-                    con.execute(f"INSERT INTO {LAKE}.{table} SELECT * FROM fastface_rows")
+                    # By name: a table evolved by ADD COLUMN keeps its older column order.
+                    columns = ", ".join(_q(name) for name in data.column_names)
+                    con.execute(f"INSERT INTO {LAKE}.{table} ({columns}) SELECT {columns} FROM fastface_rows")
                     _pause_point("in-transaction")
                     con.execute("COMMIT")
                     break
