@@ -63,7 +63,9 @@ def connect_ray(address: str | None = None, **init_kwargs: Any) -> dict[str, flo
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or None
         init_kwargs.setdefault("log_to_driver", _verbose())
-        ray.init(address=address, **init_kwargs)
+        # No address: always a Ray of our own. ray.init() alone would join whatever cluster was
+        # last started on this machine (another user's, a test's) — joining one is explicit.
+        ray.init(address=address or "local", **init_kwargs)
         _connection = f"joined the cluster at {address}" if address else "started a local Ray"
     return ray.cluster_resources()
 
