@@ -71,7 +71,12 @@ def _has_tables(fs, path: str) -> bool:
         names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
     except FileNotFoundError:
         return False
-    return bool(names & set(TABLES))
+    return bool(names & _STORE_MARKERS)
+
+
+#: What a store root holds: the DuckLake catalog file and data folder (or, in the old layout, one
+#: folder per table — opening such a root then names ``fastface migrate-store``).
+_STORE_MARKERS = set(TABLES) | {"catalog.sqlite", "tables"}
 
 
 def check_store_root(root: str, *, for_reading: bool) -> None:
@@ -85,7 +90,7 @@ def check_store_root(root: str, *, for_reading: bool) -> None:
             if not os.path.isdir(path):
                 raise StoreRootError(f"no store at {path}: the folder does not exist (give the --root an evaluation "
                                      "wrote)")
-            if not set(os.listdir(path)) & set(TABLES):
+            if not set(os.listdir(path)) & _STORE_MARKERS:
                 raise StoreRootError(f"{path} is not a FastFace store: it has none of the tables "
                                      f"{', '.join(TABLES)}/ (give the --root an evaluation wrote)")
             return
@@ -105,14 +110,14 @@ def check_store_root(root: str, *, for_reading: bool) -> None:
     endpoint = s3_endpoint()
     if endpoint:
         _check_endpoint_answers(root, endpoint)
-    from storage.store import Store
+    import fsspec
 
-    try:
-        store = Store(root)
-        if not store.fs.exists(bucket):
+    try:  # the bucket and the tables first: opening the store itself needs its catalog configured
+        fs = fsspec.filesystem("s3", **({"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}))
+        if not fs.exists(bucket):
             raise StoreRootError(f"S3 bucket {bucket!r} of {root} does not exist" +
                                  (f" at {endpoint}" if endpoint else "") + "; create it or fix the root")
-        if for_reading and not _has_tables(store.fs, store.root):
+        if for_reading and not _has_tables(fs, root.split("://", 1)[1].rstrip("/")):
             raise StoreRootError(f"{root} is not a FastFace store: it has none of the tables {', '.join(TABLES)}/")
     except StoreRootError:
         raise

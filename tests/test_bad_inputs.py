@@ -196,7 +196,7 @@ GENERATE_CASES = [
     ((), {"out": "/proc/fastface-nope/x.png"}, r"--out: cannot write to /proc/fastface-nope .*not writable"),
     (("--model", "tiny-hyperr"), {}, r"unknown model 'tiny-hyperr'. Did you mean 'tiny-hyper'"),
     (("--preset", "ff-am3"), {}, r"unknown preset 'ff-am3'.*ff-am2"),
-    (("--face-backend", "insightface"), {}, r"face backend 'insightface' gives 512-d .* use --face-backend dlib"),
+    (("--face-backend", "insightface"), {}, r"face-backend 'insightface' gives 512-d .* use --face-backend dlib"),
 ]
 
 
