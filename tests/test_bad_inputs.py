@@ -549,7 +549,7 @@ def test_ctrl_c_stops_within_10_s_and_the_rerun_completes_exactly_the_planned_ro
     try:
         deadline = time.monotonic() + 420
         while time.monotonic() < deadline and proc.poll() is None and not files:
-            files = list((root / "generations").glob("run_id=*/part-*.parquet"))
+            files = list((root / "images").glob("*/*.png"))  # generation has started: images are written
             time.sleep(0.05)
         assert files and proc.poll() is None, log.seek(0) or log.read()[-3000:]
         descendants = psutil.Process(proc.pid).children(recursive=True)
