@@ -108,9 +108,12 @@ def test_dataset_import_of_identity_folders_and_the_generator_uses_all_photos(ph
         "dataset": {"identities": [{"uri": str(people), "identity_folders": True}], "prompts": ["a photo of a person"]},
         "sweep": {"models": ["tiny-hyper"], "sets": [{"prompts": "realistic", "presets": ["am1"]}]},
     })
-    gathered, _ = gather_photos(config, "dlib")
+    from test_flows_dataset import InProcessFaces
+
+    faces = InProcessFaces(tmp_path / "faces")  # what the dataset flow's face pool does, in this process
+    gathered, _ = gather_photos(config, faces.detect)
     assert [p["id"] for p in gathered] == ["hanks", "hanks-mirror"] and len(gathered[0]["members"]) == 2
-    embeddings = embed_photos.fn(gathered, "dlib")
+    embeddings = embed_photos.fn(gathered, "dlib", faces)
     store = Store(str(tmp_path / "store"))
     import_identities.fn(str(tmp_path / "store"), "multi-dataset", gathered, embeddings, "dlib")
     rows = {r["identity_id"]: r for r in store.read("identities").to_pylist()}
