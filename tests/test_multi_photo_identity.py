@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from metrics_fixtures import sample_photo
+from metrics_fixtures import dlib_backend, sample_photo  # noqa: F401  (dlib_backend: fixture)
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +24,8 @@ def photos(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def backend():
-    from fastface.faces import get_face_backend
-
-    try:
-        return get_face_backend("dlib")
-    except ImportError as exc:
-        pytest.skip(f"dlib backend unavailable: {exc}")
+def backend(dlib_backend):
+    return dlib_backend
 
 
 def test_several_photos_average_their_embeddings_and_take_the_largest_face_crop(photos, backend, tmp_path):
