@@ -85,30 +85,37 @@ def examples_table(start: int, stop: int, created: datetime) -> pa.Table:
         "config_hash": pa.array(["c" * 32] * n), "code_version": pa.array(["v1"] * n),
         "created_at": pa.array([created] * n, schema("examples").field("created_at").type),
     }
-    return pa.table(cols).cast(schema("examples"))
+    return by_schema("examples", cols)
 
 
 def generations_table(ids: pa.Array, created: datetime) -> pa.Table:
     n = len(ids)
-    return pa.table({
+    return by_schema("generations", {
         "example_id": ids, "run_id": pa.array([RUN] * n), "status": pa.array(["ok"] * n),
         "image_uri": pa.array([f"s3://bucket/images/{RUN}/x.png"] * n), "seconds": pa.array(np.full(n, 1.5)),
         "device": pa.array(["cuda:0"] * n), "worker": pa.array(["w0"] * n), "versions": pa.array(["{}"] * n),
         "error": pa.nulls(n, pa.string()),
         "created_at": pa.array([created] * n, schema("generations").field("created_at").type),
-    }).cast(schema("generations"))
+    })
 
 
 def metrics_table(ids: pa.Array, created: datetime, rng) -> pa.Table:
     n = len(ids)
     k = len(METRICS)
-    return pa.table({
+    return by_schema("metrics", {
         "example_id": pa.array(np.repeat(np.asarray(ids.to_pylist(), dtype=object), k).tolist(), pa.string()),
         "run_id": pa.array([RUN] * (n * k)), "metric": pa.array(list(METRICS) * n),
         "value": pa.array(rng.random(n * k)), "detail": pa.nulls(n * k, pa.string()),
         "error": pa.nulls(n * k, pa.string()),
         "created_at": pa.array([created] * (n * k), schema("metrics").field("created_at").type),
-    }).cast(schema("metrics"))
+    })
+
+
+def by_schema(table: str, cols: dict) -> pa.Table:
+    """``cols`` in ``table``'s column order; columns the benchmark does not fill (nullable) are nulls."""
+    fields = schema(table)
+    n = len(next(iter(cols.values())))
+    return pa.table({f.name: cols[f.name] if f.name in cols else pa.nulls(n, f.type) for f in fields}).cast(fields)
 
 
 CPU: dict[str, float] = {}

@@ -65,11 +65,21 @@ def install(describe: Callable[[], str], resume_hint: str) -> None:
         _run_with_limit([count], CLEANUP_S / 2)
         _run_with_limit([stop_ray, stop_temporary_prefect_server], CLEANUP_S / 2)
         # Straight to the file descriptor: inside a flow run Prefect's log_prints turns print() into a log call.
-        os.write(2, f"interrupted: {kept['text']}; {resume_hint}\n".encode())
+        # A progress bar leaves its line open (it redraws with \r): start the message on a line of its own.
+        newline = "\n" if _open_progress_bars() else ""
+        os.write(2, f"{newline}interrupted: {kept['text']}; {resume_hint}\n".encode())
         os._exit(EXIT_INTERRUPTED)
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+
+
+def _open_progress_bars() -> bool:
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return False
+    return any(not getattr(bar, "disable", False) for bar in list(getattr(tqdm, "_instances", ())))
 
 
 def logging_off() -> None:

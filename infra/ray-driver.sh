@@ -13,7 +13,7 @@
 # RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH), the same on every node. RAY_DRIVER_NODE_ARGS adds
 # arguments to `ray start` (e.g. free ports when several nodes share one machine).
 set -euo pipefail
-: "${RAY_ADDRESS:?set RAY_ADDRESS to the cluster head's GCS address, <host>:6379}"
+: "${RAY_ADDRESS:?set RAY_ADDRESS to the GCS address of the cluster head, <host>:6379}"
 log="$(mktemp -t fastface-ray-driver.XXXXXX)"
 # shellcheck disable=SC2086
 ray start --address="$RAY_ADDRESS" --num-cpus=0 --num-gpus=0 --block ${RAY_DRIVER_NODE_ARGS:-} >"$log" 2>&1 &

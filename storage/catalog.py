@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from storage.duck import quote_identifier as _quote
 from storage.schemas import KEYS, TABLES, schema
-from storage.store import LAKE, Store
+from storage.store import LAKE, Store, latest_rows_sql
 
 
 class Catalog:
@@ -66,10 +66,7 @@ class Catalog:
             keys = ", ".join(_quote(k) for k in KEYS[table])
             source = f"{LAKE}.main.{_quote(table)}"
             self.con.execute(f"CREATE OR REPLACE TEMP VIEW {_quote(table + '_raw')} AS SELECT {columns} FROM {source}")
-            self.con.execute(
-                f"CREATE OR REPLACE TEMP VIEW {_quote(table)} AS SELECT {columns} FROM {source} "
-                f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY created_at DESC, rowid DESC) = 1"
-            )
+            self.con.execute(f"CREATE OR REPLACE TEMP VIEW {_quote(table)} AS {latest_rows_sql(source, columns, keys)}")
 
     # -- queries ---------------------------------------------------------------
 

@@ -289,14 +289,27 @@ def plan_missing_metrics(
         planned = (f"(SELECT p.* FROM plan_keys p JOIN ({_latest_generations(keys)}) g "
                    "ON g.run_id = p.run_id AND g.example_id = p.example_id WHERE g.status = 'ok')")
     # Scored metrics per example as a bit mask (one row per example, not per pair), so only the
-    # examples with something missing are expanded into (example, metric) pairs.
+    # examples with something missing are expanded into (example, metric) pairs. Almost every
+    # (example, metric) has one row, so one aggregation per example collects the metrics with an
+    # error-free row (good) and with an errored row (bad): good and not bad is scored, bad and not
+    # good is not. Only a metric with both (an error retried, or a score redone) needs its latest
+    # row, and only those examples are aggregated per (example, metric).
+    runs_in, only = _runs_in(keys), _only_planned(keys, "p")
+    bit = "CAST(1 AS BIGINT) << w.i"
     found = store.query(
         f"WITH p AS (SELECT * FROM {planned}), "
-        "m AS (SELECT example_id, metric, arg_max(error IS NULL, (created_at, rowid)) AS scored "
-        f"FROM {LAKE}.metrics WHERE run_id IN {_runs_in(keys)} AND metric IN (SELECT metric FROM plan_metrics)"
-        f"{_only_planned(keys, 'p')} GROUP BY example_id, metric), "
-        "s AS (SELECT m.example_id, bit_or(CAST(1 AS BIGINT) << w.i) AS mask FROM m JOIN plan_metrics w "
-        "ON w.metric = m.metric WHERE m.scored GROUP BY m.example_id), "
+        f"a AS (SELECT m.example_id, coalesce(bit_or({bit}) FILTER (WHERE m.error IS NULL), 0) AS good, "
+        f"coalesce(bit_or({bit}) FILTER (WHERE m.error IS NOT NULL), 0) AS bad "
+        f"FROM {LAKE}.metrics m JOIN plan_metrics w ON w.metric = m.metric "
+        f"WHERE m.run_id IN {runs_in}{only} GROUP BY m.example_id), "
+        "redone AS (SELECT example_id FROM a WHERE good & bad <> 0), "
+        f"latest AS (SELECT m.example_id, bit_or({bit}) AS mask FROM (SELECT example_id, metric, "
+        "arg_max(error IS NULL, (created_at, rowid)) AS scored "
+        f"FROM {LAKE}.metrics WHERE run_id IN {runs_in} AND example_id IN (SELECT example_id FROM redone) "
+        "GROUP BY example_id, metric) m JOIN plan_metrics w ON w.metric = m.metric WHERE m.scored "
+        "GROUP BY m.example_id), "
+        "s AS (SELECT a.example_id, (a.good & ~a.bad) | coalesce(latest.mask, 0) AS mask "
+        "FROM a LEFT JOIN latest ON latest.example_id = a.example_id), "
         "miss AS (SELECT p.pos, p.example_id, coalesce(s.mask, 0) AS mask FROM p LEFT JOIN s "
         f"ON s.example_id = p.example_id WHERE coalesce(s.mask, 0) <> {(1 << len(metrics)) - 1}) "
         "SELECT miss.example_id, w.i FROM miss CROSS JOIN plan_metrics w "

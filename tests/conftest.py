@@ -226,3 +226,28 @@ def face_photo():
 
     spec = importlib.util.find_spec("insightface")
     return Path(next(iter(spec.submodule_search_locations))) / "data" / "images" / "Tom_Hanks_54745.png"
+
+
+def wait_for_stored_rows(root: Path, table: str, at_least: int, timeout: float, alive=lambda: True) -> int:
+    """Poll a local store until ``table`` holds ``at_least`` rows (committed: what a reader sees); the count.
+
+    Nothing is created before the run has made its catalog (a Store on a missing root would
+    create one), and the poll stops early when ``alive()`` turns false (the writer ended).
+    """
+    import time
+
+    from storage import Store
+    from storage.store import CATALOG_FILE
+
+    deadline = time.monotonic() + timeout
+    rows = 0
+    while time.monotonic() < deadline and alive():
+        if (Path(root) / CATALOG_FILE).exists():
+            try:
+                rows = Store(str(root)).count(table)
+            except Exception:  # noqa: BLE001 - the writer is creating the tables; look again
+                rows = 0
+            if rows >= at_least:
+                return rows
+        time.sleep(0.2)
+    return rows

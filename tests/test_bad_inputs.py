@@ -28,6 +28,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(__file__))
+from conftest import wait_for_stored_rows  # noqa: E402
 from storage_support import FAKE_AWS_ENV, create_bucket, moto_endpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -545,13 +546,10 @@ def test_ctrl_c_stops_within_10_s_and_the_rerun_completes_exactly_the_planned_ro
     planned = 16  # 2 identities × 2 prompts × 2 presets × 2 scales; one generations file per image (batch 1)
     log = open(tmp_path / "interrupted.log", "w+")
     proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    files: list[Path] = []
     try:
-        deadline = time.monotonic() + 420
-        while time.monotonic() < deadline and proc.poll() is None and not files:
-            files = list((root / "images").glob("*/*.png"))  # generation has started: images are written
-            time.sleep(0.05)
-        assert files and proc.poll() is None, log.seek(0) or log.read()[-3000:]
+        # generation has started: a generations row is committed
+        stored = wait_for_stored_rows(root, "generations", 1, timeout=420, alive=lambda: proc.poll() is None)
+        assert stored and proc.poll() is None, log.seek(0) or log.read()[-3000:]
         descendants = psutil.Process(proc.pid).children(recursive=True)
         sent = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends on Ctrl-C

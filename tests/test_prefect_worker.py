@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_for_stored_rows
 from test_flows_chain import prefect_server, raw_counts  # noqa: F401  (fixture)
 
 from storage import Store
@@ -125,9 +126,7 @@ def test_worker_runs_the_deployment_and_resumes_after_being_killed(deployed, ray
         root = tmp_path / "killed"
         overrides = {"execution.batch_size": 1, "sweep.ip_adapter_scales": [0.5, 0.8]}
         trigger(root, cache, **overrides)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not list((root / "generations").glob("run_id=*/part-*.parquet")):
-            time.sleep(0.05)
+        wait_for_stored_rows(root, "generations", 1, timeout=300)  # generation has started: a row is committed
     finally:
         worker.kill()
     killed_rows = raw_counts(str(root))["generations"][0]
