@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# Run the test suite (CPU, offline). Extra arguments go to pytest.
+# Run the test suite (CPU, offline): every tier but `slow` (real weights / GPU), integration tests
+# with real servers included. Extra arguments go to pytest.
+#   FASTFACE_TEST_WORKERS=N  pytest-xdist workers (default 2: one per core of CI's machine; the
+#                            tiny models run one torch thread each, see tests/conftest.py); 0 = none
+#   FASTFACE_INTEGRATION=0   skip the multi-process integration tests (tests/conftest.py, INTEGRATION)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PREFECT_SERVER_ANALYTICS_ENABLED=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
        TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0
-exec .venv/bin/python -m pytest -q "$@"
+workers="${FASTFACE_TEST_WORKERS:-2}"
+exec .venv/bin/python -m pytest -q -n "$workers" --dist loadfile "$@"

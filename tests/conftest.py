@@ -34,8 +34,7 @@ AUTHORS_E2E = DATA / "authors_e2e"
 
 # Multi-process integration tests (real multi-node Ray, Prefect server + worker, PostgreSQL + S3
 # end to end, subprocess runs interrupted or failed on purpose, the scaled-down SDXL benchmark).
-# Each takes minutes on CI's 2 cores, and they were written on a machine too loaded to run them
-# all green: they run with FASTFACE_INTEGRATION=1 (see README, "Tests") until they are.
+# They run by default (CI runs them); FASTFACE_INTEGRATION=0 skips them for a quick local run.
 INTEGRATION = (
     "tests/test_cluster_ray.py::",
     "tests/test_prefect_worker.py::",
@@ -48,17 +47,28 @@ INTEGRATION = (
     "tests/test_actors.py::test_pools_live_for_the_run_and_load_once_per_actor",
 )
 
+# The longest files first: with `pytest -n 2 --dist loadfile` (scripts/test.sh) a file runs whole on
+# one worker, so a long one started last would leave the other worker idle at the end.
+LONGEST_FIRST = ("tests/test_prefect_worker.py", "tests/test_bad_inputs.py", "tests/test_storage_postgres.py",
+                 "tests/test_cluster_ray.py", "tests/test_flows_chain.py")
+
 
 def pytest_collection_modifyitems(config, items):
     slow = os.environ.get("FASTFACE_SLOW") == "1"
-    integration = os.environ.get("FASTFACE_INTEGRATION") == "1"
+    integration = os.environ.get("FASTFACE_INTEGRATION", "1") != "0"
     skip_slow = pytest.mark.skip(reason="needs real weights or a GPU; set FASTFACE_SLOW=1")
-    skip_integration = pytest.mark.skip(reason="multi-process integration test; set FASTFACE_INTEGRATION=1")
+    skip_integration = pytest.mark.skip(reason="multi-process integration test; FASTFACE_INTEGRATION=0 skips them")
     for item in items:
         if "slow" in item.keywords and not slow:
             item.add_marker(skip_slow)
         if not integration and item.nodeid.startswith(INTEGRATION):
             item.add_marker(skip_integration)
+
+    def rank(item) -> int:
+        path = item.nodeid.split("::", 1)[0]
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order inside a file is kept
 
 
 @pytest.fixture(scope="session")
