@@ -4,6 +4,7 @@
 #   FASTFACE_TEST_WORKERS=N  pytest-xdist workers (default 2: one per core of CI's machine; the
 #                            tiny models run one torch thread each, see tests/conftest.py); 0 = none
 #   FASTFACE_INTEGRATION=0   skip the multi-process integration tests (tests/conftest.py, INTEGRATION)
+#   FASTFACE_LONG=1          also run the three longest integration tests (tests/conftest.py, LONG)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PREFECT_SERVER_ANALYTICS_ENABLED=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \

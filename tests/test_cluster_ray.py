@@ -26,7 +26,7 @@ from conftest import (
     free_port,
     ray_start_node,
     start_session_ray,
-    stop_process_group,
+    stop_process_groups,
     stop_session_ray,
 )
 
@@ -163,8 +163,7 @@ def ray_processes(tmp_path):
                 descendants += psutil.Process(proc.pid).children(recursive=True)
             except psutil.NoSuchProcess:
                 pass
-        for proc in reversed(procs):  # `ray start --block` stops its node's processes on SIGTERM
-            stop_process_group(proc)
+        stop_process_groups(list(reversed(procs)))  # `ray start --block` stops its node's processes on SIGTERM
         _, alive = psutil.wait_procs(descendants, timeout=30)
         for leftover in alive:
             leftover.kill()
