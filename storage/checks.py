@@ -17,6 +17,7 @@ import socket
 from urllib.parse import urlparse
 
 from storage.schemas import TABLES
+from storage.store import CATALOG_FILE, DATA_DIR, s3_endpoint
 
 CONNECT_TIMEOUT_S = 5
 S3_CLIENT_CONFIG = {"connect_timeout": CONNECT_TIMEOUT_S, "retries": {"max_attempts": 2, "mode": "standard"}}
@@ -27,10 +28,16 @@ class StoreRootError(ValueError):
     """A store root that cannot be used; the message names the root and what to do."""
 
 
-def s3_endpoint() -> str | None:
-    from storage.store import ENDPOINT_ENV_VARS
-
-    return next((os.environ[v] for v in ENDPOINT_ENV_VARS if os.environ.get(v)), None)
+def s3_fs_options(storage_options=None, endpoint: str | None = None) -> dict:
+    """fsspec options for an s3:// store: the endpoint (unless given), no cached listings (other
+    processes write there), and client timeouts so a dead endpoint fails in seconds, not after a minute."""
+    options = dict(storage_options or {})
+    client_kwargs = options.get("client_kwargs") or {}
+    if endpoint and "endpoint_url" not in options and "endpoint_url" not in client_kwargs:
+        options["endpoint_url"] = endpoint
+    options.setdefault("use_listings_cache", False)
+    options.setdefault("config_kwargs", S3_CLIENT_CONFIG)
+    return options
 
 
 def _check_s3_credentials(root: str) -> None:
@@ -76,7 +83,7 @@ def _has_tables(fs, path: str) -> bool:
 
 #: What a store root holds: the DuckLake catalog file and data folder (or, in the old layout, one
 #: folder per table — opening such a root then names ``fastface migrate-store``).
-_STORE_MARKERS = set(TABLES) | {"catalog.sqlite", "tables"}
+_STORE_MARKERS = set(TABLES) | {CATALOG_FILE, DATA_DIR}
 
 
 def check_store_root(root: str, *, for_reading: bool) -> None:
@@ -113,7 +120,7 @@ def check_store_root(root: str, *, for_reading: bool) -> None:
     import fsspec
 
     try:  # the bucket and the tables first: opening the store itself needs its catalog configured
-        fs = fsspec.filesystem("s3", **({"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}))
+        fs = fsspec.filesystem("s3", **s3_fs_options(endpoint=endpoint))
         if not fs.exists(bucket):
             raise StoreRootError(f"S3 bucket {bucket!r} of {root} does not exist" +
                                  (f" at {endpoint}" if endpoint else "") + "; create it or fix the root")
@@ -125,4 +132,4 @@ def check_store_root(root: str, *, for_reading: bool) -> None:
         raise _s3_call_error(root, exc) from None
 
 
-__all__ = ["CONNECT_TIMEOUT_S", "S3_CLIENT_CONFIG", "StoreRootError", "check_store_root"]
+__all__ = ["CONNECT_TIMEOUT_S", "S3_CLIENT_CONFIG", "StoreRootError", "check_store_root", "s3_fs_options"]

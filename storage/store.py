@@ -213,14 +213,9 @@ class Store:
             endpoint = s3_endpoint()
             if endpoint:
                 _check_endpoint_reachable(endpoint)
-            client_kwargs = options.get("client_kwargs") or {}
-            if endpoint and "endpoint_url" not in options and "endpoint_url" not in client_kwargs:
-                options["endpoint_url"] = endpoint
-            # Other processes write here: a cached listing would hide their files.
-            options.setdefault("use_listings_cache", False)
-            from storage.checks import S3_CLIENT_CONFIG  # a dead endpoint fails in seconds, not after a minute
+            from storage.checks import s3_fs_options
 
-            options.setdefault("config_kwargs", S3_CLIENT_CONFIG)
+            options = s3_fs_options(options, endpoint)
         self.fs, path = fsspec.core.url_to_fs(root, **options)
         # DuckDB knows s3fs by its first protocol name, so URIs always say s3://.
         self.protocol = "file" if self.is_local else "s3"
@@ -427,14 +422,13 @@ class Store:
         missing = [(table, name, type_) for table in TABLES
                    for name, type_, nullable in expected[table]
                    if nullable and name not in {n for n, _, _ in found[table]}]
-        try:
-            with self.catalog_lock(exclusive=True):
-                con.execute("BEGIN TRANSACTION")
-                for table, name, type_ in missing:
-                    con.execute(f"ALTER TABLE {LAKE}.{table} ADD COLUMN IF NOT EXISTS {_q(name)} {type_}")
-                con.execute(f"UPDATE {LAKE}.{META_TABLE} SET value = ? WHERE key = 'schema_version'",
-                            [str(SCHEMA_VERSION)])
-                con.execute("COMMIT")
+        try:  # the caller (_connection) holds the exclusive catalog lock
+            con.execute("BEGIN TRANSACTION")
+            for table, name, type_ in missing:
+                con.execute(f"ALTER TABLE {LAKE}.{table} ADD COLUMN IF NOT EXISTS {_q(name)} {type_}")
+            con.execute(f"UPDATE {LAKE}.{META_TABLE} SET value = ? WHERE key = 'schema_version'",
+                        [str(SCHEMA_VERSION)])
+            con.execute("COMMIT")
         except duckdb.Error as exc:
             _rollback(con)
             raise StorageError(f"cannot upgrade the tables of {self.uri(self.root)} to schema version "
