@@ -10,4 +10,4 @@ cd "$(dirname "$0")/.."
 export PREFECT_SERVER_ANALYTICS_ENABLED=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
        TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0
 workers="${FASTFACE_TEST_WORKERS:-2}"
-exec .venv/bin/python -m pytest -q -n "$workers" --dist loadfile "$@"
+exec .venv/bin/python -m pytest -q -n "$workers" --dist loadfile --durations=30 "$@"

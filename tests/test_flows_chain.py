@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import wait_for_stored_rows
 
 from storage import Catalog, Store
 
@@ -191,16 +192,11 @@ def test_killed_run_resumes_with_exactly_the_planned_rows(prefect_server, ray_cl
     log = open(tmp_path / "evaluate.log", "w")
     proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     planned = 16  # 2 identities × 2 prompts × 2 presets × 2 scales, one generations append per example
-    files, watcher = [], None
+    stored = 0
     try:
-        deadline = time.monotonic() + 150
-        while time.monotonic() < deadline and proc.poll() is None:
-            if (root / "catalog.sqlite").exists():  # committed generations rows, one append per example
-                watcher = watcher or Store(str(root))
-                files = [None] * watcher.count("generations")
-            if files:
-                break
-            time.sleep(0.02)
+        # generation has started: a generations row is committed (one append per example, batch 1). The
+        # wait is long because CI's two cores also run the other xdist worker; it ends early if the run does.
+        stored = wait_for_stored_rows(root, "generations", 1, timeout=600, alive=lambda: proc.poll() is None)
     finally:
         import psutil
 
@@ -216,7 +212,7 @@ def test_killed_run_resumes_with_exactly_the_planned_rows(prefect_server, ray_cl
                 pass
         proc.wait()
         log.close()
-    assert 1 <= len(files) < planned, f"not killed mid-generation ({len(files)} files): " + \
+    assert 1 <= stored < planned, f"not killed mid-generation ({stored} rows): " + \
         (tmp_path / "evaluate.log").read_text()[-3000:]
     killed_rows = raw_counts(str(root))["generations"][0]
     assert 1 <= killed_rows < planned
