@@ -4,10 +4,12 @@
 #   FASTFACE_TEST_WORKERS=N  pytest-xdist workers (default 2: one per core of CI's machine; the
 #                            tiny models run one torch thread each, see tests/conftest.py); 0 = none
 #   FASTFACE_INTEGRATION=0   skip the multi-process integration tests (tests/conftest.py, INTEGRATION)
-#   FASTFACE_LONG=1          also run the three longest integration tests (tests/conftest.py, LONG)
+#   FASTFACE_LONG=0          skip the three longest integration tests (tests/conftest.py, LONG)
+# --no-loadscope-reorder: files are handed out in tests/conftest.py's order (longest first), not
+# by their number of tests, so no long file starts last and leaves the other worker idle.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PREFECT_SERVER_ANALYTICS_ENABLED=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
        TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0
 workers="${FASTFACE_TEST_WORKERS:-2}"
-exec .venv/bin/python -m pytest -q -n "$workers" --dist loadfile --durations=30 "$@"
+exec .venv/bin/python -m pytest -q -n "$workers" --dist loadfile --no-loadscope-reorder --durations=30 "$@"

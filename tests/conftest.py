@@ -44,9 +44,8 @@ INTEGRATION = (
     "tests/test_pipeline.py::test_bench_sdxl_shaped_path_runs_scaled_down",
     "tests/test_actors.py::test_pools_live_for_the_run_and_load_once_per_actor",
 )
-# The longest of them (3–11 minutes each on 2 cores: several `fastface evaluate` runs apiece). With
-# them the suite takes ~40 minutes on CI's 2 cores, over its 30-minute budget, so they run with
-# FASTFACE_LONG=1 (and FASTFACE_INTEGRATION not 0) until the runs they make are cheaper.
+# The longest of them (4–8 minutes each on 2 cores: several `fastface evaluate` runs apiece);
+# FASTFACE_LONG=0 skips them for a quicker local run. CI runs them (the suite ~27 min on 2 cores).
 LONG = (
     "tests/test_cluster_ray.py::test_evaluate_joins_a_cluster_started_with_ray_start",
     "tests/test_prefect_worker.py::",
@@ -55,17 +54,18 @@ LONG = (
 
 # The longest files first: with `pytest -n 2 --dist loadfile` (scripts/test.sh) a file runs whole on
 # one worker, so a long one started last would leave the other worker idle at the end.
-LONGEST_FIRST = ("tests/test_prefect_worker.py", "tests/test_bad_inputs.py", "tests/test_storage_postgres.py",
-                 "tests/test_cluster_ray.py", "tests/test_flows_chain.py")
+LONGEST_FIRST = ("tests/test_prefect_worker.py", "tests/test_bad_inputs.py", "tests/test_flows_chain.py",
+                 "tests/test_cluster_ray.py", "tests/test_actors.py", "tests/test_storage_postgres.py",
+                 "tests/test_pipeline.py", "tests/test_flows_dataset.py", "tests/test_cli.py")
 
 
 def pytest_collection_modifyitems(config, items):
     slow = os.environ.get("FASTFACE_SLOW") == "1"
     integration = os.environ.get("FASTFACE_INTEGRATION", "1") != "0"
-    long = integration and os.environ.get("FASTFACE_LONG") == "1"
+    long = integration and os.environ.get("FASTFACE_LONG", "1") != "0"
     skip_slow = pytest.mark.skip(reason="needs real weights or a GPU; set FASTFACE_SLOW=1")
     skip_integration = pytest.mark.skip(reason="multi-process integration test; FASTFACE_INTEGRATION=0 skips them")
-    skip_long = pytest.mark.skip(reason="long integration test (minutes); set FASTFACE_LONG=1")
+    skip_long = pytest.mark.skip(reason="long integration test (minutes); FASTFACE_LONG=0 skips them")
     for item in items:
         if "slow" in item.keywords and not slow:
             item.add_marker(skip_slow)

@@ -31,3 +31,40 @@ def noise_floor(float32_result, float64_result) -> float:
 def tolerance(float32_result, float64_result) -> float:
     """What two float32 results of the computation may differ by: ``ROUNDING_PATHS`` × its noise floor."""
     return ROUNDING_PATHS * noise_floor(float32_result, float64_result)
+
+
+#: float64's machine epsilon: the unit of the float64 floors below.
+EPS64 = float(np.finfo(np.float64).eps)
+#: float32's machine epsilon.
+EPS32 = float(np.finfo(np.float32).eps)
+#: A "must differ" assertion asks for a difference this many times the noise tolerance: a real
+#: effect (another branch, another image) is orders of magnitude above rounding, so the factor
+#: leaves no doubt without tying the test to one machine's numbers.
+DISTINCT = 100.0
+#: Half a step of an 8-bit image: what rounding a float image to PNG adds at most.
+HALF_8BIT = 0.5 / 255
+
+
+def float64_tolerance(*values, ops: int = 16) -> float:
+    """Absolute tolerance for a float64 computation of about ``ops`` rounding steps on ``values``.
+
+    Each IEEE operation rounds to within half an ulp, so ``ops`` steps on numbers of this
+    magnitude are off by at most ``ops`` ulps; the tolerance allows ``ROUNDING_PATHS`` times that
+    (two paths compared, each with its own rounding). Used where the float64 result is the
+    reference itself (Python scalars, numpy float64 statistics), so no float64 rerun exists.
+    """
+    scale = max([1.0] + [float(np.abs(np.asarray(v, dtype=np.float64)).max()) for v in values])
+    return ROUNDING_PATHS * ops * EPS64 * scale
+
+
+def float32_tolerance(*values, ops: int = 16) -> float:
+    """As :func:`float64_tolerance`, for a float32 computation that cannot be rerun in float64."""
+    scale = max([1.0] + [float(np.abs(np.asarray(v, dtype=np.float64)).max()) for v in values])
+    return ROUNDING_PATHS * ops * EPS32 * scale
+
+
+def to_float64(module):
+    """A float64 deep copy of a torch module (the reference run of :func:`tolerance`)."""
+    import copy
+
+    return copy.deepcopy(module).double()
