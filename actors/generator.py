@@ -5,8 +5,9 @@ batch of ``examples`` rows to ``generations`` rows. It is a plain class, so it c
 on one batch without Ray; :mod:`actors.pool` wraps it in a Ray actor.
 
 Images go to the store (``images/<run>/<example_id>.png``, written atomically) before the
-rows are returned; the rows are appended by the caller (the pool's driver), one Parquet
-file per batch, so a crash never leaves half a batch recorded.
+rows are returned; the rows are appended by the caller (the pool's driver) in one
+transaction with the other batches that finished within its write interval, so a crash never
+leaves half a batch recorded.
 """
 
 from __future__ import annotations

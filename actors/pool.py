@@ -171,6 +171,12 @@ class PoolOptions:
     max_retries: int = 2  # re-runs of a batch whose actor died
     use_gpus: bool = True  # False: CPU actors even where GPUs are (face analysis next to a generator pool)
     verbose: bool | None = None  # model-loading bars in the actors; default from FASTFACE_VERBOSE / debug logging
+    # The driver appends the rows of the batches that finished within this many seconds in one
+    # transaction (one file per run) and keeps the actors fed meanwhile: an append costs about the
+    # same for 16 rows as for 500, so one per batch cannot keep up with 64 GPUs. A row waits at
+    # most this long to be written; a crash loses at most this much work, never a row twice.
+    # 0: one append per batch.
+    write_interval_s: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -288,8 +294,13 @@ class ActorPool:
 
     # -- feeding ---------------------------------------------------------------------------------
     def _execute(self, batches: Iterable[list[dict]], on_result: Callable[[list[dict], Any], None],
-                 on_failure: Callable[[list[dict], str], None], stats: PoolStats, method: str | None) -> None:
-        """Feed ``batches`` to the actors; every batch ends in exactly one ``on_result`` or ``on_failure`` per row."""
+                 on_failure: Callable[[list[dict], str], None], stats: PoolStats, method: str | None,
+                 flush: Callable[[], None] | None = None) -> None:
+        """Feed ``batches`` to the actors; every batch ends in exactly one ``on_result`` or ``on_failure`` per row.
+
+        ``flush`` writes what those callbacks kept: ``write_interval_s`` after the first batch
+        it holds finished (idle actors get new work meanwhile), at the end, and when this raises.
+        """
         if self.closed:
             raise RuntimeError(f"{self.kind} pool is closed")
         pending = collections.deque(_Batch(list(rows)) for rows in batches if rows)
@@ -300,87 +311,109 @@ class ActorPool:
         in_flight: dict[Any, tuple[int, _Batch]] = {}
         restarts_allowed = (max(0, self.options.max_retries) + 1) * max(capacity, 1)
         deaths = 0
-        while pending or in_flight:
-            while len(pending) > len(idle) and len(self._actors) < capacity:  # more work than idle actors
-                slot = next(s for s in range(capacity + len(self._restarts) + 1) if s not in self._actors)
-                self._start(slot)
-                idle.append(slot)
-            while pending and idle:
-                slot = idle.pop()
-                batch = pending.popleft()
-                in_flight[self._actors[slot].run.remote(batch.rows, method)] = (slot, batch)
-            if not in_flight:
-                raise RuntimeError(f"{self.kind} pool has no actors left and the cluster has no room for new ones "
-                                   f"({len(pending)} batches waiting)")
-            (ref,), _ = ray.wait(list(in_flight), num_returns=1)
-            slot, batch = in_flight.pop(ref)
-            try:
-                result = ray.get(ref)
-            except RayActorError as exc:
-                if getattr(exc, "actor_init_failed", False):  # a config error: every replacement would fail too
-                    raise RuntimeError(f"{self.kind} actor failed to start: {_last_line(str(exc))}") from exc
-                deaths += 1
-                stats.actor_restarts += 1
-                if deaths > restarts_allowed:
-                    raise RuntimeError(
-                        f"{self.kind} actors died {deaths} times (limit {restarts_allowed}); giving up"
-                    ) from exc
-                del self._actors[slot]
-                self._restarts[slot] += 1
-                # A lost node shrinks the cluster: keep only as many actors as it can still place.
-                self._capacity = None
-                capacity = self._shape()
-                if len(self._actors) < capacity:
+        interval = max(0.0, self.options.write_interval_s)
+        flush_due: float | None = None  # when the oldest batch held for flush() must be written
+        try:
+            while pending or in_flight:
+                while len(pending) > len(idle) and len(self._actors) < capacity:  # more work than idle actors
+                    slot = next(s for s in range(capacity + len(self._restarts) + 1) if s not in self._actors)
                     self._start(slot)
                     idle.append(slot)
-                else:
-                    log.warning("%s pool: actor %s lost; the cluster now holds %d actors of this pool",
-                                self.kind, slot, capacity)
-                batch.attempts += 1
-                if batch.attempts > self.options.max_retries:
+                while pending and idle:
+                    slot = idle.pop()
+                    batch = pending.popleft()
+                    in_flight[self._actors[slot].run.remote(batch.rows, method)] = (slot, batch)
+                if not in_flight:
+                    raise RuntimeError(f"{self.kind} pool has no actors left and the cluster has no room for new "
+                                       f"ones ({len(pending)} batches waiting)")
+                timeout = None if flush_due is None else max(0.0, flush_due - time.monotonic())
+                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=timeout)
+                if not ready:  # the held batches are due
+                    flush()
+                    flush_due = None
+                    continue
+                slot, batch = in_flight.pop(ready[0])
+                try:
+                    result = ray.get(ready[0])
+                except RayActorError as exc:
+                    if getattr(exc, "actor_init_failed", False):  # a config error: every replacement would fail
+                        raise RuntimeError(f"{self.kind} actor failed to start: {_last_line(str(exc))}") from exc
+                    deaths += 1
+                    stats.actor_restarts += 1
+                    if deaths > restarts_allowed:
+                        raise RuntimeError(
+                            f"{self.kind} actors died {deaths} times (limit {restarts_allowed}); giving up"
+                        ) from exc
+                    del self._actors[slot]
+                    self._restarts[slot] += 1
+                    # A lost node shrinks the cluster: keep only as many actors as it can still place.
+                    self._capacity = None
+                    capacity = self._shape()
+                    if len(self._actors) < capacity:
+                        self._start(slot)
+                        idle.append(slot)
+                    else:
+                        log.warning("%s pool: actor %s lost; the cluster now holds %d actors of this pool",
+                                    self.kind, slot, capacity)
+                    batch.attempts += 1
+                    if batch.attempts <= self.options.max_retries:
+                        stats.retried += 1
+                        pending.appendleft(batch)
+                        continue
                     on_failure(batch.rows, f"{self.kind} actor died {batch.attempts} times on this batch: {exc}")
+                except RayTaskError as exc:  # the worker raised: the batch fails, the sweep goes on
+                    idle.append(slot)
+                    on_failure(batch.rows, _task_error_text(exc))
                 else:
-                    stats.retried += 1
-                    pending.appendleft(batch)
-                continue
-            except RayTaskError as exc:  # the worker raised: the batch fails, the sweep goes on
-                idle.append(slot)
-                on_failure(batch.rows, _task_error_text(exc))
-                continue
-            idle.append(slot)
-            if isinstance(result, dict) and _OOM in result:
-                if len(batch.rows) > 1:
-                    stats.split += 1
-                    half = (len(batch.rows) + 1) // 2
-                    pending.appendleft(_Batch(batch.rows[half:], batch.attempts))
-                    pending.appendleft(_Batch(batch.rows[:half], batch.attempts))
-                else:
-                    on_failure(batch.rows, f"out of memory at batch size 1: {result[_OOM]}")
-                continue
-            on_result(batch.rows, result)
+                    idle.append(slot)
+                    if isinstance(result, dict) and _OOM in result:
+                        if len(batch.rows) > 1:
+                            stats.split += 1
+                            half = (len(batch.rows) + 1) // 2
+                            pending.appendleft(_Batch(batch.rows[half:], batch.attempts))
+                            pending.appendleft(_Batch(batch.rows[:half], batch.attempts))
+                            continue
+                        on_failure(batch.rows, f"out of memory at batch size 1: {result[_OOM]}")
+                    else:
+                        on_result(batch.rows, result)
+                if flush is not None and flush_due is None:  # this batch's rows are held
+                    flush_due = time.monotonic() + interval
+                    if interval == 0:
+                        flush()
+                        flush_due = None
+        finally:  # at the end, and on the way out of an error or Ctrl-C: nothing held is lost
+            if flush is not None:
+                flush()
 
     def record(self, store: Store, table: str, batches: Sequence[list[dict]], *,
                failed_rows: Callable[[list[dict], str], list[dict]],
                on_batch: Callable[[dict], None] | None = None) -> PoolStats:
-        """Run ``batches``; append each batch's rows (or its failed rows) to ``table`` as one file per run."""
+        """Run ``batches``; append their rows (or failed rows) to ``table``, one transaction and file per run
+        for the batches that finished within ``PoolOptions.write_interval_s`` of each other."""
         stats = PoolStats(batches=len(batches))
         before = (self.stats.actors_started, self.stats.workers)
 
-        def write(rows: list[dict]) -> None:
+        held: list[dict] = []  # rows of finished batches, written together by flush()
+
+        def flush() -> None:
+            if not held:
+                return
+            rows = held[:]
             by_run: dict[str, list[dict]] = {}
             for row in rows:
                 by_run.setdefault(row["run_id"], []).append(row)
             for run_id, run_rows in by_run.items():
                 if store.append(table, run_rows, run_id) is not None:
                     stats.files += 1
+            held.clear()
             failed = sum(1 for row in rows if row.get("status") == "failed" or row.get("error") is not None)
             stats.failed += failed
             stats.ok += len(rows) - failed
             if on_batch is not None:
                 on_batch({"kind": self.kind, "rows": rows, "ok": stats.ok, "failed": stats.failed})
 
-        self._execute(batches, lambda _, rows: write(rows), lambda batch, error: write(failed_rows(batch, error)),
-                      stats, None)
+        self._execute(batches, lambda _, rows: held.extend(rows),
+                      lambda batch, error: held.extend(failed_rows(batch, error)), stats, None, flush)
         stats.actors_started = self.stats.actors_started - before[0]
         stats.workers = self.stats.workers
         self.stats.add(PoolStats(**{**asdict(stats), "actors_started": 0, "workers": 0}))

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from metrics_fixtures import noise_image, sample_photo, tiny_clip_dir  # noqa: F401  (fixture)
+from noise import HALF_8BIT, float32_tolerance, tolerance
 from storage import Catalog, Store, Sweep, plan_missing_generations, plan_missing_metrics
 from storage.ids import bytes_sha256
 
@@ -31,12 +32,13 @@ PROMPTS = [
     {"prompt_id": "p-photo", "text": "a photo of a person in a park", "kind": "realistic"},
     {"prompt_id": "p-paint", "text": "an oil painting; portrait of a person", "kind": "stylistic"},
 ]
-# Within this of the plain worker's float image before 8-bit rounding (CPU thread counts differ between
-# this process and a Ray worker, so float results differ in the last bits).
-ARRAY_TOL = 1e-4
+# What decoding a PNG adds to the 8-bit rounding of a float image in [0, 1]: three float32 roundings
+# (x·255 before rounding, the decoder's /255, the difference taken here); the worker's quantisation
+# cannot be rerun in float64, so this is float32's own bound (tests/noise.py).
+DECODE_TOL = float32_tolerance(1.0, ops=3)
 
 
-def tiny_factory(model, *, steps=None, device=None, dtype=None, cache_dir=None, tiny_root=None):
+def tiny_factory(model, *, steps=None, device=None, dtype=None, cache_dir=None, tiny_root=None, float64=False):
     """Stand-in for fastface.checkpoints.load_pipeline: the tiny SDXL + adapter through the real loaders."""
     import torch
 
@@ -44,7 +46,8 @@ def tiny_factory(model, *, steps=None, device=None, dtype=None, cache_dir=None, 
     from fastface.tiny import ensure_tiny_models
 
     models = ensure_tiny_models(tiny_root)
-    pipe = FastFacePipeline.from_pretrained(models.sdxl, torch_dtype=dtype or torch.float32, default_guidance=1.0)
+    dtype = torch.float64 if float64 else dtype or torch.float32  # float64: the noise-floor reference only
+    pipe = FastFacePipeline.from_pretrained(models.sdxl, torch_dtype=dtype, default_guidance=1.0)
     load_faceid_adapter(pipe, models.adapter, image_encoder=models.image_encoder)
     return pipe.to(device or "cpu")
 
@@ -128,6 +131,22 @@ def reference(plain_worker, examples):
     return rows, arrays
 
 
+@pytest.fixture(scope="module")
+def array_tol(tmp_path_factory, identities, examples, options, reference):
+    """How far two float32 images of one example may differ (batch size, thread count, process):
+    tests/noise.py's multiple of |float32 − float64| over the reference images, the float64 ones made
+    by a worker whose pipeline is float64 (same batches, same identity inputs)."""
+    from actors.generator import GeneratorWorker
+
+    _, arrays = reference
+    worker = GeneratorWorker(new_store(tmp_path_factory, "float64", identities), MODEL, steps=STEPS, float64=True,
+                             **options)
+    arrays64 = {}
+    for preset in PRESETS:
+        arrays64.update(worker.render([e for e in examples if e["preset"] == preset])[1])
+    return tolerance(np.stack([arrays[k] for k in arrays64]), np.stack(list(arrays64.values())))
+
+
 # -- the plain workers ----------------------------------------------------------------
 
 
@@ -141,20 +160,21 @@ def test_plain_worker_writes_images_and_rows(plain_worker, reference, examples):
         image = decoded(plain_worker.store, row["image_uri"])
         assert image.shape == (SIZE, SIZE, 3)
         # The PNG is the float image rounded to 8 bits, nothing else.
-        assert np.abs(image - arrays[row["example_id"]]).max() <= 0.5 / 255 + 1e-6
+        assert np.abs(image - arrays[row["example_id"]]).max() <= HALF_8BIT + DECODE_TOL
         assert row["device"] == "cpu" and row["seconds"] > 0 and row["worker"]
         assert {"torch", "diffusers", "fastface"} <= set(json.loads(row["versions"]))
     # Different identities, presets and prompts make different images.
     assert len({arrays[e].tobytes() for e in arrays}) == len(examples)
 
 
-def test_plain_worker_batch_invariant(plain_worker, reference, examples):
-    """An example batched with three others equals the same example generated alone."""
+def test_plain_worker_batch_invariant(plain_worker, reference, examples, array_tol):
+    """An example batched with three others equals the same example generated alone (up to rounding)."""
     _, arrays = reference
     for preset in PRESETS:
         example = next(e for e in examples if e["preset"] == preset and e["identity_id"] == "t1")
         _, alone = plain_worker.render([example])
-        assert np.abs(alone[example["example_id"]] - arrays[example["example_id"]]).max() <= ARRAY_TOL
+        print("MEASURE batch", np.abs(alone[example["example_id"]] - arrays[example["example_id"]]).max(), array_tol)  # MEASURE
+        assert np.abs(alone[example["example_id"]] - arrays[example["example_id"]]).max() <= array_tol
 
 
 def test_plain_worker_rejects_mixed_batches(plain_worker, examples):
@@ -195,6 +215,7 @@ def test_metric_worker_rows_equal_score_images(plain_worker, reference, examples
         [MetricInput(image=uris[e["example_id"]], prompt=e["prompt"], key=e["example_id"]) for e in batch],
         ["clip", "ffc"], progress=False, **options,
     )
+    print("MEASURE metric", [r["value"] for r in got], [r["value"] for r in direct])  # MEASURE
     assert [r["value"] for r in got] == pytest.approx([r["value"] for r in direct], abs=1e-6)
     assert all(r["error"] is None and r["run_id"] == "sweep" for r in got)
     with pytest.raises(ValueError, match=r"unknown option.*face_backnd"):
@@ -213,7 +234,7 @@ def raw_generation_counts(store: Store) -> tuple[int, int]:
 
 
 def test_pools_match_plain_worker_and_replan_is_empty(
-    ray_cluster, tmp_path_factory, identities, examples, options, reference, tiny_clip_dir  # noqa: F811
+    ray_cluster, tmp_path_factory, identities, examples, options, reference, array_tol, tiny_clip_dir  # noqa: F811
 ):
     from actors.pool import run_generation, run_scoring
 
@@ -221,11 +242,12 @@ def test_pools_match_plain_worker_and_replan_is_empty(
     singles = new_store(tmp_path_factory, "singles", identities)
     summary = run_generation(singles, examples, batch_size=1, num_workers=2, pipeline_options=options, progress=False)
     assert summary["planned"] == 8 and summary["ok"] == 8 and summary["failed"] == 0
-    assert summary["batches"] == 8 and summary["files"] == 8 and summary["workers"] == 2
+    # Batches finished within PoolOptions.write_interval_s are appended together: at most one file each.
+    assert summary["batches"] == 8 and 1 <= summary["files"] <= 8 and summary["workers"] == 2
 
     batched = new_store(tmp_path_factory, "batched", identities)
     summary = run_generation(batched, examples, batch_size=4, num_workers=1, pipeline_options=options, progress=False)
-    assert summary["batches"] == 2 and summary["ok"] == 8 and summary["files"] == 2
+    assert summary["batches"] == 2 and summary["ok"] == 8 and 1 <= summary["files"] <= 2
 
     rows_singles = {r["example_id"]: r for r in singles.latest("generations").to_pylist()}
     rows_batched = {r["example_id"]: r for r in batched.latest("generations").to_pylist()}
@@ -233,9 +255,10 @@ def test_pools_match_plain_worker_and_replan_is_empty(
     for example in examples:
         eid = example["example_id"]
         a, b = decoded(singles, rows_singles[eid]["image_uri"]), decoded(batched, rows_batched[eid]["image_uri"])
-        # Each PNG is the plain worker's float image (within ARRAY_TOL) rounded to 8 bits.
-        assert np.abs(a - arrays[eid]).max() <= 0.5 / 255 + ARRAY_TOL
-        assert np.abs(b - arrays[eid]).max() <= 0.5 / 255 + ARRAY_TOL
+        # Each PNG is the plain worker's float image (within its noise floor, array_tol) rounded to 8 bits.
+        print("MEASURE pools", np.abs(a - arrays[eid]).max() - HALF_8BIT, np.abs(b - arrays[eid]).max() - HALF_8BIT, array_tol, DECODE_TOL)  # MEASURE
+        assert np.abs(a - arrays[eid]).max() <= HALF_8BIT + array_tol + DECODE_TOL
+        assert np.abs(b - arrays[eid]).max() <= HALF_8BIT + array_tol + DECODE_TOL
 
     metrics = ["clip", "ffc", "id"]
     metric_options = {"face_backend": "dlib", "clip_model": str(tiny_clip_dir), "clip_pretrained": None}
@@ -279,7 +302,7 @@ def test_killed_actor_batch_is_retried_without_duplicates(ray_cluster, tmp_path_
                              on_batch=kill_the_busy_actor)
     assert len(killed) == 1
     assert summary["actor_restarts"] == 1 and summary["retried"] == 1
-    assert summary["ok"] == 8 and summary["failed"] == 0 and summary["files"] == 4
+    assert summary["ok"] == 8 and summary["failed"] == 0 and 1 <= summary["files"] <= 4
     assert raw_generation_counts(store) == (8, 8)  # exactly the planned rows, none twice
     assert {r["example_id"] for r in store.read("generations").to_pylist()} == {e["example_id"] for e in examples}
     assert plan_missing_generations(store, examples, check_images=True) == []
@@ -293,7 +316,7 @@ def test_out_of_memory_splits_the_batch(ray_cluster, tmp_path_factory, identitie
     summary = run_generation(store, four, batch_size=4, num_workers=1, progress=False,
                              pipeline_options=dict(options, fail_oom_above_batch=2))
     assert summary["split"] == 1 and summary["ok"] == 4 and summary["failed"] == 0
-    assert summary["files"] == 2  # the two halves, one file each
+    assert 1 <= summary["files"] <= 2  # the two halves: one append each, or one for both within write_interval_s
     assert raw_generation_counts(store) == (4, 4)
 
 
@@ -321,7 +344,7 @@ def drive_fake(store, batches, **worker_kwargs):
     from actors.pool import ActorPool, PoolOptions, WorkerSpec
 
     with ActorPool(WorkerSpec(FakeGenerator, "run", kwargs=worker_kwargs), kind="fake",
-                   options=PoolOptions(num_workers=1, max_retries=1)) as pool:
+                   options=PoolOptions(num_workers=1, max_retries=1, write_interval_s=0)) as pool:  # append per batch
         return pool.record(store, "generations", batches, failed_rows=failed_generation_rows)
 
 
