@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from flows import analysis
+from noise import float64_tolerance
 
 IDS = ["i0", "i1", "i2"]
 PROMPTS = {"r0": "realistic", "r1": "realistic", "s0": "stylistic", "s1": "stylistic"}
@@ -50,7 +51,9 @@ def test_id_excludes_no_face_and_ffc_counts_them():
     ff = by(table, preset="ff", ip_adapter_scale=0.8, metric="id")
     expected = [id_value("ff", 0.8, i, p) for i in IDS for p in PROMPTS]
     assert ff["n"] == 11 and ff["missing"] == 1
-    assert ff["value"] == pytest.approx(np.mean([v for v in expected if v is not None]))
+    present = [v for v in expected if v is not None]
+    # Two float64 means of these values, summed in different orders: n + 1 roundings each (tests/noise.py).
+    assert ff["value"] == pytest.approx(np.mean(present), abs=float64_tolerance(present, ops=2 * (len(present) + 1)))
     assert by(table, preset="ff", ip_adapter_scale=0.8, metric="ffc")["value"] == 1.0  # a sum, not a mean
     assert by(table, preset="ff", ip_adapter_scale=0.5, metric="ffc")["value"] == 0.0
     # Per prompt set: the baseline's no-face image at 0.8 is realistic, so the stylistic set has none.
@@ -64,9 +67,12 @@ def test_id_excludes_no_face_and_ffc_counts_them():
 def test_relative_change_against_baseline():
     table = analysis.relative_change(analysis.aggregate(synthetic_rows(), prompt_set="realistic"))
     clip = by(table, preset="ff", ip_adapter_scale=0.5, metric="clip")
-    assert clip["relative_change"] == pytest.approx(0.10)  # ff's CLIP is baseline × 1.1
-    assert clip["baseline_value"] == pytest.approx(0.25 - 0.025)
-    assert by(table, preset="baseline", ip_adapter_scale=0.5, metric="clip")["relative_change"] == pytest.approx(0.0)
+    # ff's CLIP is baseline × 1.1. float64 throughout (tests/noise.py): 4 roundings per value, two means of
+    # 6 values (7 each), a subtraction and a division (so on the scale of the ratio, 1.1).
+    assert clip["relative_change"] == pytest.approx(0.10, abs=float64_tolerance(1.1, ops=4 + 2 * 7 + 2))
+    assert clip["baseline_value"] == pytest.approx(0.25 - 0.025, abs=float64_tolerance(0.25, ops=3 + 7 + 1))
+    # The baseline against itself: (b − b) / b is exactly 0.
+    assert by(table, preset="baseline", ip_adapter_scale=0.5, metric="clip")["relative_change"] == 0.0
 
 
 def test_lambda_curves_trace_id_against_clip_by_scale():
@@ -77,15 +83,20 @@ def test_lambda_curves_trace_id_against_clip_by_scale():
     assert [p["ip_adapter_scale"] for p in ff] == [0.5, 0.8]
     # ID rises and CLIP falls with λ: the trade-off the paper's curves show.
     assert ff[0]["x"] < ff[1]["x"] and ff[0]["y"] > ff[1]["y"]
-    assert ff[1]["y"] == pytest.approx((0.25 - 0.04 + 0.01) * 1.1)
+    # float64 (tests/noise.py): 4 roundings per value, a mean of 6 (7), 3 in the expression here.
+    assert ff[1]["y"] == pytest.approx((0.25 - 0.04 + 0.01) * 1.1, abs=float64_tolerance(0.25, ops=4 + 7 + 3))
 
 
 def test_paired_differences_match_the_construction():
     rows = synthetic_rows()
     paired = analysis.paired_differences(rows, "id", prompt_set="joint", samples=200)
     at8 = by(paired, ip_adapter_scale=0.8)
-    assert at8["mean_difference"] == pytest.approx(0.03)
-    assert at8["low"] == pytest.approx(0.03) and at8["high"] == pytest.approx(0.03)
+    # Every pair differs by 0.03 up to float64 rounding (tests/noise.py): up to 5 roundings in each ID value
+    # and the subtraction; the bootstrap's weighted sums over the 12 (identity, prompt) cells (3 per cell),
+    # the division and the quantile's interpolation.
+    tol = float64_tolerance(id_value("ff", 0.8, "i2", "r0"), ops=2 * 5 + 1 + 3 * 12 + 1 + 3)
+    assert at8["mean_difference"] == pytest.approx(0.03, abs=tol)
+    assert at8["low"] == pytest.approx(0.03, abs=tol) and at8["high"] == pytest.approx(0.03, abs=tol)
     # Pairs where either side has no face are left out: (i2, s1) for ff, (i0, r0) for the baseline.
     assert at8["pairs"] == 10 and at8["unpaired"] == 2
     assert by(paired, ip_adapter_scale=0.5)["unpaired"] == 1

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from metrics_fixtures import tiny_clip, tiny_clip_dir  # noqa: F401  (fixtures)
+from noise import to_float64, tolerance
 
 from fastface.faces.base import Face
 from fastface.metrics.base import MetricInput
@@ -36,7 +37,7 @@ def test_fsc_authors_mode_equals_their_formula_by_hand(tiny_clip):
     from fastface.metrics.clip_score import FaceStyleScore
 
     size = tiny_clip.image_size[0]
-    assert tiny_clip.preprocess_cfg["mean"] == pytest.approx(OPENAI_MEAN)
+    assert tuple(tiny_clip.preprocess_cfg["mean"]) == OPENAI_MEAN  # the same literals: exact
     image = np.random.default_rng(7).integers(0, 256, (96, 80, 3), dtype=np.uint8)
     small, large = (2.5, 3.5, 14.0, 15.0), (10.9, 20.3, 10.9 + size + 0.8, 20.3 + size + 0.6)
     faces = FaceAnalysis(FixedFaces([small, large]))
@@ -52,11 +53,15 @@ def test_fsc_authors_mode_equals_their_formula_by_hand(tiny_clip):
     x = (x - np.array(OPENAI_MEAN)) / np.array(OPENAI_STD)
     pixels = torch.from_numpy(x).permute(2, 0, 1).unsqueeze(0).float()
     assert pixels.min() > 0 and pixels.max() > 400  # saturated, as the paper's FSC saw it
+    tokens = tiny_clip.tokenizer(["ukiyo-e woodblock print"])
+    model64 = to_float64(tiny_clip.model)
     with torch.no_grad():
-        image_emb = tiny_clip.model.encode_image(pixels)
-        text_emb = tiny_clip.model.encode_text(tiny_clip.tokenizer(["ukiyo-e woodblock print"]))
-    expected = torch.nn.functional.cosine_similarity(image_emb, text_emb).item()
-    assert result.value == pytest.approx(expected, abs=1e-5)
+        expected = torch.nn.functional.cosine_similarity(
+            tiny_clip.model.encode_image(pixels), tiny_clip.model.encode_text(tokens)).item()
+        expected64 = torch.nn.functional.cosine_similarity(
+            model64.encode_image(pixels.double()), model64.encode_text(tokens)).item()
+    # Ours and the hand-made chain: two float32 paths, within the floor of the float64 rerun (tests/noise.py).
+    assert abs(result.value - expected) <= tolerance(expected, expected64)
     assert result.detail["crop"] == "box" and result.detail["style"] == "ukiyo-e woodblock print"
 
 
@@ -67,8 +72,9 @@ def test_face_size_authors_mode_keeps_the_raw_box_and_zero_without_face():
     cut = (-20.0, 50.0, 60.0, 130.0)  # a face cut by the left and bottom borders
     ours, = FaceSizeRatio(FaceAnalysis(FixedFaces([cut])), "clipped").score([MetricInput(image=image)])
     theirs, = FaceSizeRatio(FaceAnalysis(FixedFaces([cut])), "authors").score([MetricInput(image=image)])
-    assert ours.value == pytest.approx(60 * 50 / 20000)
-    assert theirs.value == pytest.approx(80 * 80 / 20000)  # (x2 - x1)(y2 - y1) / (H W), unclipped
+    # Integer corners: the same float64 products and quotient as the formulas here, so exact.
+    assert ours.value == 60 * 50 / 20000
+    assert theirs.value == 80 * 80 / 20000  # (x2 - x1)(y2 - y1) / (H W), unclipped
     none_ours, = FaceSizeRatio(FaceAnalysis(FixedFaces([])), "clipped").score([MetricInput(image=image)])
     none_theirs, = FaceSizeRatio(FaceAnalysis(FixedFaces([])), "authors").score([MetricInput(image=image)])
     assert none_ours.value is None and none_theirs.value == 0.0
@@ -103,7 +109,7 @@ def test_face_size_authors_mode_detects_at_320_only_with_insightface():
     detector = _SizedDetector(finds_at={640})  # a face at 640² that 320² misses
     backend = InsightFaceBackend(detector=detector, recognizer=_Recognizer())
     ours, = FaceSizeRatio(FaceAnalysis(backend), "clipped").score([MetricInput(image=image)])
-    assert ours.value == pytest.approx(40 * 50 / 10000) and detector.asked == [640]
+    assert ours.value == 40 * 50 / 10000 and detector.asked == [640]  # integer corners: exact
     detector.asked.clear()
     theirs, = FaceSizeRatio(FaceAnalysis(backend), "authors").score([MetricInput(image=image)])
     assert detector.asked == [320] and theirs.value == 0.0
