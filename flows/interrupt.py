@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from typing import Callable
 
 EXIT_INTERRUPTED = 130
@@ -33,17 +34,21 @@ def stop_temporary_prefect_server() -> None:
         server.stop()
 
 
-def _run_with_limit(steps: list[Callable[[], None]], seconds: float) -> None:
-    def run() -> None:
+def _run_with_limit(groups: list[list[Callable[[], None]]], seconds: float) -> None:
+    """Run each group's steps in order, the groups side by side, for at most ``seconds`` in all."""
+    def run(steps: list[Callable[[], None]]) -> None:
         for step in steps:
             try:
                 step()
             except BaseException:  # noqa: BLE001 - best effort while exiting
                 pass
 
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(seconds)
+    workers = [threading.Thread(target=run, args=(steps,), daemon=True) for steps in groups]
+    for worker in workers:
+        worker.start()
+    deadline = time.monotonic() + seconds
+    for worker in workers:
+        worker.join(max(0.0, deadline - time.monotonic()))
 
 
 def install(describe: Callable[[], str], resume_hint: str) -> None:
@@ -62,8 +67,9 @@ def install(describe: Callable[[], str], resume_hint: str) -> None:
         def count() -> None:
             kept["text"] = describe()
 
-        _run_with_limit([count], CLEANUP_S / 2)
-        _run_with_limit([stop_ray, stop_temporary_prefect_server], CLEANUP_S / 2)
+        # Counting reads the store only; it runs beside the cleanup, each with the whole budget (on a
+        # loaded machine opening the store alone can take seconds).
+        _run_with_limit([[count], [stop_ray, stop_temporary_prefect_server]], CLEANUP_S)
         # Straight to the file descriptor: inside a flow run Prefect's log_prints turns print() into a log call.
         # A progress bar leaves its line open (it redraws with \r): start the message on a line of its own.
         newline = "\n" if _open_progress_bars() else ""
