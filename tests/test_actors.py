@@ -173,7 +173,6 @@ def test_plain_worker_batch_invariant(plain_worker, reference, examples, array_t
     for preset in PRESETS:
         example = next(e for e in examples if e["preset"] == preset and e["identity_id"] == "t1")
         _, alone = plain_worker.render([example])
-        print("MEASURE batch", np.abs(alone[example["example_id"]] - arrays[example["example_id"]]).max(), array_tol)  # MEASURE
         assert np.abs(alone[example["example_id"]] - arrays[example["example_id"]]).max() <= array_tol
 
 
@@ -215,7 +214,6 @@ def test_metric_worker_rows_equal_score_images(plain_worker, reference, examples
         [MetricInput(image=uris[e["example_id"]], prompt=e["prompt"], key=e["example_id"]) for e in batch],
         ["clip", "ffc"], progress=False, **options,
     )
-    print("MEASURE metric", [r["value"] for r in got], [r["value"] for r in direct])  # MEASURE
     assert [r["value"] for r in got] == pytest.approx([r["value"] for r in direct], abs=1e-6)
     assert all(r["error"] is None and r["run_id"] == "sweep" for r in got)
     with pytest.raises(ValueError, match=r"unknown option.*face_backnd"):
@@ -256,7 +254,6 @@ def test_pools_match_plain_worker_and_replan_is_empty(
         eid = example["example_id"]
         a, b = decoded(singles, rows_singles[eid]["image_uri"]), decoded(batched, rows_batched[eid]["image_uri"])
         # Each PNG is the plain worker's float image (within its noise floor, array_tol) rounded to 8 bits.
-        print("MEASURE pools", np.abs(a - arrays[eid]).max() - HALF_8BIT, np.abs(b - arrays[eid]).max() - HALF_8BIT, array_tol, DECODE_TOL)  # MEASURE
         assert np.abs(a - arrays[eid]).max() <= HALF_8BIT + array_tol + DECODE_TOL
         assert np.abs(b - arrays[eid]).max() <= HALF_8BIT + array_tol + DECODE_TOL
 
