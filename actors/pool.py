@@ -584,6 +584,7 @@ def run_generation(
     progress: bool = True,
     identities: Any = None,
     max_retries: int = 2,
+    write_interval_s: float = 1.0,
     cpus_per_worker: float = 1.0,
     plan: bool = True,
     on_batch: Callable[[dict], None] | None = None,
@@ -602,7 +603,8 @@ def run_generation(
     connect_ray()
     rows = [dict(r) for r in examples]
     todo = plan_missing_generations(store, rows) if plan and rows else rows
-    options = PoolOptions(num_workers=num_workers, cpus_per_worker=cpus_per_worker, max_retries=max_retries)
+    options = PoolOptions(num_workers=num_workers, cpus_per_worker=cpus_per_worker, max_retries=max_retries,
+                          write_interval_s=write_interval_s)
     with GeneratorPools(store, options=pipeline_options, pool=options, batch_size=batch_size,
                         identities=identities) as pools, \
             _progress_bar(len(todo), "images", "img", progress) as bar:

@@ -295,8 +295,9 @@ def test_killed_actor_batch_is_retried_without_duplicates(ray_cluster, tmp_path_
                 killed.append(entry["name"])
                 return
 
+    # write_interval_s=0: on_batch fires as each batch finishes, while the other actor is still busy.
     summary = run_generation(store, examples, batch_size=2, num_workers=2, pipeline_options=options, progress=False,
-                             on_batch=kill_the_busy_actor)
+                             on_batch=kill_the_busy_actor, write_interval_s=0)
     assert len(killed) == 1
     assert summary["actor_restarts"] == 1 and summary["retried"] == 1
     assert summary["ok"] == 8 and summary["failed"] == 0 and 1 <= summary["files"] <= 4
