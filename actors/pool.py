@@ -405,7 +405,9 @@ class ActorPool:
             for run_id, run_rows in by_run.items():
                 if store.append(table, run_rows, run_id) is not None:
                     stats.files += 1
-            held.clear()
+                # Written: out of the held rows at once, so the flush on the way out of a failed
+                # append of another run's rows never appends these a second time.
+                held[:] = [row for row in held if row["run_id"] != run_id]
             failed = sum(1 for row in rows if row.get("status") == "failed" or row.get("error") is not None)
             stats.failed += failed
             stats.ok += len(rows) - failed

@@ -82,3 +82,23 @@ def test_held_rows_are_written_when_the_run_fails(ray_cluster, tmp_path, batches
     with pytest.raises(RuntimeError, match="actors died 2 times"):
         record(store, batches[:3], interval=60.0, workers=1, max_retries=0, die_on=poisoned)
     assert stored(store) == {"e00": "ok", "e01": "ok", "e02": "failed", "e03": "failed"}
+
+
+def test_a_failed_append_never_writes_another_runs_rows_twice(ray_cluster, tmp_path, monkeypatch):
+    # A batch with two runs' rows, written as it finishes (interval 0); the second run's append fails:
+    # the first run's rows are stored once (not again by the flush on the way out), the error reaches
+    # the caller.
+    store = Store(str(tmp_path / "two-runs"))
+    real_append = Store.append
+
+    def append(self, table, rows, run_id):
+        if run_id == "r2":
+            raise OSError("disk full (injected)")
+        return real_append(self, table, rows, run_id)
+
+    monkeypatch.setattr(Store, "append", append)
+    batches = [[{"example_id": "a0", "run_id": "r1"}, {"example_id": "a1", "run_id": "r1"},
+                {"example_id": "b0", "run_id": "r2"}]]
+    with pytest.raises(OSError, match="disk full"):
+        record(store, batches, interval=0.0, workers=1)
+    assert stored(store) == {"a0": "ok", "a1": "ok"}
