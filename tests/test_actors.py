@@ -21,6 +21,7 @@ from metrics_fixtures import noise_image, sample_photo, tiny_clip_dir  # noqa: F
 from noise import HALF_8BIT, float32_tolerance, tolerance
 from storage import Catalog, Store, Sweep, plan_missing_generations, plan_missing_metrics
 from storage.ids import bytes_sha256
+from test_pipeline import float32_noise  # float64 runs on the float32 runs' noise
 
 ray = pytest.importorskip("ray")
 # The pipeline factory below travels to Ray workers, which cannot import this test module.
@@ -135,15 +136,16 @@ def reference(plain_worker, examples):
 def array_tol(tmp_path_factory, identities, examples, options, reference):
     """How far two float32 images of one example may differ (batch size, thread count, process):
     tests/noise.py's multiple of |float32 − float64| over the reference images, the float64 ones made
-    by a worker whose pipeline is float64 (same batches, same identity inputs)."""
+    by a worker whose pipeline is float64 (same batches, same identity inputs, the same noise)."""
     from actors.generator import GeneratorWorker
 
     _, arrays = reference
     worker = GeneratorWorker(new_store(tmp_path_factory, "float64", identities), MODEL, steps=STEPS, float64=True,
                              **options)
     arrays64 = {}
-    for preset in PRESETS:
-        arrays64.update(worker.render([e for e in examples if e["preset"] == preset])[1])
+    with float32_noise():
+        for preset in PRESETS:
+            arrays64.update(worker.render([e for e in examples if e["preset"] == preset])[1])
     return tolerance(np.stack([arrays[k] for k in arrays64]), np.stack(list(arrays64.values())))
 
 
@@ -214,7 +216,8 @@ def test_metric_worker_rows_equal_score_images(plain_worker, reference, examples
         [MetricInput(image=uris[e["example_id"]], prompt=e["prompt"], key=e["example_id"]) for e in batch],
         ["clip", "ffc"], progress=False, **options,
     )
-    assert [r["value"] for r in got] == pytest.approx([r["value"] for r in direct], abs=1e-6)
+    # the same score_images on the same images, one batch alike, in this process: bit for bit
+    assert [r["value"] for r in got] == [r["value"] for r in direct]
     assert all(r["error"] is None and r["run_id"] == "sweep" for r in got)
     with pytest.raises(ValueError, match=r"unknown option.*face_backnd"):
         MetricWorker(plain_worker.store, ["ffc"], face_backnd="dlib")
