@@ -13,13 +13,10 @@ S3 call fails fast on a dead endpoint instead of retrying for tens of seconds.
 from __future__ import annotations
 
 import os
-import socket
-from urllib.parse import urlparse
 
 from storage.schemas import TABLES
-from storage.store import CATALOG_FILE, DATA_DIR, s3_endpoint
+from storage.store import CATALOG_FILE, CONNECT_TIMEOUT_S, DATA_DIR, endpoint_unreachable, s3_endpoint
 
-CONNECT_TIMEOUT_S = 5
 S3_CLIENT_CONFIG = {"connect_timeout": CONNECT_TIMEOUT_S, "retries": {"max_attempts": 2, "mode": "standard"}}
 CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
@@ -49,16 +46,11 @@ def _check_s3_credentials(root: str) -> None:
 
 
 def _check_endpoint_answers(root: str, endpoint: str) -> None:
-    """A TCP connect to a configured endpoint: a refused or silent one fails here in seconds, naming it."""
-    url = urlparse(endpoint)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname, port), timeout=CONNECT_TIMEOUT_S):
-            pass
-    except OSError as exc:
-        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc)).lower()
+    """A refused or silent endpoint fails here in seconds, naming it (the check: :func:`endpoint_unreachable`)."""
+    reason = endpoint_unreachable(endpoint)
+    if reason:
         raise StoreRootError(f"cannot reach the S3 endpoint {endpoint} for {root}: {reason}; check "
-                             "FASTFACE_S3_ENDPOINT_URL / AWS_ENDPOINT_URL and that the server is up") from None
+                             "FASTFACE_S3_ENDPOINT_URL / AWS_ENDPOINT_URL and that the server is up")
 
 
 def _s3_call_error(root: str, exc: Exception) -> StoreRootError:

@@ -77,7 +77,8 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _S3_PROTOCOLS = ("s3", "s3a")
 _MAX_SINGLE_PUT = 5 * 2**30  # S3's limit for one PUT
 _WRITE_ATTEMPTS = 8
-_CONNECT_TIMEOUT_S = 3.0
+#: Seconds one TCP connect to an S3 endpoint may take (also botocore's connect timeout, storage.checks).
+CONNECT_TIMEOUT_S = 5
 
 
 def _pause_point(point: str) -> None:
@@ -164,18 +165,26 @@ def _s3_settings() -> dict[str, str]:
     return out
 
 
-def _check_endpoint_reachable(endpoint: str) -> None:
-    """One TCP connect (a few seconds at most) so a wrong endpoint fails now, in one line."""
+def endpoint_unreachable(endpoint: str) -> str | None:
+    """Why a TCP connect to the S3 endpoint fails (``None`` when it answers): one connect, at most
+    :data:`CONNECT_TIMEOUT_S`, so a wrong or dead endpoint fails in seconds. The one home of this
+    check: :class:`Store` and :func:`storage.checks.check_store_root` word their own errors around it."""
     url = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
-        with socket.create_connection((url.hostname, port), timeout=_CONNECT_TIMEOUT_S):
-            pass
+        with socket.create_connection((url.hostname, port), timeout=CONNECT_TIMEOUT_S):
+            return None
     except OSError as exc:
+        return "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc)).lower()
+
+
+def _check_endpoint_reachable(endpoint: str) -> None:
+    reason = endpoint_unreachable(endpoint)
+    if reason:
         raise StorageError(
             f"cannot reach the S3 endpoint {endpoint} (from ${next(v for v in ENDPOINT_ENV_VARS if os.environ.get(v))}): "
-            f"{exc.strerror or exc}; check the URL or unset it to use AWS"
-        ) from None
+            f"{reason}; check the URL or unset it to use AWS"
+        )
 
 
 def _retryable(exc: BaseException) -> bool:

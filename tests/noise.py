@@ -10,6 +10,9 @@ a real bug (a mixed-up image, a wrong branch: differences of 1e-2 and more).
 
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import numpy as np
 
 #: Two float32 rounding paths, each within the measured floor, plus a factor 2 of margin for the
@@ -68,3 +71,51 @@ def to_float64(module):
     import copy
 
     return copy.deepcopy(module).double()
+
+
+# Noise for pipeline runs (diffusers' random draws), imported lazily: this module is also used
+# by tests that need neither torch nor diffusers.
+
+@contextlib.contextmanager
+def _noise_changed(change):
+    """diffusers' random draws (initial latents, ancestral step noise) passed through ``change(draw, shape, **kw)``."""
+    import pytest
+    from diffusers.utils.torch_utils import randn_tensor as draw
+
+    def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
+        return change(draw, shape, generator=generator, device=device, dtype=dtype, layout=layout)
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name, module in list(sys.modules.items()):
+            if name.startswith("diffusers") and vars(module).get("randn_tensor") is draw:
+                patch.setattr(module, "randn_tensor", randn_tensor)
+        yield
+
+
+def float32_noise():
+    """Random draws made in float32 whatever the dtype. From one generator torch.randn draws other
+    numbers in float64 than in float32, so a float64 run would start from other noise; under this it
+    runs on the float32 run's noise, cast: the same inputs, as the noise floor above needs."""
+    import torch
+
+    def change(draw, shape, dtype=None, **kw):
+        wide = dtype == torch.float64
+        noise = draw(shape, dtype=torch.float32 if wide else dtype, **kw)
+        return noise.to(dtype) if wide else noise
+
+    return _noise_changed(change)
+
+
+def moved_noise(seed: int = 0):
+    """Random draws each moved by one ulp, up or down at random: a run under this is the same
+    computation with one more rounding of its inputs, i.e. another float32 rounding draw of it."""
+    import torch
+
+    signs = torch.Generator().manual_seed(seed)
+
+    def change(draw, shape, **kw):
+        noise = draw(shape, **kw)
+        up = torch.rand(noise.shape, generator=signs) < 0.5
+        return torch.nextafter(noise, torch.where(up, torch.inf, -torch.inf).to(noise.dtype))
+
+    return _noise_changed(change)

@@ -18,10 +18,9 @@ import pytest
 from PIL import Image
 
 from metrics_fixtures import noise_image, sample_photo, tiny_clip_dir  # noqa: F401  (fixture)
-from noise import HALF_8BIT, float32_tolerance, tolerance
+from noise import HALF_8BIT, float32_noise, float32_tolerance, tolerance
 from storage import Catalog, Store, Sweep, plan_missing_generations, plan_missing_metrics
 from storage.ids import bytes_sha256
-from test_pipeline import float32_noise  # float64 runs on the float32 runs' noise
 
 ray = pytest.importorskip("ray")
 # The pipeline factory below travels to Ray workers, which cannot import this test module.

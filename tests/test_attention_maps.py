@@ -8,8 +8,7 @@ import torch
 from PIL import Image
 
 from metrics_fixtures import sample_photo
-from noise import DISTINCT, tolerance
-from test_pipeline import float32_noise  # float64 runs on the float32 runs' noise
+from noise import DISTINCT, float32_noise, tolerance
 
 SIZE = 32  # tiny-hyper at 32², 4 steps
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import sys
 
 import numpy as np
 import pytest
@@ -19,7 +17,7 @@ from fastface.pipeline import FastFacePipeline, load_faceid_adapter
 from fastface.presets import PRESETS
 
 from conftest import AUTHORS_E2E
-from noise import DISTINCT, tolerance
+from noise import DISTINCT, float32_noise, moved_noise, tolerance
 
 PRESET_NAMES = ["baseline", "dcg", "am1", "am2", "ff-am1", "ff-am2"]
 PROMPTS = ["van gogh style; person walking on a beach", "a photo of a person in a cafe", "pixel art; person reading"]
@@ -47,47 +45,6 @@ def _run(pipe, idx, preset="baseline", **kw):
     return out.images, out.metadata
 
 
-@contextlib.contextmanager
-def _noise_changed(change):
-    """diffusers' random draws (initial latents, ancestral step noise) passed through ``change(draw, shape, **kw)``."""
-    from diffusers.utils.torch_utils import randn_tensor as draw
-
-    def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
-        return change(draw, shape, generator=generator, device=device, dtype=dtype, layout=layout)
-
-    with pytest.MonkeyPatch.context() as patch:
-        for name, module in list(sys.modules.items()):
-            if name.startswith("diffusers") and vars(module).get("randn_tensor") is draw:
-                patch.setattr(module, "randn_tensor", randn_tensor)
-        yield
-
-
-def float32_noise():
-    """Random draws made in float32 whatever the dtype. From one generator torch.randn draws other
-    numbers in float64 than in float32, so a float64 run would start from other noise; under this it
-    runs on the float32 run's noise, cast: the same inputs, as the noise floor of tests/noise.py needs."""
-
-    def change(draw, shape, dtype=None, **kw):
-        wide = dtype == torch.float64
-        noise = draw(shape, dtype=torch.float32 if wide else dtype, **kw)
-        return noise.to(dtype) if wide else noise
-
-    return _noise_changed(change)
-
-
-def moved_noise(seed: int = 0):
-    """Random draws each moved by one ulp, up or down at random: a run under this is the same
-    computation with one more rounding of its inputs, i.e. another float32 rounding draw of it."""
-    signs = torch.Generator().manual_seed(seed)
-
-    def change(draw, shape, **kw):
-        noise = draw(shape, **kw)
-        up = torch.rand(noise.shape, generator=signs) < 0.5
-        return torch.nextafter(noise, torch.where(up, torch.inf, -torch.inf).to(noise.dtype))
-
-    return _noise_changed(change)
-
-
 def _run64(pipe64, idx, preset="baseline", **kw):
     """:func:`_run` on a float64 pipeline, with the float32 run's noise (:func:`float32_noise`)."""
     with float32_noise():
@@ -97,11 +54,13 @@ def _run64(pipe64, idx, preset="baseline", **kw):
 @pytest.fixture(scope="module")
 def pipes(tiny_pipeline):
     """The tiny pipeline with a deterministic (DDIM) and a stochastic (Euler ancestral) scheduler."""
+    # guidance 5 (base SDXL's) on purpose: the DDIM runs cover baseline without CFG (guidance 1),
+    # these cover it with CFG's two-row layout.
     ancestral = FastFacePipeline(**{
         **tiny_pipeline.components,
         "scheduler": EulerAncestralDiscreteScheduler.from_config(tiny_pipeline.scheduler.config,
                                                                  timestep_spacing="trailing"),
-    })
+    }, default_guidance=5.0)
     return {"ddim": tiny_pipeline, "euler-ancestral": ancestral}
 
 
