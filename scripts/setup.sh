@@ -18,7 +18,7 @@ TORCH="${FASTFACE_TORCH:-$FASTFACE_DEFAULT_TORCH}"
 if [ -n "${FASTFACE_TORCH:-}" ]; then
   # torch's own pins (CUDA libraries, triton) belong to the default build: drop them.
   CONSTRAINTS="$(mktemp)"
-  grep -v -E '^(torch|torchvision|triton|nvidia-[a-z0-9-]*|cuda-[a-z-]*)==' "$LOCK" > "$CONSTRAINTS"
+  bash scripts/lock-without-torch.sh "$LOCK" > "$CONSTRAINTS"
 fi
 start=$(date +%s)
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
