@@ -65,12 +65,30 @@ def connect_ray(address: str | None = None, **init_kwargs: Any) -> dict[str, flo
         init_kwargs.setdefault("log_to_driver", _verbose())
         # No address: always a Ray of our own. ray.init() alone would join whatever cluster was
         # last started on this machine (another user's, a test's) — joining one is explicit.
+        if not address and not _verbose():
+            _silence_token_auth_notice()
         ray.init(address=address or "local", **init_kwargs)
         _connection = f"joined the cluster at {address}" if address else "started a local Ray"
     return ray.cluster_resources()
 
 
 _connection = "joined an already connected Ray"
+
+#: Ray (≥ 2.5x) turns token authentication on for every new local cluster and logs a WARNING saying
+#: so each time; nothing is wrong (the token lives in ~/.ray/auth_token, the cluster is ours alone).
+_TOKEN_AUTH_NOTICE = "Token authentication is enabled for this Ray cluster"
+
+
+class _DropTokenAuthNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_TOKEN_AUTH_NOTICE)
+
+
+def _silence_token_auth_notice() -> None:
+    """Drop only that notice (token authentication stays on), where Ray logs it."""
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropTokenAuthNotice) for f in logger.filters):
+        logger.addFilter(_DropTokenAuthNotice())
 
 
 def describe_ray() -> str:
