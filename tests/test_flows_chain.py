@@ -57,7 +57,11 @@ def prefect_server(tmp_path_factory):
             proc.kill()
             pytest.fail(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
         time.sleep(0.5)
-    from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_LOCAL_STORAGE_PATH,
+        temporary_settings,
+    )
 
     try:
         with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_LOCAL_STORAGE_PATH: str(home / "storage")}):
@@ -129,8 +133,9 @@ def test_chain_writes_tables_report_and_artifacts(ci_run, prefect_server):
     store = Store(root)
     generations = store.read("generations").to_pylist()
     assert all(g["status"] == "ok" for g in generations)
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     with Image.open(io.BytesIO(store.read_bytes(generations[0]["image_uri"]))) as image:
         assert image.size == (32, 32)
@@ -175,6 +180,56 @@ def test_sql_and_report_commands(ci_run, capsys):
     assert "# FastFace evaluation: run `ci`" in capsys.readouterr().out
     assert main(["report", "--root", root, "--ip-adapter-scale", "0.5"]) == 2
     assert "was not swept" in capsys.readouterr().err
+
+
+TRACE_SQL = """
+    SELECT e.preset,
+           json_extract(e.resolved_config, '$.dcg.alpha') AS alpha,
+           json_extract(e.resolved_config, '$.dcg.beta') AS beta,
+           CAST(json_extract(e.resolved_config, '$.dcg.rescale') AS DOUBLE) AS phi,
+           json_extract(e.resolved_config, '$.am') AS am,
+           json_extract(g.metadata, '$.unet_rows_per_step') AS unet_rows,
+           json_extract(g.metadata, '$.dcg') AS dcg_used,
+           json_extract(g.metadata, '$.am') AS am_used
+    FROM examples e JOIN generations g USING (example_id) ORDER BY e.preset"""
+
+
+def test_sql_traces_each_image_to_its_dcg_and_am(prefect_server, ray_cluster, cache_dir, tmp_path):
+    """One `dcg` and one `ff-am2` image made by the generate flow (planning, Ray pool, store); one SQL query
+    reads back the α and β lists, φ, the AM schedule and the UNet rows per step each was made with."""
+    from metrics_fixtures import sample_photo
+
+    from fastface.presets import get_preset
+    from flows.config import load_config
+    from flows.generate import generate_flow
+    from storage.ids import bytes_sha256
+
+    config = load_config(CI_CONFIG, {"sweep.sets": [{"prompts": "joint", "presets": ["dcg", "ff-am2"]}],
+                                     "report.baseline": "dcg", "sweep.steps": 4, "execution.cache_dir": cache_dir,
+                                     "name": "trace"})
+    root = str(tmp_path / "store")
+    store = Store(root)  # the dataset flow's rows, written directly: one identity, one stylistic prompt
+    photo = sample_photo("Tom_Hanks_54745.png")
+    store.append("identities", [{"identity_id": "hanks", "image_uri": str(photo),
+                                 "content_hash": bytes_sha256(photo.read_bytes())}], config.dataset_run)
+    store.append("prompts", [{"prompt_id": "p0", "text": "oil painting; portrait of a person", "kind": "stylistic"}],
+                 config.dataset_run)
+    summary = generate_flow(config=config, root=root)
+    assert summary["ok"] == 2 and summary["failed"] == 0
+
+    rows = Catalog(Store(root)).rows(TRACE_SQL)
+    assert [r["preset"] for r in rows] == ["dcg", "ff-am2"]
+    for row in rows:
+        preset = get_preset(row["preset"])
+        assert json.loads(row["alpha"]) == list(preset.dcg.alpha) == [1.0, 1.5, 1.5, 1.0]
+        assert json.loads(row["beta"]) == list(preset.dcg.beta) == [1.0, 3.0, 3.0, 1.0]
+        assert row["phi"] == preset.dcg.rescale == 0.75  # exact: 0.75 is a binary fraction, JSON to DOUBLE
+        assert json.loads(row["dcg_used"]) == json.loads(json.dumps(preset.dcg.to_dict()))  # what the pipeline ran
+    dcg_row, ff_row = rows
+    assert json.loads(dcg_row["am"]) is None and json.loads(dcg_row["unet_rows"]) == [2, 3, 3, 2]
+    am = json.loads(ff_row["am"])
+    assert am == json.loads(json.dumps(get_preset("ff-am2").am.to_dict())) == json.loads(ff_row["am_used"])
+    assert json.loads(ff_row["unet_rows"]) == [3, 3, 3, 3]
 
 
 def test_killed_run_resumes_with_exactly_the_planned_rows(prefect_server, ray_cluster, cache_dir, tmp_path):
