@@ -147,6 +147,7 @@ class ExecutionConfig(_Model):
     device: str | None = None
     dtype: str | None = None  # any spelling fastface.dtypes accepts; stored canonical (float16, ...)
     retries: int = Field(default=2, ge=0)
+    compact: bool = True  # after the report: merge the store's small files, expire week-old snapshots
 
     @field_validator("dtype")
     @classmethod

@@ -2,8 +2,10 @@
 
 ``evaluate``: validate the config (fails before anything runs) → take the run's slot
 (:mod:`flows.run_lock`: overlapping runs of one config never do the same work) → record
-the run → ``build-dataset`` → ``generate`` → ``score`` → ``report``. Every step only does what is
-missing, so re-running a config adds no rows and a killed run resumes where it stopped.
+the run → ``build-dataset`` → ``generate`` → ``score`` → ``report`` → compact the store
+(``execution.compact``: merge small files, expire week-old snapshots; see docs/storage.md).
+Every step only does what is missing, so re-running a config adds no rows and a killed run
+resumes where it stopped.
 Deployments use ``flows/evaluate.py:evaluate_flow`` (see ``prefect.yaml`` and ``flows/serve.py``).
 """
 
@@ -18,7 +20,7 @@ from fastface.extras import require  # noqa: E402
 
 require('prefect', 'ray', 'pyarrow', 'duckdb', needed_for='the evaluation flows')
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
@@ -69,6 +71,16 @@ def report_flow(config: EvaluationConfig, root: str, ip_adapter_scale: float | N
     return {k: v for k, v in report.items() if k in ("run_id", "files", "counts", "tiny_models")}
 
 
+@task(cache_policy=NONE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=5)
+def compact_task(root: str) -> dict[str, int]:
+    """DuckLake maintenance once the run's rows are in (:meth:`storage.Store.compact`): the small files
+    of the run's appends merged, snapshots older than a week expired, files nothing references deleted."""
+    done = Store(root).compact()
+    get_run_logger().info("store compacted: %d → %d data files, %d snapshots expired, %d files deleted",
+                          done["files_before"], done["files_after"], done["snapshots_expired"], done["files_deleted"])
+    return done
+
+
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(config: str, root: str, overrides: dict[str, Any] | None = None) -> dict:
     """The whole evaluation of one YAML config into ``root`` (a folder or s3:// URL)."""
@@ -80,11 +92,12 @@ def evaluate_flow(config: str, root: str, overrides: dict[str, Any] | None = Non
         generation = generate_flow(cfg, root)
         scoring = score_flow(cfg, root)
         report = report_flow(cfg, root)
+        compaction = compact_task(root) if cfg.execution.compact else None
     summary = {"run": cfg.name, "root": root, "run_row_written": written, "dataset": dataset,
-               "generation": generation, "scoring": scoring, "report": report["files"],
+               "generation": generation, "scoring": scoring, "report": report["files"], "compaction": compaction,
                "seconds": round(time.perf_counter() - started, 1)}
     print(json.dumps(summary, indent=2, default=str))
     return summary
 
 
-__all__ = ["evaluate_flow", "record_run", "report_flow"]
+__all__ = ["compact_task", "evaluate_flow", "record_run", "report_flow"]

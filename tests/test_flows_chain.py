@@ -125,6 +125,9 @@ def test_chain_writes_tables_report_and_artifacts(ci_run, prefect_server):
                                                      "generations": 8, "metrics": 32}
     assert all(raw == dedup for raw, dedup in counts.values())
     assert summary["generation"]["ok"] == 8 and summary["scoring"]["ok"] == 32
+    # The run ends compacted: its appends' small files merged (rows unchanged, checked above).
+    compaction = summary["compaction"]
+    assert 0 < compaction["files_after"] <= compaction["files_before"] and compaction["snapshots_expired"] == 0
     # Each flow planned once; its shards (none retried) trusted that plan.
     assert PLANNING_CALLS == {"plan_missing_generations": 1, "missing_metric_work": 1}
     # One pool per stage for the run: each model's pipeline and the metric models loaded once (1 actor).
