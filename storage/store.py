@@ -382,6 +382,10 @@ class Store:
             if not missing:
                 break
             try:
+                # Options first: the meta rows below would otherwise be inlined in the catalog (the
+                # default), and the first compaction's flush of them could race a reader opening the store.
+                con.execute(f"CALL {LAKE}.set_option('data_inlining_row_limit', {INLINE_ROW_LIMIT})")
+                con.execute(f"CALL {LAKE}.set_option('parquet_compression', 'zstd')")
                 con.execute("BEGIN TRANSACTION")
                 if META_TABLE in missing:
                     con.execute(f"CREATE TABLE IF NOT EXISTS {LAKE}.{META_TABLE} (key VARCHAR NOT NULL, value VARCHAR)")
@@ -394,8 +398,6 @@ class Store:
                         con.execute(f"CREATE TABLE IF NOT EXISTS {LAKE}.{table} ({cols})")
                         con.execute(f"ALTER TABLE {LAKE}.{table} SET PARTITIONED BY (run_id)")
                 con.execute("COMMIT")
-                con.execute(f"CALL {LAKE}.set_option('data_inlining_row_limit', {INLINE_ROW_LIMIT})")
-                con.execute(f"CALL {LAKE}.set_option('parquet_compression', 'zstd')")
             except duckdb.Error as exc:
                 _rollback(con)
                 if attempt == _WRITE_ATTEMPTS - 1 or not _retryable(exc) and "already exists" not in str(exc):
