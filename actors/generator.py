@@ -8,6 +8,13 @@ Images go to the store (``images/<run>/<example_id>.png``, written atomically) b
 rows are returned; the rows are appended by the caller (the pool's driver) in one
 transaction with the other batches that finished within its write interval, so a crash never
 leaves half a batch recorded.
+
+The PNG encoding and upload of a batch's images run on a small thread pool
+(``upload_threads``) outside the worker's GPU lock: in a pool actor (two batches at a time,
+:class:`actors.pool.GeneratorPools`) the next batch's pipeline call runs while the previous
+batch's images are stored. A batch's rows are returned only once all its images are stored,
+so a row never points at a missing image; an actor killed mid-upload returns no rows, and
+its batches are run again.
 """
 
 from __future__ import annotations
@@ -15,7 +22,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -82,6 +91,9 @@ class GeneratorOptions:
     face_backend_options: Mapping[str, Any] | None = None
     pipeline_factory: PipelineFactory | None = None
     fail_oom_above_batch: int | None = None  # test hook: raise torch.OutOfMemoryError for larger batches
+    # Threads that PNG-encode and store a batch's images while the actor's next batch runs
+    # (pool actors then take two batches at a time); 0: one by one after each batch, before the next.
+    upload_threads: int = 4
     pipeline_overrides: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -161,7 +173,11 @@ class GeneratorWorker:
       each identity is also kept in memory, so it is prepared once per worker;
     - ``pipeline_factory``: ``factory(model, steps=, device=, dtype=, cache_dir=, **pipeline_overrides)``,
       default :func:`fastface.checkpoints.load_pipeline`;
-    - ``fail_oom_above_batch``: test hook, raise ``torch.OutOfMemoryError`` for larger batches.
+    - ``fail_oom_above_batch``: test hook, raise ``torch.OutOfMemoryError`` for larger batches;
+    - ``upload_threads``: threads that encode and store a batch's images (0: one by one in the
+      calling thread). The pipeline and identity preparation run under one lock, the storing
+      outside it, so two threads (a Ray actor with ``max_concurrency=2``) overlap one batch's
+      storing with the next batch's generation; memory holds at most those two batches.
     """
 
     def __init__(
@@ -181,6 +197,7 @@ class GeneratorWorker:
         worker_id: str | None = None,
         node: str | None = None,
         fail_oom_above_batch: int | None = None,
+        upload_threads: int = 4,
         **pipeline_overrides: Any,
     ) -> None:
         import torch
@@ -209,6 +226,11 @@ class GeneratorWorker:
         self._prepared: dict[str, Any] = {}  # content hash -> IdentityInputs or the exception it raised
         self.identities_prepared = 0  # how many identities this worker has prepared (for tests and logs)
         self.fail_oom_above_batch = fail_oom_above_batch
+        if int(upload_threads) < 0:
+            raise ValueError(f"upload_threads must be 0 or more, got {upload_threads}")
+        self._gpu = threading.Lock()  # one pipeline call (and identity preparation) at a time
+        self._uploads = ThreadPoolExecutor(int(upload_threads), thread_name_prefix="fastface-upload") \
+            if int(upload_threads) else None
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.node = node or socket.gethostname()  # the Ray node id when run by actors.pool
         device_name = str(self.device)
@@ -323,9 +345,20 @@ class GeneratorWorker:
         Images are written to the store before returning. Examples whose identity cannot be
         used (no face, missing photo) get a failed row; the others still run in one call.
         """
+        key = self.check_batch(batch)
+        with self._gpu:  # the previous batch's images may be stored meanwhile, in another thread
+            rows, runnable, images, seconds, metadata = self._run_pipeline(key, batch)
+        arrays: dict[str, np.ndarray] = {}
+        for example, uri, image, meta in zip(runnable, self._store_images(runnable, images), images, metadata):
+            arrays[example["example_id"]] = image
+            rows[example["example_id"]] = self._row(example, status="ok", image_uri=uri, seconds=seconds,
+                                                    metadata=meta)
+        return [rows[example["example_id"]] for example in batch], arrays
+
+    def _run_pipeline(self, key: BatchKey, batch: Sequence[Mapping[str, Any]]):
+        """The GPU part of :meth:`render`: failed rows, the runnable examples, their images, seconds per image, metadata."""
         import torch
 
-        key = self.check_batch(batch)
         if self.fail_oom_above_batch is not None and len(batch) > self.fail_oom_above_batch:
             raise torch.OutOfMemoryError(
                 f"injected out-of-memory: batch of {len(batch)} > fail_oom_above_batch={self.fail_oom_above_batch}"
@@ -340,29 +373,38 @@ class GeneratorWorker:
                 rows[example["example_id"]] = self._row(
                     example, status="failed", error=f"identity {example.get('identity_id')!r}: {exc}"
                 )
-        arrays: dict[str, np.ndarray] = {}
-        if runnable:
-            started = time.perf_counter()
-            output = self.pipe(
-                [example["prompt"] for example in runnable],
-                id_embeds=np.stack([identity.embedding for identity in inputs]),
-                clip_states=torch.cat([identity.clip_states for identity in inputs]),
-                preset=key.preset,
-                ip_adapter_scale=key.ip_adapter_scale,
-                lora_scale=key.lora_scale,
-                seeds=[int(example["seed"]) for example in runnable],
-                num_inference_steps=key.steps,
-                height=key.height,
-                width=key.width,
-                output_type="np",
-            )
-            seconds = (time.perf_counter() - started) / len(runnable)
-            for example, image, meta in zip(runnable, np.asarray(output.images, dtype=np.float32), output.metadata):
-                uri = self.store.write_image(example["run_id"], example["example_id"], encode_png(image))
-                arrays[example["example_id"]] = image
-                rows[example["example_id"]] = self._row(example, status="ok", image_uri=uri, seconds=seconds,
-                                                        metadata=meta)
-        return [rows[example["example_id"]] for example in batch], arrays
+        if not runnable:
+            return rows, [], [], None, []
+        started = time.perf_counter()
+        output = self.pipe(
+            [example["prompt"] for example in runnable],
+            id_embeds=np.stack([identity.embedding for identity in inputs]),
+            clip_states=torch.cat([identity.clip_states for identity in inputs]),
+            preset=key.preset,
+            ip_adapter_scale=key.ip_adapter_scale,
+            lora_scale=key.lora_scale,
+            seeds=[int(example["seed"]) for example in runnable],
+            num_inference_steps=key.steps,
+            height=key.height,
+            width=key.width,
+            output_type="np",
+        )
+        seconds = (time.perf_counter() - started) / len(runnable)
+        return rows, runnable, list(np.asarray(output.images, dtype=np.float32)), seconds, list(output.metadata)
+
+    def _store_image(self, example: Mapping[str, Any], image: np.ndarray) -> str:
+        return self.store.write_image(example["run_id"], example["example_id"], encode_png(image))
+
+    def _store_images(self, examples: Sequence[Mapping[str, Any]], images: Sequence[np.ndarray]) -> list[str]:
+        """Encode and store the images (in parallel on the upload threads); return their URIs once ALL are stored.
+
+        One failed write fails the batch (its error propagates) after the other writes ended.
+        """
+        if self._uploads is None:
+            return [self._store_image(example, image) for example, image in zip(examples, images)]
+        futures = [self._uploads.submit(self._store_image, example, image) for example, image in zip(examples, images)]
+        wait(futures)
+        return [future.result() for future in futures]
 
     def generate(self, batch: Sequence[Mapping[str, Any]]) -> list[dict]:
         """``generations`` rows for a batch of ``examples`` rows that share :data:`BATCH_KEY` (one pipeline call)."""
@@ -382,13 +424,14 @@ class GeneratorWorker:
             raise ValueError(f"one render call needs one size, got {sorted(sizes)}")
         size = sizes.pop()
         width = int(self.pipe._faceid_projection().proj.net[0].proj.in_features)
-        null_states = self.pipe.null_clip_states()
-        out = self.pipe(
-            [row["prompt"] for row in batch], id_embeds=np.zeros((len(batch), width), np.float32),
-            clip_states=torch.cat([null_states] * len(batch)), preset="baseline", ip_adapter_scale=0.0,
-            lora_scale=0.0, seeds=[int(row["seed"]) for row in batch], num_inference_steps=self.steps,
-            height=size, width=size, output_type="np",
-        )
+        with self._gpu:
+            null_states = self.pipe.null_clip_states()
+            out = self.pipe(
+                [row["prompt"] for row in batch], id_embeds=np.zeros((len(batch), width), np.float32),
+                clip_states=torch.cat([null_states] * len(batch)), preset="baseline", ip_adapter_scale=0.0,
+                lora_scale=0.0, seeds=[int(row["seed"]) for row in batch], num_inference_steps=self.steps,
+                height=size, width=size, output_type="np",
+            )
         images = (np.clip(np.asarray(out.images, dtype=np.float32), 0, 1) * 255).round().astype(np.uint8)
         return [{"key": row["key"], "image": image, "worker": self.worker_id, "node": self.node}
                 for row, image in zip(batch, images)]

@@ -205,6 +205,10 @@ class WorkerSpec:
     method: str
     args: tuple = ()
     kwargs: Mapping[str, Any] = field(default_factory=dict)
+    # Batches one actor runs at once (Ray threads in the actor, and batches in flight per actor):
+    # 2 for generators that store the previous batch's images while the next one runs. The
+    # worker must then be safe to call from two threads (GeneratorWorker serialises its GPU work).
+    concurrency: int = 1
 
 
 @dataclass
@@ -226,10 +230,43 @@ class PoolStats:
             setattr(self, key, max(getattr(self, key), value) if key == "workers" else getattr(self, key) + value)
 
 
-@dataclass
+@dataclass(eq=False)
+class _Job:
+    """One call's batches, or a shard queued ahead of its call: where their results go, and their counts."""
+
+    on_result: Callable[[list[dict], Any], None]
+    on_failure: Callable[[list[dict], str], None]
+    method: str | None = None
+    stats: PoolStats = field(default_factory=PoolStats)
+    open: int = 0  # batches queued or in flight
+    keys: set = field(default_factory=set)  # (run_id, example_id) of the rows this job writes (record jobs)
+    on_batch: Callable[[dict], None] | None = None
+    unreported: list = field(default_factory=list)  # rows written before a call claimed the job
+    cancelled: bool = False
+
+
+@dataclass(eq=False)
 class _Batch:
     rows: list[dict]
+    job: _Job
     attempts: int = 0
+
+
+@dataclass(eq=False)
+class _Held:
+    """Rows of one finished batch, waiting for the next flush; its keys stay open until all are written."""
+
+    job: _Job
+    store: Store
+    table: str
+    rows: list[dict]
+    keys: list
+    written: list = field(default_factory=list)
+
+
+def _key(row: Mapping[str, Any]) -> tuple[str, str] | None:
+    example_id = row.get("example_id")
+    return None if example_id is None else (str(row.get("run_id")), str(example_id))
 
 
 def _last_line(text: str) -> str:
@@ -250,6 +287,12 @@ class ActorPool:
 
     :meth:`record` runs batches and appends each one's rows to a store table (one file per
     batch); :meth:`map` runs batches and returns their results (dataset synthesis).
+    :meth:`queue` puts the next shard's batches in line behind the current call's, so the
+    actors go on with them while the current call's last batches finish (the pool never
+    drains at a shard boundary); the :meth:`record` call for those rows later claims them.
+
+    Each actor runs up to ``WorkerSpec.concurrency`` batches at once (a generator's next batch
+    starts while the previous one's images are stored); batches go to idle actors first.
     """
 
     def __init__(self, spec: WorkerSpec, *, kind: str, options: PoolOptions = PoolOptions(),
@@ -258,9 +301,16 @@ class ActorPool:
         self._remote = ray.remote(actor_class)
         self._pool_id = uuid.uuid4().hex[:8]
         self._actors: dict[int, Any] = {}  # slot -> handle
+        self._load: dict[int, int] = {}  # slot -> batches in flight on its actor
         self._restarts: dict[int, int] = {}
         self._capacity: int | None = None
         self._gpus_each = 0.0
+        self._pending: collections.deque[_Batch] = collections.deque()  # FIFO over calls and queued shards
+        self._in_flight: dict[Any, tuple[int, Any, _Batch]] = {}  # ref -> (slot, actor handle, batch)
+        self._held: list[_Held] = []  # finished batches' rows, appended by _flush()
+        self._flush_due: float | None = None  # when the oldest held batch must be written
+        self._open: dict[tuple[str, str], _Job] = {}  # (run_id, example_id) queued, in flight or held -> its job
+        self._deaths = 0
         self.stats = PoolStats()  # the whole life of the pool
         self.closed = False
 
@@ -276,17 +326,20 @@ class ActorPool:
                                                          use_gpus=self.options.use_gpus)
         return self._capacity
 
-    def _start(self, slot: int) -> Any:
+    def _start(self, slot: int, job: _Job | None = None) -> Any:
         restart = self._restarts.setdefault(slot, 0)
         name = f"{self.name}-{slot}.{restart}"
         verbose = _verbose() if self.options.verbose is None else self.options.verbose
         handle = self._remote.options(
             name=name, namespace=NAMESPACE, num_gpus=self._gpus_each, num_cpus=self.options.cpus_per_worker,
-            max_restarts=0,
+            max_restarts=0, max_concurrency=max(1, int(self.spec.concurrency)),
         ).remote(self.spec.worker_class, self.spec.method, *self.spec.args, worker_id=name, verbose=verbose,
                  **dict(self.spec.kwargs))
         self._actors[slot] = handle
+        self._load[slot] = 0
         self.stats.actors_started += 1
+        if job is not None:
+            job.stats.actors_started += 1
         self.stats.workers = max(self.stats.workers, len(self._actors))
         return handle
 
@@ -295,13 +348,22 @@ class ActorPool:
         return {f"{self.name}-{slot}.{self._restarts[slot]}": handle for slot, handle in self._actors.items()}
 
     def close(self) -> None:
-        """Kill the actors (their models go with them); the pool cannot be used afterwards."""
+        """Kill the actors (their models go with them); the pool cannot be used afterwards.
+
+        Batches still queued or running (a shard queued ahead whose call never came) are
+        dropped unwritten: their rows are simply missing, and a re-run plans them again.
+        """
         for handle in self._actors.values():
             try:
                 ray.kill(handle, no_restart=True)
             except Exception:  # already dead, or Ray is shutting down
                 pass
         self._actors.clear()
+        self._load.clear()
+        self._pending.clear()
+        self._in_flight.clear()
+        self._held.clear()
+        self._open.clear()
         self.closed = True
 
     def __enter__(self) -> "ActorPool":
@@ -311,130 +373,256 @@ class ActorPool:
         self.close()
 
     # -- feeding ---------------------------------------------------------------------------------
-    def _execute(self, batches: Iterable[list[dict]], on_result: Callable[[list[dict], Any], None],
-                 on_failure: Callable[[list[dict], str], None], stats: PoolStats, method: str | None,
-                 flush: Callable[[], None] | None = None) -> None:
-        """Feed ``batches`` to the actors; every batch ends in exactly one ``on_result`` or ``on_failure`` per row.
+    def _submit(self, job: _Job, batches: Iterable[list[dict]]) -> None:
+        for rows in batches:
+            if rows:
+                self._pending.append(_Batch(list(rows), job))
+                job.open += 1
+                job.stats.batches += 1
 
-        ``flush`` writes what those callbacks kept: ``write_interval_s`` after the first batch
-        it holds finished (idle actors get new work meanwhile), at the end, and when this raises.
+    def _dispatch(self) -> None:
+        """Start actors while more batches wait than actors are idle (up to the pool's shape), then hand
+        batches out: to idle actors first, then up to ``concurrency`` per actor."""
+        if not self._pending:
+            return
+        capacity = self._shape()
+        idle = sum(1 for load in self._load.values() if load == 0)
+        while len(self._pending) > idle and len(self._actors) < capacity:
+            slot = next(s for s in range(capacity + len(self._restarts) + 1) if s not in self._actors)
+            self._start(slot, self._pending[min(idle, len(self._pending) - 1)].job)
+            idle += 1
+        depth = max(1, int(self.spec.concurrency))
+        while self._pending:
+            free = [slot for slot, load in self._load.items() if load < depth]
+            if not free:
+                return
+            slot = min(free, key=lambda s: (self._load[s], s))
+            batch = self._pending.popleft()
+            handle = self._actors[slot]
+            self._in_flight[handle.run.remote(batch.rows, batch.job.method)] = (slot, handle, batch)
+            self._load[slot] += 1
+
+    def _drive(self, jobs: list[_Job]) -> None:
+        """Run the pool until ``jobs`` have no batch left, then write what is held.
+
+        Batches of other jobs (shards queued ahead) run on the same actors meanwhile, and
+        their rows are written by the same flushes. Held rows are written
+        ``write_interval_s`` after the first of them finished (idle actors get new work
+        meanwhile), at the end, and when this raises (Ctrl-C too): nothing finished is lost.
+        A call that raises drops its jobs' batches still queued or running (their rows are
+        not written; a retry plans them again), so no row is ever written twice.
         """
         if self.closed:
             raise RuntimeError(f"{self.kind} pool is closed")
-        pending = collections.deque(_Batch(list(rows)) for rows in batches if rows)
-        if not pending:
-            return
         capacity = self._shape()
-        idle = sorted(self._actors, reverse=True)  # live actors wait for work between calls
-        in_flight: dict[Any, tuple[int, _Batch]] = {}
-        restarts_allowed = (max(0, self.options.max_retries) + 1) * max(capacity, 1)
-        deaths = 0
-        interval = max(0.0, self.options.write_interval_s)
-        flush_due: float | None = None  # when the oldest batch held for flush() must be written
+        allowed = (max(0, self.options.max_retries) + 1) * max(capacity, 1)
+        self._deaths = 0
         try:
-            while pending or in_flight:
-                while len(pending) > len(idle) and len(self._actors) < capacity:  # more work than idle actors
-                    slot = next(s for s in range(capacity + len(self._restarts) + 1) if s not in self._actors)
-                    self._start(slot)
-                    idle.append(slot)
-                while pending and idle:
-                    slot = idle.pop()
-                    batch = pending.popleft()
-                    in_flight[self._actors[slot].run.remote(batch.rows, method)] = (slot, batch)
-                if not in_flight:
-                    raise RuntimeError(f"{self.kind} pool has no actors left and the cluster has no room for new "
-                                       f"ones ({len(pending)} batches waiting)")
-                timeout = None if flush_due is None else max(0.0, flush_due - time.monotonic())
-                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=timeout)
-                if not ready:  # the held batches are due
-                    flush()
-                    flush_due = None
+            while any(job.open for job in jobs):
+                self._dispatch()
+                if self._flush_due is not None and time.monotonic() >= self._flush_due:
+                    self._flush()
                     continue
-                slot, batch = in_flight.pop(ready[0])
-                try:
-                    result = ray.get(ready[0])
-                except RayActorError as exc:
-                    if getattr(exc, "actor_init_failed", False):  # a config error: every replacement would fail
-                        raise RuntimeError(f"{self.kind} actor failed to start: {_last_line(str(exc))}") from exc
-                    deaths += 1
-                    stats.actor_restarts += 1
-                    if deaths > restarts_allowed:
-                        raise RuntimeError(
-                            f"{self.kind} actors died {deaths} times (limit {restarts_allowed}); giving up"
-                        ) from exc
-                    del self._actors[slot]
-                    self._restarts[slot] += 1
-                    # A lost node shrinks the cluster: keep only as many actors as it can still place.
-                    self._capacity = None
-                    capacity = self._shape()
-                    if len(self._actors) < capacity:
-                        self._start(slot)
-                        idle.append(slot)
-                    else:
-                        log.warning("%s pool: actor %s lost; the cluster now holds %d actors of this pool",
-                                    self.kind, slot, capacity)
-                    batch.attempts += 1
-                    if batch.attempts <= self.options.max_retries:
-                        stats.retried += 1
-                        pending.appendleft(batch)
-                        continue
-                    on_failure(batch.rows, f"{self.kind} actor died {batch.attempts} times on this batch: {exc}")
-                except RayTaskError as exc:  # the worker raised: the batch fails, the sweep goes on
-                    idle.append(slot)
-                    on_failure(batch.rows, _task_error_text(exc))
+                if not self._in_flight:
+                    raise RuntimeError(f"{self.kind} pool has no actors left and the cluster has no room for new "
+                                       f"ones ({len(self._pending)} batches waiting)")
+                timeout = None if self._flush_due is None else max(0.0, self._flush_due - time.monotonic())
+                ready, _ = ray.wait(list(self._in_flight), num_returns=1, timeout=timeout)
+                if ready:
+                    self._collect(ready[0], allowed)
+            self._dispatch()  # actors freed by the last batches go on with queued work before the append
+            self._flush()
+        except BaseException:
+            try:
+                self._flush()
+            finally:
+                self._cancel(jobs)
+            raise
+        self._dispatch()
+
+    def _collect(self, ref: Any, deaths_allowed: int) -> None:
+        """Take one finished call: its rows, or a retry / split / failure of its batch."""
+        slot, handle, batch = self._in_flight.pop(ref)
+        current = self._actors.get(slot) is handle  # False: an earlier call on this dead actor restarted the slot
+        if current:
+            self._load[slot] -= 1
+        job = batch.job
+        try:
+            result = ray.get(ref)
+        except RayActorError as exc:
+            if getattr(exc, "actor_init_failed", False):  # a config error: every replacement would fail
+                raise RuntimeError(f"{self.kind} actor failed to start: {_last_line(str(exc))}") from exc
+            if current:
+                self._deaths += 1
+                job.stats.actor_restarts += 1
+                if self._deaths > deaths_allowed:
+                    raise RuntimeError(
+                        f"{self.kind} actors died {self._deaths} times (limit {deaths_allowed}); giving up"
+                    ) from exc
+                del self._actors[slot], self._load[slot]
+                self._restarts[slot] += 1
+                # A lost node shrinks the cluster: keep only as many actors as it can still place.
+                self._capacity = None
+                if len(self._actors) < self._shape():
+                    self._start(slot, job)
                 else:
-                    idle.append(slot)
-                    if isinstance(result, dict) and _OOM in result:
-                        if len(batch.rows) > 1:
-                            stats.split += 1
-                            half = (len(batch.rows) + 1) // 2
-                            pending.appendleft(_Batch(batch.rows[half:], batch.attempts))
-                            pending.appendleft(_Batch(batch.rows[:half], batch.attempts))
-                            continue
-                        on_failure(batch.rows, f"out of memory at batch size 1: {result[_OOM]}")
-                    else:
-                        on_result(batch.rows, result)
-                if flush is not None and flush_due is None:  # this batch's rows are held
-                    flush_due = time.monotonic() + interval
-                    if interval == 0:
-                        flush()
-                        flush_due = None
-        finally:  # at the end, and on the way out of an error or Ctrl-C: nothing held is lost
-            if flush is not None:
-                flush()
+                    log.warning("%s pool: actor %s lost; the cluster now holds %d actors of this pool",
+                                self.kind, slot, self._shape())
+            batch.attempts += 1
+            if batch.attempts <= self.options.max_retries and not job.cancelled:
+                job.stats.retried += 1
+                self._pending.appendleft(batch)
+                return
+            self._finish(batch, failure=f"{self.kind} actor died {batch.attempts} times on this batch: {exc}")
+        except RayTaskError as exc:  # the worker raised: the batch fails, the sweep goes on
+            self._finish(batch, failure=_task_error_text(exc))
+        else:
+            if isinstance(result, dict) and _OOM in result:
+                if len(batch.rows) > 1 and not job.cancelled:
+                    job.stats.split += 1
+                    half = (len(batch.rows) + 1) // 2
+                    self._pending.appendleft(_Batch(batch.rows[half:], job, batch.attempts))
+                    self._pending.appendleft(_Batch(batch.rows[:half], job, batch.attempts))
+                    job.open += 1  # two batches in place of one
+                    return
+                self._finish(batch, failure=f"out of memory at batch size 1: {result[_OOM]}")
+            else:
+                self._finish(batch, result=result)
+
+    def _finish(self, batch: _Batch, *, result: Any = None, failure: str | None = None) -> None:
+        job = batch.job
+        job.open -= 1
+        if job.cancelled:  # its call raised: the rows are not written (a retry plans them again)
+            return
+        if failure is not None:
+            job.on_failure(batch.rows, failure)
+        else:
+            job.on_result(batch.rows, result)
+
+    def _hold(self, job: _Job, store: Store, table: str, batch: list[dict], rows: list[dict]) -> None:
+        self._held.append(_Held(job, store, table, list(rows), [k for k in map(_key, batch) if k is not None]))
+        if self._flush_due is None:
+            self._flush_due = time.monotonic() + max(0.0, self.options.write_interval_s)
+
+    def _flush(self) -> None:
+        """Append the held rows: one transaction (one file) per store, table and run."""
+        self._flush_due = None
+        if not self._held:
+            return
+        groups: dict[tuple[int, str, str], list[_Held]] = {}
+        for held in self._held:
+            for run_id in dict.fromkeys(row["run_id"] for row in held.rows):
+                groups.setdefault((id(held.store), held.table, run_id), []).append(held)
+        written: dict[_Job, list[dict]] = {}
+        try:
+            for (_, table, run_id), entries in groups.items():
+                rows = [row for held in entries for row in held.rows if row["run_id"] == run_id]
+                if entries[0].store.append(table, rows, run_id) is not None:
+                    entries[0].job.stats.files += 1
+                # Written: out of the held rows at once, so the flush on the way out of a failed
+                # append of another run's rows never appends these a second time.
+                for held in entries:
+                    held.written += [row for row in held.rows if row["run_id"] == run_id]
+                    held.rows = [row for row in held.rows if row["run_id"] != run_id]
+                    if not held.rows:
+                        self._done(held)
+                        written.setdefault(held.job, []).extend(held.written)
+        finally:
+            self._held = [held for held in self._held if held.rows]
+        for job, rows in written.items():
+            self._report(job, rows)
+
+    def _done(self, held: _Held) -> None:
+        """All rows of a held batch are written: its keys are closed, its rows counted."""
+        for key in held.keys:
+            if self._open.get(key) is held.job:
+                del self._open[key]
+        failed = sum(1 for row in held.written if row.get("status") == "failed" or row.get("error") is not None)
+        held.job.stats.failed += failed
+        held.job.stats.ok += len(held.written) - failed
+
+    def _report(self, job: _Job, rows: list[dict]) -> None:
+        if job.on_batch is None:  # a shard queued ahead: reported when its call claims it
+            job.unreported += rows
+            return
+        job.on_batch({"kind": self.kind, "rows": rows, "ok": job.stats.ok, "failed": job.stats.failed})
+
+    def _cancel(self, jobs: list[_Job]) -> None:
+        """Drop ``jobs``' batches still queued, running or held unwritten; their keys can be planned again."""
+        for job in jobs:
+            job.cancelled = True
+        self._pending = collections.deque(batch for batch in self._pending if not batch.job.cancelled)
+        self._held = [held for held in self._held if not held.job.cancelled]
+        for key in [key for key, job in self._open.items() if job.cancelled]:
+            del self._open[key]
+
+    # -- calls -----------------------------------------------------------------------------------
+    def _record_job(self, store: Store, table: str, failed_rows: Callable[[list[dict], str], list[dict]]) -> _Job:
+        job = _Job(on_result=lambda batch, rows: None, on_failure=lambda batch, error: None)
+        job.on_result = lambda batch, rows: self._hold(job, store, table, batch, rows)
+        job.on_failure = lambda batch, error: self._hold(job, store, table, batch, failed_rows(batch, error))
+        return job
+
+    def queue(self, store: Store, table: str, batches: Sequence[list[dict]], *,
+              failed_rows: Callable[[list[dict], str], list[dict]]) -> int:
+        """Queue ``batches`` for :meth:`record` behind the work already queued, and start them on idle actors.
+
+        Returns the number of rows queued. Rows already queued, running or held (by ``(run_id,
+        example_id)``) are not queued twice. Results are collected (and written) while a
+        :meth:`record` call runs; the call for these rows claims them and reports them.
+        """
+        if self.closed:
+            raise RuntimeError(f"{self.kind} pool is closed")
+        job = self._record_job(store, table, failed_rows)
+        fresh = self._claim(batches, job, [])
+        self._dispatch()
+        return sum(len(rows) for rows in fresh)
+
+    def _claim(self, batches: Sequence[list[dict]], job: _Job, adopted: list[_Job]) -> list[list[dict]]:
+        """Submit to ``job`` the rows of ``batches`` that no job holds yet; jobs that hold the others go to ``adopted``."""
+        fresh = []
+        for rows in batches:
+            keep = []
+            for row in rows:
+                key = _key(row)
+                owner = self._open.get(key) if key is not None else None
+                if owner is None:
+                    keep.append(row)
+                    if key is not None:
+                        self._open[key] = job
+                        job.keys.add(key)
+                elif owner is not job and owner not in adopted:
+                    adopted.append(owner)
+            if keep:
+                fresh.append(keep)
+        self._submit(job, fresh)
+        return fresh
 
     def record(self, store: Store, table: str, batches: Sequence[list[dict]], *,
                failed_rows: Callable[[list[dict], str], list[dict]],
                on_batch: Callable[[dict], None] | None = None) -> PoolStats:
         """Run ``batches``; append their rows (or failed rows) to ``table``, one transaction and file per run
-        for the batches that finished within ``PoolOptions.write_interval_s`` of each other."""
-        stats = PoolStats(batches=len(batches))
-        before = (self.stats.actors_started, self.stats.workers)
+        for the batches that finished within ``PoolOptions.write_interval_s`` of each other.
 
-        held: list[dict] = []  # rows of finished batches, written together by flush()
-
-        def flush() -> None:
-            if not held:
-                return
-            rows = held[:]
-            by_run: dict[str, list[dict]] = {}
-            for row in rows:
-                by_run.setdefault(row["run_id"], []).append(row)
-            for run_id, run_rows in by_run.items():
-                if store.append(table, run_rows, run_id) is not None:
-                    stats.files += 1
-                # Written: out of the held rows at once, so the flush on the way out of a failed
-                # append of another run's rows never appends these a second time.
-                held[:] = [row for row in held if row["run_id"] != run_id]
-            failed = sum(1 for row in rows if row.get("status") == "failed" or row.get("error") is not None)
-            stats.failed += failed
-            stats.ok += len(rows) - failed
-            if on_batch is not None:
-                on_batch({"kind": self.kind, "rows": rows, "ok": stats.ok, "failed": stats.failed})
-
-        self._execute(batches, lambda _, rows: held.extend(rows),
-                      lambda batch, error: held.extend(failed_rows(batch, error)), stats, None, flush)
-        stats.actors_started = self.stats.actors_started - before[0]
+        Rows already queued by :meth:`queue` (a shard queued ahead) are not run again: this call
+        claims that work, reports what it already wrote through ``on_batch`` and waits for the rest.
+        """
+        if self.closed:
+            raise RuntimeError(f"{self.kind} pool is closed")
+        job = self._record_job(store, table, failed_rows)
+        adopted: list[_Job] = []
+        self._claim(batches, job, adopted)
+        jobs = [*adopted, job]
+        for claimed in jobs:
+            claimed.on_batch = on_batch
+            if claimed.unreported:
+                rows, claimed.unreported = claimed.unreported, []
+                self._report(claimed, rows)
+        self._drive(jobs)
+        stats = PoolStats()
+        for claimed in jobs:
+            stats.add(claimed.stats)
+            claimed.stats = PoolStats()  # counted once, here
         stats.workers = self.stats.workers
         self.stats.add(PoolStats(**{**asdict(stats), "actors_started": 0, "workers": 0}))
         return stats
@@ -447,7 +635,6 @@ class ActorPool:
         """
         keyed = [[dict(row, _order=(b, i)) for i, row in enumerate(rows)] for b, rows in enumerate(batches)]
         out: dict[tuple[int, int], Any] = {}
-        stats = PoolStats(batches=len(batches))
 
         def keep(rows: list[dict], results: list[Any]) -> None:
             for row, result in zip(rows, results):
@@ -456,8 +643,10 @@ class ActorPool:
         def fail(rows: list[dict], error: str) -> None:
             raise RuntimeError(f"{self.kind} pool: {error}")
 
-        self._execute(keyed, keep, fail, stats, method)
-        self.stats.add(PoolStats(**{**asdict(stats), "actors_started": 0, "workers": 0}))
+        job = _Job(on_result=keep, on_failure=fail, method=method)
+        self._submit(job, keyed)
+        self._drive([job])
+        self.stats.add(PoolStats(**{**asdict(job.stats), "actors_started": 0, "workers": 0}))
         return [out[key] for key in sorted(out)]
 
 
@@ -477,7 +666,8 @@ class GeneratorPools:
     the previous model's pool first; shards come grouped by model (:func:`flows.generate.shards`),
     so each model's pool starts once per run. ``identities``: ``identities`` rows (or
     content_hash → row) shipped to every actor once; hashes not found there are looked up in
-    the store by the workers.
+    the store by the workers. :meth:`queue` puts the next shard in line on the current
+    model's pool, so the pool does not drain at the shard boundary (:func:`ahead`).
     """
 
     def __init__(self, store: Store, *, options: GeneratorOptions | Mapping[str, Any] | None = None,
@@ -490,7 +680,16 @@ class GeneratorPools:
         self._identities_ref = None
         self._current: tuple[tuple[str, int], ActorPool] | None = None
         self.stats = PoolStats()
-        self.loads: dict[tuple[str, int], int] = {}  # (model, steps) -> actors started (= pipelines loaded)
+        self._closed_loads: dict[tuple[str, int], int] = {}
+
+    @property
+    def loads(self) -> dict[tuple[str, int], int]:
+        """(model, steps) -> actors started (= pipelines loaded) over the run."""
+        loads = dict(self._closed_loads)
+        if self._current is not None:
+            key, pool = self._current
+            loads[key] = loads.get(key, 0) + pool.stats.actors_started
+        return {key: n for key, n in loads.items() if n}
 
     def pool_for(self, model: str, steps: int) -> ActorPool:
         if self._current is not None and self._current[0] == (model, steps):
@@ -498,34 +697,55 @@ class GeneratorPools:
         self._close_current()
         if self._identities_ref is None:
             self._identities_ref = ray.put(self._identities)
+        # Two batches per actor: the next one runs while the previous one's images are stored.
+        concurrency = 2 if self.options.upload_threads else 1
         spec = WorkerSpec(GeneratorWorker, "generate", (self.store, model),
-                          dict(self.options.worker_kwargs(), steps=steps, identities=self._identities_ref))
+                          dict(self.options.worker_kwargs(), steps=steps, identities=self._identities_ref),
+                          concurrency=concurrency)
         pool = ActorPool(spec, kind="generator", options=self.pool_options)
         self._current = ((model, steps), pool)
         return pool
+
+    def _batches(self, examples: Sequence[Mapping[str, Any]]) -> dict[tuple[str, int], list[list[dict]]]:
+        groups: dict[tuple[str, int], dict[tuple[str, BatchKey], list[dict]]] = {}
+        for row in examples:
+            key = BatchKey.of(row)
+            groups.setdefault((key.model, key.steps), {}).setdefault((row["run_id"], key), []).append(dict(row))
+        return {model_steps: [chunk for rows in by_key.values() for chunk in _chunks(rows, self.batch_size)]
+                for model_steps, by_key in groups.items()}
+
+    def queue(self, examples: Sequence[Mapping[str, Any]]) -> int:
+        """Queue ``examples`` (the next shard) behind the work in hand, on the pool of their model.
+
+        Only examples of the open pool's model (or any, before a pool is open) are queued:
+        another model's pool would close this one. Returns how many were queued; the
+        :meth:`generate` call for these examples runs nothing twice.
+        """
+        queued = 0
+        for (model, steps), batches in self._batches(examples).items():
+            if self._current is None or self._current[0] == (model, steps):
+                queued += self.pool_for(model, steps).queue(self.store, "generations", batches,
+                                                            failed_rows=failed_generation_rows)
+        return queued
 
     def generate(self, examples: Sequence[Mapping[str, Any]], *,
                  on_batch: Callable[[dict], None] | None = None) -> dict:
         """Generate ``examples`` (``examples`` rows, already planned) on the pools; returns the call's counts."""
         started = time.perf_counter()
         total = PoolStats()
-        groups: dict[tuple[str, int], dict[tuple[str, BatchKey], list[dict]]] = {}
-        for row in examples:
-            key = BatchKey.of(row)
-            groups.setdefault((key.model, key.steps), {}).setdefault((row["run_id"], key), []).append(dict(row))
-        for (model, steps), by_key in groups.items():
-            batches = [chunk for rows in by_key.values() for chunk in _chunks(rows, self.batch_size)]
+        for (model, steps), batches in self._batches(examples).items():
             pool = self.pool_for(model, steps)
             stats = pool.record(self.store, "generations", batches, failed_rows=failed_generation_rows,
                                 on_batch=on_batch)
-            self.loads[(model, steps)] = self.loads.get((model, steps), 0) + stats.actors_started
             total.add(stats)
         self.stats.add(total)
         return _summary(total, planned=len(examples), seconds=time.perf_counter() - started)
 
     def _close_current(self) -> None:
         if self._current is not None:
-            self._current[1].close()
+            key, pool = self._current
+            self._closed_loads[key] = self._closed_loads.get(key, 0) + pool.stats.actors_started
+            pool.close()
             self._current = None
 
     def close(self) -> None:
@@ -563,15 +783,24 @@ class MetricPool:
             self._pool = ActorPool(spec, kind="scorer", options=self.pool_options)
         return self._pool
 
-    def score(self, work: Sequence[Mapping[str, Any]], *, on_batch: Callable[[dict], None] | None = None) -> dict:
-        """Score ``work``: ``examples`` rows, each with ``metrics`` (those still missing; default all of the pool's)."""
-        started = time.perf_counter()
+    def _batches(self, work: Sequence[Mapping[str, Any]]) -> list[list[dict]]:
         groups: dict[tuple[str, BatchKey], list[dict]] = {}
         for row in work:
             groups.setdefault((row["run_id"], BatchKey.of(row)), []).append(dict(row))
-        batches = [chunk for rows in groups.values() for chunk in _chunks(rows, self.batch_size)]
-        stats = self.pool.record(self.store, "metrics", batches, on_batch=on_batch,
-                                 failed_rows=lambda batch, error: failed_metric_rows(batch, self.metrics, error))
+        return [chunk for rows in groups.values() for chunk in _chunks(rows, self.batch_size)]
+
+    def _failed_rows(self, batch: list[dict], error: str) -> list[dict]:
+        return failed_metric_rows(batch, self.metrics, error)
+
+    def queue(self, work: Sequence[Mapping[str, Any]]) -> int:
+        """Queue ``work`` (the next shard) behind the work in hand; the :meth:`score` call for it runs nothing twice."""
+        return self.pool.queue(self.store, "metrics", self._batches(work), failed_rows=self._failed_rows)
+
+    def score(self, work: Sequence[Mapping[str, Any]], *, on_batch: Callable[[dict], None] | None = None) -> dict:
+        """Score ``work``: ``examples`` rows, each with ``metrics`` (those still missing; default all of the pool's)."""
+        started = time.perf_counter()
+        stats = self.pool.record(self.store, "metrics", self._batches(work), on_batch=on_batch,
+                                 failed_rows=self._failed_rows)
         self.stats.add(stats)
         planned = sum(len(row.get("metrics") or self.metrics) for row in work)
         return _summary(stats, planned=planned, seconds=time.perf_counter() - started)
@@ -585,6 +814,22 @@ class MetricPool:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def ahead(shards: Sequence[Any], queue: Callable[[Any], Any]) -> Iterable[tuple[int, Any]]:
+    """``(index, shard)`` for each shard, after queueing it and the shard after it with ``queue``.
+
+    How a flow keeps its pools fed across shard boundaries: while shard ``i``'s call waits
+    for its last batches, shard ``i + 1``'s batches already run on the actors that are free.
+    Each shard's call still claims, writes and reports its own rows (the unit of progress
+    and retry stays the shard).
+    """
+    for index, shard in enumerate(shards):
+        if index == 0:
+            queue(shard)
+        if index + 1 < len(shards):
+            queue(shards[index + 1])
+        yield index, shard
 
 
 # -- one-call forms (a pool for one call; flows keep theirs open for the whole run) ----------------
@@ -699,6 +944,6 @@ def run_scoring(
 
 
 __all__ = [
-    "NAMESPACE", "ActorPool", "GeneratorPools", "MetricPool", "PoolOptions", "PoolStats", "WorkerSpec",
+    "NAMESPACE", "ActorPool", "ahead", "GeneratorPools", "MetricPool", "PoolOptions", "PoolStats", "WorkerSpec",
     "connect_ray", "describe_ray", "missing_metric_work", "pool_shape", "run_generation", "run_scoring",
 ]

@@ -4,8 +4,11 @@ Each flow run opens its pools once (:class:`actors.pool.GeneratorPools`: one gen
 pool per model; :class:`actors.pool.MetricPool`) and feeds them shard by shard, so
 models load once per actor for the whole run. A shard is a list of examples
 (``execution.shard_size``, grouped by model): the unit of retry and of progress in the
-Prefect UI. The flow plans once against the store; a shard's retry re-checks only its own
-examples, so it does only what is still missing and never writes a row twice.
+Prefect UI. The next shard is queued on the pool while the current one's task runs
+(:func:`actors.pool.ahead`), so the actors go on with it instead of waiting for the
+current shard's slowest batch; its task then claims that work. The flow plans once
+against the store; a shard's retry re-checks only its own examples, so it does only what
+is still missing and never writes a row twice.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from prefect.cache_policies import NONE
 
 from actors.generator import GeneratorOptions
-from actors.pool import GeneratorPools, MetricPool, PoolOptions, missing_metric_work
+from actors.pool import GeneratorPools, MetricPool, PoolOptions, ahead, missing_metric_work
 from fastface.cache import identities_dir
 from flows.config import EvaluationConfig
 from flows.retries import retry_transient
@@ -186,8 +189,10 @@ def _bar(total: int, desc: str, unit: str):
 def generate_shard(pools: GeneratorPools, examples: list[dict], index: int, bar: Any = None) -> dict:
     """Generate one shard on the run's generator pools.
 
-    The flow planned the shard; a retry re-checks this shard's examples only (rows its first
-    attempt recorded are not made again).
+    The flow planned the shard and queued it on the pool (its batches may be running
+    already); this task claims them, writes its rows and reports its progress. A retry
+    re-checks this shard's examples only (rows its first attempt recorded are not made again;
+    the batches a failed attempt left running are dropped unwritten).
     """
     todo = plan_missing_generations(pools.store, examples) if _is_retry() else examples
     if bar is not None and len(todo) < len(examples):
@@ -251,7 +256,9 @@ def generate_flow(config: EvaluationConfig, root: str) -> dict:
         with GeneratorPools(store, options=pipeline_options(config), pool=pool_options(config),
                             batch_size=ex.batch_size, identities=_identities(store, config)) as pools, \
                 _bar(len(todo), "images", "img") as bar:
-            summaries = [generate_shard(pools, shard, i, bar) for i, shard in enumerate(parts)]
+            # Each shard is queued on the pool before its task runs, behind the shard before it:
+            # the actors never drain at a shard boundary (actors.pool.ahead).
+            summaries = [generate_shard(pools, shard, i, bar) for i, shard in ahead(parts, pools.queue)]
             loads = {f"{model}@{steps}": n for (model, steps), n in pools.loads.items()}
     total = dict(_total(summaries), examples=len(examples), shards=len(parts), pipeline_loads=loads)
     total["skipped"] += len(examples) - len(todo)
@@ -281,7 +288,7 @@ def score_flow(config: EvaluationConfig, root: str) -> dict:
         with MetricPool(store, metrics, options=metric_options(config), pool=pool_options(config),
                         batch_size=ex.score_batch_size, identities=_identities(store, config)) as pool, \
                 _bar(planned, "scores", "score") as bar:
-            summaries = [score_shard(pool, shard, i, bar) for i, shard in enumerate(parts)]
+            summaries = [score_shard(pool, shard, i, bar) for i, shard in ahead(parts, pool.queue)]
             loads = pool.pool.stats.actors_started
     total = dict(_total(summaries), examples=len(examples), shards=len(parts), pairs_missing=sum(
         len(row["metrics"]) for row in work), metric_worker_loads=loads)
