@@ -239,7 +239,9 @@ class _Job:
     method: str | None = None
     stats: PoolStats = field(default_factory=PoolStats)
     open: int = 0  # batches queued or in flight
-    keys: set = field(default_factory=set)  # (run_id, example_id) of the rows this job writes (record jobs)
+    # (run_id, example_id) of the rows this job writes (record jobs); open in the pool from queueing
+    # until the call that claims the job returns, written or not
+    keys: set = field(default_factory=set)
     on_batch: Callable[[dict], None] | None = None
     unreported: list = field(default_factory=list)  # rows written before a call claimed the job
     cancelled: bool = False
@@ -309,7 +311,7 @@ class ActorPool:
         self._in_flight: dict[Any, tuple[int, Any, _Batch]] = {}  # ref -> (slot, actor handle, batch)
         self._held: list[_Held] = []  # finished batches' rows, appended by _flush()
         self._flush_due: float | None = None  # when the oldest held batch must be written
-        self._open: dict[tuple[str, str], _Job] = {}  # (run_id, example_id) queued, in flight or held -> its job
+        self._open: dict[tuple[str, str], _Job] = {}  # (run_id, example_id) of unreturned jobs -> the job
         self._deaths = 0
         self.stats = PoolStats()  # the whole life of the pool
         self.closed = False
@@ -533,10 +535,8 @@ class ActorPool:
             self._report(job, rows)
 
     def _done(self, held: _Held) -> None:
-        """All rows of a held batch are written: its keys are closed, its rows counted."""
-        for key in held.keys:
-            if self._open.get(key) is held.job:
-                del self._open[key]
+        """All rows of a held batch are written: counted. (Its keys stay open until the call that claimed
+        its job returns, so a shard queued ahead and written before its call is not run again by that call.)"""
         failed = sum(1 for row in held.written if row.get("status") == "failed" or row.get("error") is not None)
         held.job.stats.failed += failed
         held.job.stats.ok += len(held.written) - failed
@@ -546,6 +546,12 @@ class ActorPool:
             job.unreported += rows
             return
         job.on_batch({"kind": self.kind, "rows": rows, "ok": job.stats.ok, "failed": job.stats.failed})
+
+    def _release(self, job: _Job) -> None:
+        """The job's rows are written and its call returns: its keys may be queued again (a later re-plan)."""
+        for key in job.keys:
+            if self._open.get(key) is job:
+                del self._open[key]
 
     def _cancel(self, jobs: list[_Job]) -> None:
         """Drop ``jobs``' batches still queued, running or held unwritten; their keys can be planned again."""
@@ -567,8 +573,8 @@ class ActorPool:
               failed_rows: Callable[[list[dict], str], list[dict]]) -> int:
         """Queue ``batches`` for :meth:`record` behind the work already queued, and start them on idle actors.
 
-        Returns the number of rows queued. Rows already queued, running or held (by ``(run_id,
-        example_id)``) are not queued twice. Results are collected (and written) while a
+        Returns the number of rows queued. Rows of a job not yet returned by its call (by
+        ``(run_id, example_id)``: queued, running, held or already written) are not queued twice. Results are collected (and written) while a
         :meth:`record` call runs; the call for these rows claims them and reports them.
         """
         if self.closed:
@@ -621,6 +627,7 @@ class ActorPool:
         self._drive(jobs)
         stats = PoolStats()
         for claimed in jobs:
+            self._release(claimed)
             stats.add(claimed.stats)
             claimed.stats = PoolStats()  # counted once, here
         stats.workers = self.stats.workers
