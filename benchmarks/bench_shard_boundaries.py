@@ -1,7 +1,7 @@
 """Do the actors idle at shard boundaries? Busy fraction of model-free actors fed shard by shard, with and without queueing ahead.
 
     .venv/bin/python benchmarks/bench_shard_boundaries.py [--actors 4] [--batch-s 1.0] [--jitter 0.3]
-        [--shards 4] [--batches-per-shard 32] [--task-overhead-s 0.2]
+        [--shards 4] [--batches-per-shard 32] [--task-overhead-s 0.2] [--write-interval-s 1.0]
 
 The real pool (:class:`actors.pool.ActorPool`, the driver's appends to a local store) runs
 workers that load no model and sleep a simulated batch time (``--batch-s``, each batch drawn
@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--batches-per-shard", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--task-overhead-s", type=float, default=0.2)
+    parser.add_argument("--write-interval-s", type=float, default=1.0, help="PoolOptions.write_interval_s")
     args = parser.parse_args()
 
     from actors.generator import failed_generation_rows
@@ -87,7 +88,7 @@ def main() -> None:
     ray.init(address="local", num_cpus=max(2, args.actors), num_gpus=0, include_dashboard=False, log_to_driver=False)
     print(f"# bench_shard_boundaries: {args.actors} model-free actors, batches of {args.batch_s:g} s ± "
           f"{100 * args.jitter:.0f} %, {args.shards} shards of {args.batches_per_shard} batches, "
-          f"{args.task_overhead_s:g} s between shard calls; {os.cpu_count()} CPUs, load average "
+          f"{args.task_overhead_s:g} s between shard calls, appends every {args.write_interval_s:g} s; {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.1f}")
     print("| mode | wall s | actors busy | longest idle between batches s |\n|---|---|---|---|")
     try:
@@ -95,7 +96,8 @@ def main() -> None:
             logs = Path(tmp) / "logs"
             logs.mkdir()
             store = Store(os.path.join(tmp, "store"))
-            options = PoolOptions(num_workers=args.actors, cpus_per_worker=0.5, use_gpus=False)
+            options = PoolOptions(num_workers=args.actors, cpus_per_worker=0.5, use_gpus=False,
+                                  write_interval_s=args.write_interval_s)
             spec = WorkerSpec(SleepWorker, "run", kwargs={"log_dir": str(logs)})
             with ActorPool(spec, kind="bench-shards", options=options) as pool:
                 warm = [[{"example_id": f"warm{i}", "run_id": "bench", "delay_s": 0.0}] for i in range(args.actors)]

@@ -55,13 +55,17 @@ def stored(store: Store) -> list[str]:
         return [r["example_id"] for r in catalog.query("SELECT example_id FROM generations_raw").to_pylist()]
 
 
-def test_the_pool_does_not_drain_between_shards(ray_cluster, tmp_path):
+def test_the_pool_does_not_drain_between_shards(ray_cluster, tmp_path, monkeypatch):
     from actors.generator import failed_generation_rows
     from actors.pool import ActorPool, PoolOptions, WorkerSpec, ahead
 
     logs = tmp_path / "logs"
     logs.mkdir()
     store = Store(str(tmp_path / "store"))
+    # The driver's appends are recorded in memory: what is measured is the queueing, not how long a
+    # catalog commit takes on a loaded machine (an actor that finishes during one waits for it).
+    appended = []
+    monkeypatch.setattr(Store, "append", lambda self, table, rows, run_id: appended.extend(rows) or "file")
 
     def shards(prefix):  # 4 shards of 3 batches of 2 rows: on 2 actors each shard ends with one actor alone
         rows = [{"example_id": f"{prefix}{i:02d}", "run_id": "r"} for i in range(24)]
@@ -94,7 +98,7 @@ def test_the_pool_does_not_drain_between_shards(ray_cluster, tmp_path):
     assert max(drained) >= BATCH_S - SLACK_S, drained  # the measurement sees a drain
     assert len(fed) == 12 - 2 and max(fed) <= SLACK_S, fed  # 12 batches on 2 actors: no idle actor between them
     assert [s.ok for s in summaries] == [6, 6, 6, 6] and sum(reported) == 24  # each shard reports its own rows
-    ids = stored(store)
+    ids = [row["example_id"] for row in appended]
     assert len(ids) == len(set(ids)) == 2 + 24 + 24  # every row once
 
 
