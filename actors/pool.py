@@ -6,7 +6,11 @@
   workers are asked for, else one per ``cpus_per_worker`` CPUs), load their model ONCE and
   are then fed batch after batch, call after call, until :meth:`ActorPool.close`. A flow
   opens its pools once and feeds them shard by shard (:class:`GeneratorPools`,
-  :class:`MetricPool`), so N shards on M actors load each model M times, not N × M.
+  :class:`MetricPool`), so N shards on M actors load each model M times, not N × M. Each
+  pool keeps ONE queue across calls: the flow queues the next shard (:func:`ahead`) before
+  the current shard's call, so actors go on with it instead of draining at the boundary.
+- Generator actors take two batches at a time (``WorkerSpec.concurrency``): the next batch
+  runs while the previous one's images are stored (:mod:`actors.generator`).
 - The DRIVER appends each finished batch's rows as ONE file (:meth:`storage.Store.append`,
   atomic), so a crash never records half a batch, and a re-run plans only what is missing.
 - Faults: an actor that dies (a killed process, a lost node) has its batch retried on a
@@ -256,13 +260,12 @@ class _Batch:
 
 @dataclass(eq=False)
 class _Held:
-    """Rows of one finished batch, waiting for the next flush; its keys stay open until all are written."""
+    """Rows of one finished batch, waiting for the next flush (``written``: those already appended)."""
 
     job: _Job
     store: Store
     table: str
     rows: list[dict]
-    keys: list
     written: list = field(default_factory=list)
 
 
@@ -502,7 +505,7 @@ class ActorPool:
             job.on_result(batch.rows, result)
 
     def _hold(self, job: _Job, store: Store, table: str, batch: list[dict], rows: list[dict]) -> None:
-        self._held.append(_Held(job, store, table, list(rows), [k for k in map(_key, batch) if k is not None]))
+        self._held.append(_Held(job, store, table, list(rows)))
         if self._flush_due is None:
             self._flush_due = time.monotonic() + max(0.0, self.options.write_interval_s)
 
