@@ -28,7 +28,7 @@ from urllib.parse import parse_qs, urlparse
 
 from app import pages
 from app.data import PROMPT_SETS, AppError, Config, StoreReader
-from flows.pareto import FRONT_METRICS
+from flows.pareto import FRONT_METRICS  # the x axes: CLIP, AE, IR
 
 MAX_UPLOAD_BYTES = 20 * 2**20
 PAGE_SIZE = 12
@@ -61,7 +61,7 @@ class App:
                 f"<label>run {pages.select('run', self.reader.runs(), run)}</label>"
                 f"<label>prompt set {pages.select('set', list(PROMPT_SETS), prompt_set)}</label>"
                 f"<label>identity {pages.select('identity', options['identity_id'], identity, blank='all')}</label>"
-                f"<label>x axis {pages.select('x', FRONT_METRICS[1:], x_metric)}</label>"
+                f"<label>x axis {pages.select('x', FRONT_METRICS, x_metric)}</label>"
                 f"presets {pages.checkboxes('preset', options['preset'], presets or options['preset'])}"
                 "<button type='submit' id='apply'>show</button></form>")
         rows = self.reader.front_rows(run, prompt_set=prompt_set, identity=identity, presets=presets)
