@@ -239,3 +239,23 @@ def test_app_in_headless_chromium(app_store, tmp_path, cache_dir):
             assert len(set(image.convert("L").getdata())) > 10
         if os.environ.get("FASTFACE_UPDATE_SCREENSHOTS"):
             (DOCS / f"app-{tab}.png").write_bytes(shot.read_bytes())
+
+
+def test_the_report_artifact_links_to_the_app(app_store, monkeypatch):
+    """With $FASTFACE_APP_URL, the Prefect artifact's link is the app's /report page, which serves report.html."""
+    from app.server import serve_in_thread
+    from flows.evaluate import report_link
+
+    server, url = serve_in_thread(str(app_store))
+    try:
+        monkeypatch.setenv("FASTFACE_APP_URL", url + "/")
+        link = report_link("demo", str(app_store / "reports" / "demo" / "report.html"))
+        assert link == f"{url}/report?run=demo"
+        status, page = get(link)
+        assert status == 200 and "FastFace report demo" in page
+    finally:
+        server.shutdown()
+        server.server_close()
+    monkeypatch.delenv("FASTFACE_APP_URL")
+    assert report_link("demo", "/x/report.html") == "file:///x/report.html"
+    assert report_link("demo", "s3://b/r/report.html") == "s3://b/r/report.html"

@@ -59,3 +59,14 @@ def test_plain_duckdb_sees_the_counts_of_fastface_sql(tmp_path, capsys):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout) == expected
+
+
+def test_version(capsys):
+    import pytest
+
+    from fastface import __version__
+    from fastface.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"fastface {__version__}"

@@ -1,0 +1,96 @@
+"""``fastface app`` on a large store: first page, a click on a front point → its gallery, Compare, peak RSS.
+
+Builds the store of benchmarks/bench_storage_scale.py (``--scale`` of the paper's 1,451,520
+examples and ~10 M metric rows; or reuses ``--root``), starts ``fastface app`` on it as its
+own process, and times HTTP requests as a browser makes them (the page's HTML; images are
+one file read each and not included):
+
+- first page: ``/explore`` of a fresh process (opens the store, aggregates the fronts);
+- again: the same page (fronts cached per run and filter);
+- a front point clicked → its gallery page (a config's first 12 images with their metrics);
+- gallery page 50 (OFFSET paging); the Compare tab;
+- peak RSS of the app's process (``VmHWM``).
+
+    python benchmarks/bench_app.py --scale 0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def fetch(url: str) -> tuple[float, str]:
+    started = time.perf_counter()
+    with urllib.request.urlopen(url, timeout=600) as response:
+        body = response.read().decode()
+    return time.perf_counter() - started, body
+
+
+def peak_rss_gib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
+    return kb / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", type=float, default=0.1)
+    parser.add_argument("--root", default=None, help="an existing store (default: build one in a temp folder)")
+    args = parser.parse_args()
+    root, built = args.root, False
+    if root is None or not os.path.exists(os.path.join(root, "catalog.sqlite")):
+        from bench_storage_scale import PAPER_EXAMPLES, bulk_load
+        from storage import Store
+
+        root = root or tempfile.mkdtemp(prefix="fastface-bench-app-")
+        built = args.root is None
+        n = int(PAPER_EXAMPLES * args.scale)
+        print(f"building {n:,} examples in {root}", flush=True)
+        store = Store(root)
+        state = bulk_load(store, n, log=lambda line: None)
+        store.compact()
+        store.close()
+        print(f"bulk load {state['load_s']:.0f} s", flush=True)
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.Popen([sys.executable, "-m", "fastface.cli", "app", "--root", root, "--port", "0"],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        url = re.search(r"(http://[^/\s]+)", line).group(1)
+        print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+        first, page = fetch(url + "/explore")
+        again, _ = fetch(url + "/explore")
+        point = re.search(r"<a href='(/explore\?[^']*cpreset[^']*)'>", page).group(1).replace("&amp;", "&")
+        click, gallery = fetch(url + point)
+        assert "gallery-cards" in gallery, gallery[-2000:]
+        paged, _ = fetch(url + point.split("#")[0] + "&page=50")
+        compare, _ = fetch(url + "/compare")
+        rss = peak_rss_gib(proc.pid)
+        points = page.count("class='front-point")
+        print(f"first page {first:.2f} s ({points} front points), again {again:.3f} s, click → gallery {click:.3f} s, "
+              f"gallery page 50 {paged:.3f} s, compare {compare:.3f} s, app peak RSS {rss:.2f} GiB")
+        print("targets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in
+                                     {"first page < 2 s": first < 2, "click → gallery < 1 s": click < 1,
+                                      "process < 2 GiB": rss < 2}.items()))
+    finally:
+        proc.terminate()
+        proc.wait()
+        if built:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
