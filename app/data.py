@@ -7,8 +7,10 @@ deduplication of :mod:`storage.catalog`'s views, done on the few rows shown inst
 whole table. Fronts aggregate through the catalog's deduplicated views, once per run and
 filter (cached: a store's finished run does not change).
 
-The store is opened read-only-in-intent by :func:`open_store` (nothing is created: a missing
-or empty root is reported as :class:`AppError`, and opening is retried on the next request).
+:func:`open_store` opens the store without creating one (a missing root or a folder without
+tables is an :class:`AppError` on the page, and opening is retried on the next request). For
+now it opens it as :class:`storage.Store` does, which adds missing tables and views to an
+existing store; storage's read-only opener takes its place when it lands.
 """
 
 from __future__ import annotations
@@ -135,6 +137,8 @@ class StoreReader:
             if presets:
                 where.append(f"e.preset IN ({', '.join('?' * len(presets))})")
                 params.extend(presets)
+            if len(self._cache) > 512:  # filters × runs: keep memory bounded
+                self._cache.clear()
             self._cache[key] = self.rows(
                 "SELECT e.model, e.preset, e.lora_scale, e.ip_adapter_scale, m.metric, avg(m.value) AS value, "
                 "count(m.value) AS n FROM metrics m JOIN examples e USING (run_id, example_id) "
