@@ -25,7 +25,9 @@ def run_app(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise ValueError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}; choose another --port") from None
     host, port = server.server_address[:2]
-    # The store is opened on the first request, so a missing root is a message in the page, not a crash.
+    # Open the store and prepare the first page now; a missing or empty root is a message in the page
+    # later (the app keeps trying on each request), not a crash.
+    server.RequestHandlerClass.app.reader.warm()
     print(f"serving {args.root} at http://{host}:{port}/explore (Ctrl-C stops)", file=sys.stderr, flush=True)
     try:
         server.serve_forever()

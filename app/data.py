@@ -93,6 +93,15 @@ class StoreReader:
             sql += f" LIMIT {int(limit)} OFFSET {int(offset)}"
         return self.rows(sql, params)
 
+    def warm(self) -> None:
+        """Open the store and prepare the first page (runs, the first run's options and fronts); errors wait for a page."""
+        try:
+            run = self.runs()[0]
+            self.options(run)
+            self.front_rows(run)
+        except AppError:
+            pass
+
     # -- what a run holds ---------------------------------------------------------------------
     def runs(self) -> list[str]:
         runs = [r["run_id"] for r in self.rows("SELECT DISTINCT run_id FROM examples_raw ORDER BY run_id")]
@@ -112,10 +121,10 @@ class StoreReader:
         """Distinct values of the run's examples (cached per run): models, presets, scales, identities, prompts, seeds."""
         key = ("options", run)
         if key not in self._cache:
-            out = {}
-            for column in ("model", "preset", "lora_scale", "ip_adapter_scale", "identity_id", "prompt_kind", "seed"):
-                out[column] = [r["v"] for r in self.rows(
-                    f"SELECT DISTINCT {_q(column)} AS v FROM examples_raw WHERE run_id = ? ORDER BY v", [run])]
+            columns = ("model", "preset", "lora_scale", "ip_adapter_scale", "identity_id", "prompt_kind", "seed")
+            found = self.rows("SELECT " + ", ".join(f"list(DISTINCT {_q(c)} ORDER BY {_q(c)}) AS {_q(c)}" for c in columns)
+                              + " FROM examples_raw WHERE run_id = ?", [run])[0]  # one scan for all of them
+            out = {c: list(found[c] or []) for c in columns}
             out["prompts"] = self.rows("SELECT DISTINCT prompt_id, prompt, prompt_kind FROM examples_raw "
                                        "WHERE run_id = ? ORDER BY prompt_kind, prompt_id", [run])
             self._cache[key] = out

@@ -139,4 +139,19 @@ def png_card(preset: str, png: bytes) -> str:
             f"src='data:image/png;base64,{base64.b64encode(png).decode()}'><div><b>{esc(preset)}</b></div></div>")
 
 
-__all__ = ["card", "checkboxes", "esc", "fmt", "fronts_html", "link", "page", "png_card", "select"]
+def photo_card(photo: bytes, size: int = 144) -> str:
+    """The identity photo a generation used (a PNG thumbnail, whatever format was uploaded)."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(photo)) as image:
+        image = image.convert("RGB")
+        image.thumbnail((size, size))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+    return (f"<div class='card'><img class='input-photo' alt='identity photo' style='object-fit:contain' "
+            f"src='data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}'><div><b>identity photo</b></div></div>")
+
+
+__all__ = ["card", "photo_card", "checkboxes", "esc", "fmt", "fronts_html", "link", "page", "png_card", "select"]

@@ -185,7 +185,7 @@ class App:
             return self.generate_form({}, message=_one_line(exc), chosen=chosen)
         cards = "".join(pages.png_card(preset, png) for preset, png in images)
         result = (f"<h2>{pages.esc(request.model)} · “{pages.esc(request.prompt)}” · λ {lam:g} · seed {seed}</h2>"
-                  f"<div class='cards' id='generated'>{cards}</div>")
+                  f"<div class='cards'>{pages.photo_card(photo)}<div class='cards' id='generated'>{cards}</div></div>")
         return self.generate_form({}, result=result, chosen=chosen)
 
     def report(self, q: dict[str, str]) -> bytes:
@@ -228,6 +228,7 @@ def parse_multipart(content_type: str, body: bytes) -> dict[str, Any]:
 def make_handler(app: App) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        app: App = None  # set below: the state every request shares
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
             sys.stderr.write("app: " + (format % args) + "\n")
@@ -290,6 +291,7 @@ def make_handler(app: App) -> type[BaseHTTPRequestHandler]:
             self._guard("generate", lambda: (200, app.generate_post(
                 parse_multipart(self.headers.get("Content-Type", ""), body)).encode(), "text/html; charset=utf-8"))
 
+    Handler.app = app
     return Handler
 
 

@@ -231,6 +231,13 @@ def test_app_in_headless_chromium(app_store, tmp_path, cache_dir):
             assert not generated["message"], generated
             assert [a for a, _ in generated["images"]] == list(PRESETS) and all(w > 0 for _, w in generated["images"])
             shots["generate"] = browser.screenshot(tmp_path / "generate.png", width=1280, height=700)
+        # a stored identity instead of an upload: the same pipeline, the photo read from the store
+        from storage import bytes_sha256
+
+        hanks = bytes_sha256(Path(sample_photo("Tom_Hanks_54745.png")).read_bytes())
+        status, page = post_generate(url, {"identity": hanks, "prompt": "a portrait", "model": "tiny-hyper",
+                                           "preset": ["ff-am2"], "lam": "0.8", "seed": "3"}, None)
+        assert status == 200 and not message(page) and page.count("class='generated'") == 1, message(page)
     finally:
         server.shutdown()
         server.server_close()
