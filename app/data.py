@@ -16,6 +16,7 @@ existing store; storage's read-only opener takes its place when it lands.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -24,6 +25,7 @@ from storage.schemas import KEYS
 
 FRONT_METRICS = ("id", "clip", "ae", "ir")
 GALLERY_METRICS = ("id", "clip", "ae", "ir", "face_size", "fsc", "ffc")
+RUNS_TTL_S = 10.0
 PROMPT_SETS = {"joint": ("realistic", "stylistic"), "realistic": ("realistic",), "stylistic": ("stylistic",)}
 
 
@@ -104,7 +106,13 @@ class StoreReader:
 
     # -- what a run holds ---------------------------------------------------------------------
     def runs(self) -> list[str]:
-        runs = [r["run_id"] for r in self.rows("SELECT DISTINCT run_id FROM examples_raw ORDER BY run_id")]
+        """The store's runs (cached for :data:`RUNS_TTL_S`: a page asks several times, a new run shows soon)."""
+        cached = self._cache.get("runs")
+        if cached and time.monotonic() - cached[0] < RUNS_TTL_S:
+            runs = cached[1]
+        else:
+            runs = [r["run_id"] for r in self.rows("SELECT DISTINCT run_id FROM examples_raw ORDER BY run_id")]
+            self._cache["runs"] = (time.monotonic(), runs)
         if not runs:
             raise AppError(f"the store {self.root} holds no evaluated runs yet (run `fastface evaluate` into it)")
         return runs
