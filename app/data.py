@@ -126,13 +126,18 @@ class StoreReader:
         return run
 
     def options(self, run: str) -> dict[str, list]:
-        """Distinct values of the run's examples (cached per run): models, presets, scales, identities, prompts, seeds."""
+        """Distinct values of the run's examples (cached per run): models, presets, scales, identities, prompts,
+        and the number of examples per configuration and prompt kind (a gallery's total, without a count query)."""
         key = ("options", run)
         if key not in self._cache:
-            columns = ("model", "preset", "lora_scale", "ip_adapter_scale", "identity_id", "prompt_kind", "seed")
+            columns = ("model", "preset", "lora_scale", "ip_adapter_scale", "identity_id", "prompt_kind")
             found = self.rows("SELECT " + ", ".join(f"list(DISTINCT {_q(c)} ORDER BY {_q(c)}) AS {_q(c)}" for c in columns)
                               + " FROM examples_raw WHERE run_id = ?", [run])[0]  # one scan for all of them
             out = {c: list(found[c] or []) for c in columns}
+            out["counts"] = {(r["model"], r["preset"], r["lora_scale"], r["ip_adapter_scale"], r["prompt_kind"]): r["n"]
+                             for r in self.rows("SELECT model, preset, lora_scale, ip_adapter_scale, prompt_kind, "
+                                                "count(DISTINCT example_id) AS n FROM examples_raw WHERE run_id = ? "
+                                                "GROUP BY ALL", [run])}
             out["prompts"] = self.rows("SELECT DISTINCT prompt_id, prompt, prompt_kind FROM examples_raw "
                                        "WHERE run_id = ? ORDER BY prompt_kind, prompt_id", [run])
             self._cache[key] = out
@@ -176,12 +181,23 @@ class StoreReader:
         if identity:
             where += " AND identity_id = ?"
             params.append(identity)
-        total = self.rows(f"SELECT count(DISTINCT example_id) AS n FROM examples_raw WHERE {where}", params)[0]["n"]
+        if identity:
+            total = self.rows(f"SELECT count(DISTINCT example_id) AS n FROM examples_raw WHERE {where}", params)[0]["n"]
+        else:
+            counts = self.options(run)["counts"]
+            total = sum(counts.get((config.model, config.preset, config.lora_scale, config.ip_adapter_scale, kind), 0)
+                        for kind in kinds)
         examples = self.latest("examples", "example_id, identity_id, identity_hash, prompt_id, prompt, prompt_kind, seed, "
                                "model, preset, lora_scale, ip_adapter_scale", where, params,
                                order="identity_id, prompt_kind, prompt_id, seed, example_id",
                                limit=page_size, offset=max(page, 0) * page_size)
         return self._with_images_and_metrics(run, examples), int(total)
+
+    def seeds(self, run: str, identity: str, prompt_id: str, limit: int = 200) -> list[int]:
+        """The seeds one identity and prompt were generated with (a few per pair; bounded)."""
+        return [r["seed"] for r in self.rows(
+            "SELECT DISTINCT seed FROM examples_raw WHERE run_id = ? AND identity_id = ? AND prompt_id = ? "
+            f"ORDER BY seed LIMIT {int(limit)}", [run, identity, prompt_id])]
 
     def compare(self, run: str, *, identity: str, prompt_id: str, seed: int, model: str, lora_scale: float,
                 presets: Sequence[str] = ()) -> list[dict]:

@@ -106,15 +106,16 @@ class App:
         model = q.get("model") or o["model"][0]
         identity = q.get("identity") or o["identity_id"][0]
         prompt_id = q.get("prompt") or next(iter(prompts))
-        try:
-            lora = float(q.get("lora") or max(o["lora_scale"]))
-            seed = int(q.get("seed") or o["seed"][0])
-        except ValueError:
-            raise AppError("lora and seed must be numbers") from None
         for name, value, allowed in (("model", model, o["model"]), ("identity", identity, o["identity_id"]),
                                      ("prompt", prompt_id, list(prompts))):
             if value not in allowed:
                 raise AppError(f"run {run!r} has no {name} {value!r}")
+        seeds = self.reader.seeds(run, identity, prompt_id)
+        try:
+            lora = float(q.get("lora") or max(o["lora_scale"]))
+            seed = int(q.get("seed") or (seeds[0] if seeds else 0))
+        except ValueError:
+            raise AppError("lora and seed must be numbers") from None
         presets = [p for p in multi.get("preset", []) if p]
         form = ("<form class='filters' method='get' action='/compare'>"
                 f"<label>run {pages.select('run', self.reader.runs(), run)}</label>"
@@ -122,7 +123,7 @@ class App:
                 f"<label>LoRA {pages.select('lora', [f'{v:g}' for v in o['lora_scale']], f'{lora:g}')}</label>"
                 f"<label>identity {pages.select('identity', o['identity_id'], identity)}</label>"
                 f"<label>prompt {pages.select('prompt', list(prompts), prompt_id)}</label>"
-                f"<label>seed {pages.select('seed', o['seed'], seed)}</label>"
+                f"<label>seed {pages.select('seed', seeds, seed)}</label>"
                 f"presets {pages.checkboxes('preset', o['preset'], presets or o['preset'])}"
                 "<button type='submit' id='apply'>compare</button></form>")
         examples = self.reader.compare(run, identity=identity, prompt_id=prompt_id, seed=seed, model=model,
