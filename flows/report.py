@@ -344,15 +344,25 @@ def image_grids(store: Store, catalog: Catalog, run_id: str, *, max_identities: 
     ok = ("FROM examples e JOIN generations g ON e.example_id = g.example_id AND e.run_id = g.run_id "
           "WHERE e.run_id = ? AND g.status = 'ok' AND e.prompt_kind IN ('realistic', 'stylistic')")
     chosen = catalog.query(f"SELECT e.model, e.prompt_kind, min(e.prompt) AS prompt, max(e.lora_scale) AS lora {ok} "
-                           "GROUP BY ALL ORDER BY ALL", [run_id]).to_pylist()
-    if not chosen:
+                           "GROUP BY ALL ORDER BY ALL", [run_id])
+    if not chosen.num_rows:
         return []
+    # The images of the shown prompt and lora scale only (identities × presets × λ × seeds per model and kind).
+    catalog.con.register("grid_chosen", chosen)
+    try:
+        catalog.query("CREATE OR REPLACE TEMP TABLE grid_rows AS SELECT e.model, e.prompt_kind, e.identity_id, "
+                      "e.identity_hash, e.preset, e.ip_adapter_scale, e.seed, e.example_id, g.image_uri "
+                      "FROM examples e JOIN generations g ON e.example_id = g.example_id AND e.run_id = g.run_id "
+                      "JOIN grid_chosen c ON e.model = c.model AND e.prompt_kind = c.prompt_kind "
+                      "AND e.prompt IS NOT DISTINCT FROM c.prompt AND e.lora_scale IS NOT DISTINCT FROM c.lora "
+                      "WHERE e.run_id = ? AND g.status = 'ok'", [run_id])
+    finally:
+        catalog.con.unregister("grid_chosen")
     grids = []
-    for choice in chosen:
+    for choice in chosen.to_pylist():
         model, kind, prompt, lora = choice["model"], choice["prompt_kind"], choice["prompt"], choice["lora"]
-        where = (f"{ok} AND e.model = ? AND e.prompt_kind = ? AND e.prompt IS NOT DISTINCT FROM ? "
-                 "AND e.lora_scale IS NOT DISTINCT FROM ?")
-        params = [run_id, model, kind, prompt, lora]
+        where = "FROM grid_rows e WHERE e.model = ? AND e.prompt_kind = ?"
+        params = [model, kind]
         columns = sorted({(r["preset"], r["ip_adapter_scale"]) for r in catalog.query(
             f"SELECT DISTINCT e.preset, e.ip_adapter_scale {where}", params).to_pylist()},
             key=lambda c: (c[0] != baseline, c[0], c[1]))
@@ -360,7 +370,7 @@ def image_grids(store: Store, catalog: Catalog, run_id: str, *, max_identities: 
             f"SELECT DISTINCT e.identity_id, e.identity_hash {where} ORDER BY ALL LIMIT ?",
             params + [max_identities]).to_pylist()]
         shown = catalog.query(
-            f"SELECT e.identity_id, e.preset, e.ip_adapter_scale, g.image_uri {where} AND e.identity_id IN "
+            f"SELECT e.identity_id, e.preset, e.ip_adapter_scale, e.image_uri {where} AND e.identity_id IN "
             f"(SELECT DISTINCT e.identity_id {where} ORDER BY 1 LIMIT ?) QUALIFY row_number() OVER (PARTITION BY "
             "e.identity_id, e.preset, e.ip_adapter_scale ORDER BY e.seed, e.example_id) = 1",
             params + params + [max_identities]).to_pylist()
@@ -382,6 +392,7 @@ def image_grids(store: Store, catalog: Catalog, run_id: str, *, max_identities: 
             body.append("<tr>" + "".join(cells) + "</tr>")
         grids.append(f"<h3>{html.escape(model)} — {kind}: “{html.escape(prompt)}” (lora {lora:g})</h3>"
                      f"<table class='grid'><tr><th>identity</th>{head}</tr>{''.join(body)}</table>")
+    catalog.query("DROP TABLE IF EXISTS grid_rows")
     return grids
 
 
@@ -495,13 +506,12 @@ def build_report(
             run_id = runs[0]
         elif run_id not in runs:
             raise ValueError(f"no examples of run {run_id!r} in {root}; runs: {runs}")
-        presets = [r["preset"] for r in catalog.rows(
-            "SELECT DISTINCT preset FROM examples WHERE run_id = ? ORDER BY preset", [run_id])]
+        data = StoreData(catalog, run_id)  # SQL aggregates and bootstrap cells: no metric row becomes a Python row
+        presets = sorted({c["preset"] for c in data.configs})
         if baseline not in presets:
             raise ValueError(f"--baseline {baseline!r} is not a preset of run {run_id!r}; its presets: "
                              f"{', '.join(presets)}")
-        data = StoreData(catalog, run_id)  # SQL aggregates and bootstrap cells: no metric row becomes a Python row
-        models = sorted({r["model"] for r in catalog.rows("SELECT DISTINCT model FROM examples WHERE run_id = ?", [run_id])})
+        models = sorted({c["model"] for c in data.configs})
         scales = data.scales()
         if ip_adapter_scale is None:
             ip_adapter_scale = table_ip_adapter_scale(scales)
@@ -510,8 +520,9 @@ def build_report(
         metrics = [m for m in TABLE_METRICS if m in data.metrics]
         boot = {"samples": bootstrap_samples, "confidence": confidence, "seed": seed}
         table = main_table(data, scale=ip_adapter_scale, baseline=baseline, metrics=metrics, boot=boot)
-        paired = [p for s in analysis.PROMPT_SETS for m in metrics if m not in ("ffc",)
-                  for p in data.paired_differences(m, baseline=baseline, prompt_set=s, **boot)]
+        paired = {(s, m): data.paired_differences(m, baseline=baseline, prompt_set=s, **boot)
+                  for m in metrics if m not in ("ffc",) for s in analysis.PROMPT_SETS}  # one metric's cells at a time
+        paired = [p for s in analysis.PROMPT_SETS for m in metrics if m not in ("ffc",) for p in paired[(s, m)]]
         prefix = f"reports/{run_id}"
         written = {"table": _write_csv(store, f"{prefix}/table.csv", table),
                    "paired": _write_csv(store, f"{prefix}/paired.csv", paired)}

@@ -79,14 +79,15 @@ class StoreData:
     def __init__(self, catalog: Any, run_id: str) -> None:
         self.catalog, self.run_id = catalog, run_id
         q = catalog.query
+        q("CREATE OR REPLACE TEMP TABLE rpt_e AS SELECT example_id, model, preset, lora_scale, ip_adapter_scale, "
+          "prompt_kind, identity_id, prompt_id, seed FROM examples WHERE run_id = ?", [run_id])
         # Small dimensions, coded in Python so that codes sort exactly like the reference's sorted() ids.
-        configs = q("SELECT DISTINCT model, preset, lora_scale, ip_adapter_scale FROM examples WHERE run_id = ?",
-                    [run_id]).to_pylist()
+        configs = q("SELECT DISTINCT model, preset, lora_scale, ip_adapter_scale FROM rpt_e").to_pylist()
         configs.sort(key=lambda r: _config_sort(tuple(r[k] for k in CONFIG_KEYS)))
-        identities = sorted(q("SELECT DISTINCT identity_id FROM examples WHERE run_id = ?", [run_id])
-                            .column(0).to_pylist(), key=lambda v: (v is None, v or ""))
-        prompts = sorted(q("SELECT DISTINCT prompt_id FROM examples WHERE run_id = ?", [run_id])
-                         .column(0).to_pylist(), key=lambda v: (v is None, v or ""))
+        identities = sorted(q("SELECT DISTINCT identity_id FROM rpt_e").column(0).to_pylist(),
+                            key=lambda v: (v is None, v or ""))
+        prompts = sorted(q("SELECT DISTINCT prompt_id FROM rpt_e").column(0).to_pylist(),
+                         key=lambda v: (v is None, v or ""))
         con = catalog.con
         con.register("rpt_cfg_dim", pa.table({
             "cfg": pa.array(range(len(configs)), pa.int32()),
@@ -100,9 +101,10 @@ class StoreData:
           "CAST(row_number() OVER () AS INTEGER) AS ex, e.example_id, c.cfg, "
           "CAST(CASE e.prompt_kind WHEN 'realistic' THEN 0 WHEN 'stylistic' THEN 1 ELSE 2 END AS TINYINT) AS kind, "
           "d.i, pd.p, e.seed "
-          f"FROM examples e JOIN rpt_cfg_dim c ON {same} "
+          f"FROM rpt_e e JOIN rpt_cfg_dim c ON {same} "
           "JOIN rpt_id_dim d ON e.identity_id IS NOT DISTINCT FROM d.identity_id "
-          "JOIN rpt_prompt_dim pd ON e.prompt_id IS NOT DISTINCT FROM pd.prompt_id WHERE e.run_id = ?", [run_id])
+          "JOIN rpt_prompt_dim pd ON e.prompt_id IS NOT DISTINCT FROM pd.prompt_id")
+        q("DROP TABLE rpt_e")
         q("CREATE OR REPLACE TEMP TABLE rpt_m AS SELECT x.ex, m.metric, m.value FROM metrics m "
           "JOIN rpt_ex x ON m.example_id = x.example_id WHERE m.run_id = ? AND m.error IS NULL", [run_id])
         q("ALTER TABLE rpt_ex DROP COLUMN example_id")
@@ -113,6 +115,7 @@ class StoreData:
             "FROM rpt_m m JOIN rpt_ex x USING (ex) GROUP BY ALL").to_pylist()
         self.metrics = sorted({r["metric"] for r in self._per_kind})
         self._cells: dict = {}
+        self._paired: tuple | None = None  # (metric, baseline, cells): one metric's difference cells at a time
 
     def close(self) -> None:
         for t in ("rpt_ex", "rpt_m"):
@@ -194,30 +197,9 @@ class StoreData:
                            seed: int = 0) -> list[dict]:
         """:func:`flows.analysis.paired_differences`: the difference cells are one SQL join and GROUP BY."""
         kinds = [KIND_CODES[k] for k in analysis.PROMPT_SETS[prompt_set]]
-        cfgs = self._cfgs_at(scale)
-        base_cfg = {k: c for k, c in enumerate(self.configs) if c["preset"] == baseline}
-        pairs = {k: next((b for b, bc in base_cfg.items()
-                          if all(bc[f] == c[f] for f in ("model", "lora_scale", "ip_adapter_scale"))), -1)
-                 for k, c in enumerate(self.configs) if c["preset"] != baseline and k in set(cfgs)}
-        if not pairs:
-            return []
-        self.catalog.con.register("rpt_pairs", pa.table({"cfg": pa.array(list(pairs), pa.int32()),
-                                                          "base": pa.array(list(pairs.values()), pa.int32())}))
-        kind_list = ", ".join(str(k) for k in kinds)
-        try:
-            found = _arrays(self.catalog.query(
-                "WITH x AS (SELECT e.cfg, pr.base, e.i, e.p, e.seed, m.value FROM rpt_m m JOIN rpt_ex e USING (ex) "
-                f"JOIN rpt_pairs pr USING (cfg) WHERE m.metric = ? AND e.kind IN ({kind_list})), "
-                "b AS (SELECT e.cfg, e.i, e.p, e.seed, m.value FROM rpt_m m JOIN rpt_ex e USING (ex) "
-                f"WHERE m.metric = ? AND e.kind IN ({kind_list}) AND e.cfg IN (SELECT base FROM rpt_pairs)), "
-                "j AS (SELECT x.cfg, x.i, x.p, x.value - b.value AS d, "
-                "(x.value IS NOT NULL AND b.value IS NOT NULL) AS ok FROM x LEFT JOIN b ON x.base = b.cfg "
-                "AND x.i = b.i AND x.p = b.p AND x.seed IS NOT DISTINCT FROM b.seed) "
-                "SELECT cfg, i, p, fsum(d) FILTER (WHERE ok) AS s, count(*) FILTER (WHERE ok) AS c, "
-                "count(*) FILTER (WHERE NOT ok) AS unpaired FROM j GROUP BY ALL",
-                [metric, metric]))
-        finally:
-            self.catalog.con.unregister("rpt_pairs")
+        found = self._paired_cells(metric, baseline)
+        keep = np.isin(found["kind"], kinds) & np.isin(found["cfg"], self._cfgs_at(scale))
+        found = {k: v[keep] for k, v in found.items()}
         out = []
         for cfg in sorted(set(found["cfg"].tolist()), key=lambda c: _config_sort(self._key(c))):
             m = found["cfg"] == cfg
@@ -227,6 +209,37 @@ class StoreData:
                         "mean_difference": ci["mean"], "low": ci["low"], "high": ci["high"], "pairs": ci["n"],
                         "unpaired": int(found["unpaired"][m].sum())})
         return out
+
+    def _paired_cells(self, metric: str, baseline: str) -> dict[str, np.ndarray]:
+        """Per non-baseline config, prompt kind and (identity, prompt): the sum and count of metric(config) −
+        metric(baseline) over the pairs with the same model, lora_scale, λ, identity, prompt and seed, and the
+        count of unpaired rows (no baseline row, or a null on either side). One join and GROUP BY in DuckDB."""
+        if self._paired is not None and self._paired[:2] == (metric, baseline):
+            return self._paired[2]
+        base_cfg = {k: c for k, c in enumerate(self.configs) if c["preset"] == baseline}
+        pairs = {k: next((b for b, bc in base_cfg.items()
+                          if all(bc[f] == c[f] for f in ("model", "lora_scale", "ip_adapter_scale"))), -1)
+                 for k, c in enumerate(self.configs) if c["preset"] != baseline}
+        self.catalog.con.register("rpt_pairs", pa.table({"cfg": pa.array(list(pairs), pa.int32()),
+                                                          "base": pa.array(list(pairs.values()), pa.int32())}))
+        try:
+            found = _arrays(self.catalog.query(
+                "WITH x AS (SELECT e.cfg, pr.base, e.kind, e.i, e.p, e.seed, m.value FROM rpt_m m "
+                "JOIN rpt_ex e USING (ex) JOIN rpt_pairs pr USING (cfg) WHERE m.metric = ? AND e.kind < 2), "
+                "b AS (SELECT e.cfg, e.i, e.p, e.seed, m.value FROM rpt_m m JOIN rpt_ex e USING (ex) "
+                "WHERE m.metric = ? AND e.kind < 2 AND e.cfg IN (SELECT base FROM rpt_pairs)), "
+                "j AS (SELECT x.cfg, x.kind, x.i, x.p, x.value - b.value AS d, "
+                "(x.value IS NOT NULL AND b.value IS NOT NULL) AS ok FROM x LEFT JOIN b ON x.base = b.cfg "
+                "AND x.i = b.i AND x.p = b.p AND x.seed IS NOT DISTINCT FROM b.seed) "
+                "SELECT cfg, kind, i, p, fsum(d) FILTER (WHERE ok) AS s, count(*) FILTER (WHERE ok) AS c, "
+                "count(*) FILTER (WHERE NOT ok) AS unpaired FROM j GROUP BY ALL",
+                [metric, metric]))
+        finally:
+            self.catalog.con.unregister("rpt_pairs")
+        if not found:  # no column arrays from an empty result of no columns
+            found = {k: np.zeros(0) for k in ("cfg", "kind", "i", "p", "s", "c", "unpaired")}
+        self._paired = (metric, baseline, found)
+        return found
 
     # -- the paper's cells -----------------------------------------------------------------------
     def paper_stats(self, kinds: Sequence[str], scale: float, model: str, preset: str, lora_scale: float,
@@ -343,7 +356,6 @@ class RowsData:
                 out["pairs"].setdefault((r["model"], r["preset"], r["lora_scale"]), []).append(
                     (float(r["value"]), float(ids[r["example_id"]])))
         return {k: {key: np.asarray(v, float) for key, v in d.items()} for k, d in out.items()}
-
 
     def paper_stats(self, kinds: Sequence[str], scale: float, model: str, preset: str, lora_scale: float,
                     metric: str, *, bootstrap: bool, **boot) -> dict | None:
