@@ -149,3 +149,35 @@ def test_bootstrap_cells_equal_the_row_bootstrap():
     assert got["low"] < got["mean"] < got["high"]
     with pytest.raises(AssertionError):  # the comparison can fail: another seed, other draws
         close(bootstrap_cells(ii, pp, value, count, samples=300, seed=6), want)
+
+
+def test_image_grids_read_only_the_shown_cells(tmp_path):
+    """Per model × kind: the first prompt, the largest lora, at most ``max_identities`` identities, lowest seed."""
+    import io
+    import re
+
+    from PIL import Image
+
+    from flows.report import image_grids
+    from storage import Catalog
+
+    store = synthetic_store(tmp_path)
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buffer, "PNG")
+    png = store.write_bytes("images/r/one.png", buffer.getvalue())
+    with Catalog(store) as catalog:
+        examples = catalog.query("SELECT example_id, identity_id, prompt_id, lora_scale, seed FROM examples").to_pylist()
+    # Images for every example but the lowest seed of identity id-a (so its cells fall back to seed 1).
+    store.append("generations", [{"example_id": e["example_id"], "status": "ok", "image_uri": png} for e in examples
+                                 if not (e["identity_id"] == "id-a" and e["seed"] == 0)], "r")
+    store.append("identities", [{"identity_id": "id-a", "content_hash": "id-a", "image_uri": png}], "r-dataset")
+    with Catalog(store) as catalog:
+        grids = image_grids(store, catalog, "r", max_identities=2, baseline="baseline")
+    assert len(grids) == len(MODELS) * 2  # models × (realistic, stylistic)
+    first = grids[0]
+    assert first.startswith("<h3>hyper — realistic: “prompt r0” (lora 1)</h3>")
+    # Two identities (sorted: id-a, id-b), the baseline first, 5 (preset, λ) columns (dcg only at 0.8).
+    assert re.findall(r"<br>(id-[a-d])</td>|<td>(id-[a-d])</td>", first) == [("id-a", ""), ("", "id-b")]
+    heads = re.findall(r"<th>([^<]+)<br>λ=([0-9.]+)</th>", first)
+    assert heads == [("baseline", "0.4"), ("baseline", "0.8"), ("dcg", "0.8"), ("ff-am1", "0.4"), ("ff-am1", "0.8")]
+    assert first.count("<img") == 1 + 2 * 5 and "<td>–</td>" not in first  # id-a's photo, and every cell shown
