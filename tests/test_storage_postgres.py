@@ -116,7 +116,7 @@ def test_evaluate_ci_config_on_postgres_catalog_and_s3(postgres, endpoint, prefe
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert counts() == before
     sql = _fastface(env, "sql", "--root", root, "SELECT count(*) AS n FROM generations")
-    assert sql.returncode == 0 and " 8" in sql.stdout, sql.stdout + sql.stderr
+    assert sql.returncode == 0 and "8" in sql.stdout.split(), sql.stdout + sql.stderr
     report = _fastface(env, "report", "--root", root)
     assert report.returncode == 0, report.stdout[-3000:] + report.stderr[-3000:]
     assert store.exists("reports/ci/report.html")
