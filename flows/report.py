@@ -273,24 +273,27 @@ def plot_fig18(rows: Sequence[dict], *, scale: float) -> bytes | None:
 
 
 def paper_section(comparison: list[dict], tables: dict, *, tiny: list[str]) -> tuple[str, str]:
-    """HTML and markdown of "paper vs this run"."""
+    """HTML and markdown of "paper vs this run": every published cell (the markdown lists the cells this run
+    lacks by row, not one line each)."""
     from flows import paper
 
-    intro = ("Each value the paper published (its table, row and column), beside this run's mean for the same "
-             "model × preset × lora_scale on the table's prompt set and λ, with our 95 % interval (two-way bootstrap; "
-             "FFC: Wilson interval of the failure rate, scaled to the paper's number of images), the difference, "
-             "and whether the paper's value lies inside our interval.")
+    intro = ("Each value the paper published (Tables 1-3 of arXiv 2505.21144: table, row and the column as printed), "
+             "beside this run's mean for the same model × preset × lora_scale on the table's prompt set and λ, with "
+             "our 95 % interval (two-way bootstrap; FFC: Wilson interval of the failure rate, scaled to the paper's "
+             "number of images), the difference, and whether the paper's value lies inside our interval. "
+             "'not run': this run has no examples of that configuration on that prompt set; 'no data': it has, "
+             "but the metric was not scored.")
     warnings = []
     if tiny:
         warnings.append(f"This run used tiny random-weight models ({', '.join(tiny)}): its numbers are NOT comparable "
                         "with the paper's. The paper's values are shown for reference.")
     missing = paper.missing_tables(tables)
     if missing:
-        warnings.append(f"No published values were available for {', '.join(missing)} (see flows/data/paper_tables.yaml: "
-                        "the paper could not be read from this network; only the Table 1 rows restated in the method "
-                        "specification are stored). Nothing there is estimated.")
-    columns = ["table", "set", "ip_adapter_scale", "row", "column", "model", "preset", "lora_scale", "paper", "ours",
-               "low", "high", "difference", "verdict", "n", "note"]
+        warnings.append(f"The paper tables file holds no rows for {', '.join(missing)}.")
+    counts = paper.coverage(comparison)
+    overview = [{"table": t, **c} for t, c in counts.items()]
+    columns = ["table", "set", "ip_adapter_scale", "row", "column", "metric", "model", "preset", "lora_scale", "paper",
+               "ours", "low", "high", "difference", "verdict", "n", "note"]
     if any("paper_change" in c for c in comparison):
         columns += ["paper_change", "ours_change"]
     shown = [{k: c.get(k) for k in columns} for c in comparison]
@@ -301,9 +304,19 @@ def paper_section(comparison: list[dict], tables: dict, *, tiny: list[str]) -> t
                   if shown else "<p>(no published values stored)</p>")
     html_doc = ("<section id='paper-vs-run'><h2>Paper vs this run</h2>"
                 + "".join(f"<p class='warn'>{html.escape(w)}</p>" for w in warnings)
-                + f"<p>{html.escape(intro)}</p>{table_html}</section>")
-    md = "\n\n".join(["## Paper vs this run", *[f"**{w}**" for w in warnings], intro,
-                        table_markdown_simple(shown) if shown else "_no published values stored_"])
+                + f"<p>{html.escape(intro)}</p>" + _html_table(overview) + f"{table_html}</section>")
+    compared = [r for r in shown if r["verdict"] != "not run"]
+    not_run: dict[tuple, list[str]] = {}
+    for c in comparison:
+        if c["verdict"] == "not run":
+            not_run.setdefault((c["table"], c["row"], c["lora_scale"]), []).append(c["column"])
+    not_run_md = ("Not run here (" + str(sum(map(len, not_run.values()))) + " cells): "
+                  + "; ".join(f"{t} {row} (lora {lora:g}): {', '.join(cols)}" for (t, row, lora), cols in not_run.items())
+                  if not_run else "")
+    md = "\n\n".join(filter(None, ["## Paper vs this run", *[f"**{w}**" for w in warnings], intro,
+                                   table_markdown_simple(overview) if overview else "",
+                                   table_markdown_simple(compared) if compared else "_no published cell compared_",
+                                   not_run_md]))
     return html_doc, md
 
 
