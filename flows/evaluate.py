@@ -68,7 +68,8 @@ def report_flow(config: EvaluationConfig, root: str, ip_adapter_scale: float | N
     html_uri = report["files"]["html"]
     create_link_artifact(key=artifact_key(config.name, "report"),
                          link=html_uri if "://" in html_uri else f"file://{html_uri}", link_text="report.html")
-    return {k: v for k, v in report.items() if k in ("run_id", "files", "counts", "tiny_models")}
+    return {**{k: v for k, v in report.items() if k in ("run_id", "files", "counts", "tiny_models")},
+            "claims": report.get("claims_summary", {})}
 
 
 @task(cache_policy=NONE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=5)
@@ -94,7 +95,8 @@ def evaluate_flow(config: str, root: str, overrides: dict[str, Any] | None = Non
         report = report_flow(cfg, root)
         compaction = compact_task(root) if cfg.execution.compact else None
     summary = {"run": cfg.name, "root": root, "run_row_written": written, "dataset": dataset,
-               "generation": generation, "scoring": scoring, "report": report["files"], "compaction": compaction,
+               "generation": generation, "scoring": scoring, "report": report["files"],
+               "claims": report.get("claims", {}), "compaction": compaction,
                "seconds": round(time.perf_counter() - started, 1)}
     print(json.dumps(summary, indent=2, default=str))
     return summary

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from fastface.presets import table_ip_adapter_scale
-from flows import analysis, paper
+from flows import analysis, claims, paper
 from storage import Catalog, Store
 
 CURVE_METRICS = ("clip", "ae", "ir")
@@ -500,7 +500,8 @@ def build_report(
         metrics = [m for m in TABLE_METRICS if any(r["metric"] == m for r in rows)]
         boot = {"samples": bootstrap_samples, "confidence": confidence, "seed": seed}
         table = main_table(rows, scale=ip_adapter_scale, baseline=baseline, metrics=metrics, boot=boot)
-        paired = [p for s in analysis.PROMPT_SETS for m in metrics if m not in ("ffc",)
+        # FFC too: its paired difference is the change in the face-fail rate (the claims need it).
+        paired = [p for s in analysis.PROMPT_SETS for m in metrics
                   for p in analysis.paired_differences(rows, m, baseline=baseline, prompt_set=s, **boot)]
         prefix = f"reports/{run_id}"
         written = {"table": _write_csv(store, f"{prefix}/table.csv", table),
@@ -518,6 +519,8 @@ def build_report(
         comparison = paper.paper_comparison(rows, tables, baseline=baseline, metric_modes=run_metric_modes(catalog, run_id),
                                             **boot)
         written["paper"] = _write_csv(store, f"{prefix}/paper.csv", comparison)
+        claim_rows = claims.claim_verdicts(paired, tables, baseline=baseline)
+        written["claims"] = _write_csv(store, f"{prefix}/claims.csv", claim_rows)
         fig18 = plot_fig18(rows, scale=ip_adapter_scale)
         fig18_bins = face_size_bins([r for r in rows if math.isclose(float(r["ip_adapter_scale"]), ip_adapter_scale)])
         if fig18:
@@ -530,6 +533,7 @@ def build_report(
 
     tiny = [m for m in models if m.startswith("tiny-")]
     paper_html, paper_md = paper_section(comparison, tables, tiny=tiny)
+    claims_html, claims_md = claims.claims_section(claim_rows, tiny=tiny)
     warning = (f"**These images came from tiny random-weight models ({', '.join(tiny)}): they are noise, not faces.** "
                "The numbers exercise the metric and report machinery; they say nothing about FastFace. "
                "ID is undefined (NULL) wherever no face is found, and FFC counts those images.") if tiny else ""
@@ -544,6 +548,7 @@ def build_report(
         "ID excludes images without a face (counted in FFC).",
         table_markdown(table, metrics, baseline) if table else "_no scored examples yet_",
         paper_md,
+        claims_md,
         "## Calibration of the ID metric on real photos (" + cal_note + ")\n\n"
         + (table_markdown_simple(cal_summary) if cal_summary else "_not available_"),
     ]))
@@ -552,7 +557,7 @@ def build_report(
         "<style>body{font-family:sans-serif;margin:2em} table{border-collapse:collapse;margin:1em 0} "
         "td,th{border:1px solid #ccc;padding:3px 6px;font-size:12px;text-align:center} .warn{background:#fee;"
         "padding:1em;border:1px solid #c00} img{display:block;margin:auto;max-width:100%;height:auto} tr.inside{background:#efe} "
-        "tr.outside{background:#fdd}</style></head><body>",
+        "tr.outside{background:#fdd} tr.holds{background:#efe} tr.contradicted{background:#fdd}</style></head><body>",
         f"<h1>FastFace evaluation: run {html.escape(run_id)}</h1>",
         f"<p class='warn'>{html.escape(warning.replace('**', ''))}</p>" if warning else "",
         f"<p>{html.escape(json.dumps(counts))}</p>",
@@ -562,6 +567,7 @@ def build_report(
         "".join(f"<h3>{html.escape(k)}</h3><img src='data:image/png;base64,{base64.b64encode(v).decode()}'>"
                 for k, v in plots.items()) or "<p>(need ID and CLIP/AE/IR scores)</p>",
         paper_html,
+        claims_html,
         f"<h2 id='fig18'>Fig. 18: ID similarity and face size (λ = {ip_adapter_scale:g})</h2>",
         "<p>Distributions per model × preset over all identities and prompts at this λ (configs/fig18.yaml: one "
         "identity, one neutral prompt, many seeds, as in the paper), and mean ID per face-size bin.</p>",
@@ -581,7 +587,8 @@ def build_report(
     written["html"] = store.write_bytes(f"{prefix}/report.html", html_doc.encode())
     written["summary"] = store.write_bytes(f"{prefix}/summary.md", summary_md.encode())
     return {"run_id": run_id, "files": written, "table": table, "paired": paired, "calibration": cal_summary,
-            "paper": comparison, "fig18_bins": fig18_bins,
+            "paper": comparison, "claims": claim_rows, "claims_summary": claims.claim_summary(claim_rows),
+            "fig18_bins": fig18_bins,
             "summary_markdown": summary_md, "counts": counts, "tiny_models": tiny}
 
 

@@ -110,6 +110,13 @@ def test_report_verdicts_per_cell_on_a_synthetic_run(tmp_path):
     assert "Paper vs this run" in report["summary_markdown"]
     assert "Not run here" in report["summary_markdown"] and "Turbo base (lora 1): ID, CLIP, AE, FFC" in report["summary_markdown"]
     assert (tmp_path / "reports" / "synthetic" / "paper.csv").is_file()
+    # The claims: Table 1's at LoRA 0.5 was not run (undecided); the synthetic run's ID/CLIP/AE/FFC have no
+    # preset effect, so no cell of the run can hold for the am/dcg claims either (they were not run).
+    assert (tmp_path / "reports" / "synthetic" / "claims.csv").is_file()
+    assert report["claims_summary"]["fastface-ffc"]["verdict"] == "undecided"
+    assert {c["verdict"] for c in report["claims"]} == {"undecided"}
+    assert "The paper's claims" in report["summary_markdown"] and "id='claims'" in page
+    assert any(p["metric"] == "ffc" for p in report["paired"])  # the claims' FFC pairs
 
 
 def test_tiny_runs_and_other_metric_modes_are_marked_not_comparable():
