@@ -3,8 +3,11 @@
 :func:`build_report` reads the store through the DuckDB catalog, aggregates with
 :mod:`flows.analysis`, and writes under ``<root>/reports/<run>/``: ``report.html``
 (tables, plots and image grids embedded as base64), ``summary.md``, ``table.csv``,
-``paired.csv``, ``calibration.csv`` and ``lambda_<set>_<metric>.png``. The Prefect flow
-``report`` wraps it and publishes the tables and the summary as artifacts.
+``paired.csv``, ``calibration.csv``, ``paper.csv`` (every published value beside this run:
+:mod:`flows.paper`), ``claims.csv`` (the paper's claims as verdicts: :mod:`flows.claims`) and
+``lambda_<set>_<metric>.png``; the paper's ablation figures a run holds and the failure gallery come
+from :mod:`flows.ablations`. The Prefect flow ``report`` wraps it and publishes the tables and the
+summary as artifacts.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from fastface.presets import table_ip_adapter_scale
-from flows import analysis, claims, paper
+from flows import ablations, analysis, claims, paper
 from storage import Catalog, Store
 
 CURVE_METRICS = ("clip", "ae", "ir")
@@ -515,6 +518,9 @@ def build_report(
                         plots[f"{prompt_set}-{y}"] = png
                         written[f"lambda_{prompt_set}_{y}"] = store.write_bytes(f"{prefix}/lambda_{prompt_set}_{y}.png", png)
         grids = image_grids(store, catalog, run_id, max_identities=grid_identities, baseline=baseline)
+        ablation_html, ablation_md, ablation_tables = ablations.ablation_sections(
+            catalog, store, run_id, presets, table, scale=ip_adapter_scale, baseline=baseline)
+        failures_html, failures_md, failure_rows = ablations.failure_gallery(catalog, store, run_id, scale=ip_adapter_scale)
         tables = paper.load_paper_tables() if paper_tables is None else paper_tables
         comparison = paper.paper_comparison(rows, tables, baseline=baseline, metric_modes=run_metric_modes(catalog, run_id),
                                             **boot)
@@ -549,6 +555,8 @@ def build_report(
         table_markdown(table, metrics, baseline) if table else "_no scored examples yet_",
         paper_md,
         claims_md,
+        ablation_md,
+        failures_md,
         "## Calibration of the ID metric on real photos (" + cal_note + ")\n\n"
         + (table_markdown_simple(cal_summary) if cal_summary else "_not available_"),
     ]))
@@ -577,6 +585,8 @@ def build_report(
          f"<img alt='attention maps' src='data:image/png;base64,{base64.b64encode(attention_maps_png).decode()}'>"
          if attention_maps_png else ""),
         "<h2>Image grids</h2>", "".join(grids) or "<p>(no images)</p>",
+        ablation_html,
+        failures_html,
         f"<h2>Calibration of the ID metric on real photos ({html.escape(cal_note)})</h2>",
         "<p>Same person: each identity photo against a mirrored, rescaled, rotated and cropped copy. "
         "Different people: identity photos against each other. A working metric puts the first above the "
@@ -588,7 +598,7 @@ def build_report(
     written["summary"] = store.write_bytes(f"{prefix}/summary.md", summary_md.encode())
     return {"run_id": run_id, "files": written, "table": table, "paired": paired, "calibration": cal_summary,
             "paper": comparison, "claims": claim_rows, "claims_summary": claims.claim_summary(claim_rows),
-            "fig18_bins": fig18_bins,
+            "fig18_bins": fig18_bins, "ablations": ablation_tables, "failures": failure_rows,
             "summary_markdown": summary_md, "counts": counts, "tiny_models": tiny}
 
 
