@@ -74,3 +74,24 @@ def test_a_changed_value_is_caught(tmp_path):
     stored = {(c["table"], c["model"], c["preset"], c["lora_scale"], c["metric"]): c["paper"]
               for c in paper.paper_cells(paper.load_paper_tables(changed))}
     assert {k for k in published if published[k] != stored[k]} == {("table1", "hyper", "ff-am1", 1.0, "id")}
+
+
+def test_the_smoke_config_compares_cells_of_all_three_tables():
+    """configs/smoke.yaml's design (its models, presets per set, LoRA and λ, prompt kinds) against the 224 cells:
+    Table 1's baseline / ff-am2 rows and the baseline rows of Tables 2 and 3 for hyper and lcm are run, the rest not."""
+    import itertools
+
+    from flows.config import load_config
+
+    config = load_config(Path(__file__).parents[1] / "configs" / "smoke.yaml")
+    kinds = {"stylistic" if ";" in p else "realistic" for p in config.dataset.prompts}
+    run_configs = [{"model": m, "preset": p, "lora_scale": lora, "ip_adapter_scale": lam, "prompt_kind": kind}
+                   for s in config.sweep.sets for m, p, lora, lam, kind in itertools.product(
+                       config.sweep.models, (config.report.baseline, *s.presets), config.sweep.lora_scales,
+                       config.sweep.ip_adapter_scales, kinds)]
+    cells = paper.compare_cells([], [], run_configs)  # no scores yet: run cells read "no data", the others "not run"
+    run = {(c["table"], c["model"], c["preset"], c["lora_scale"]) for c in cells if c["verdict"] == "no data"}
+    assert run == {("table1", m, p, 1.0) for m in ("hyper", "lcm") for p in ("baseline", "ff-am2")} | {
+        (t, m, "baseline", 1.0) for t in ("table2", "table3") for m in ("hyper", "lcm")}
+    assert sum(c["verdict"] == "no data" for c in cells) == 2 * 2 * 4 + 2 * 4 + 2 * 4
+    assert all(not c["comparable"] for c in cells)  # tiny weights
