@@ -96,7 +96,7 @@ def claim_verdicts(
                             notes.append(f"no pairs ({r.get('unpaired', 0)} unpaired)")
                         elif verdict == "undecided":
                             notes.append("the interval overlaps zero")
-                        if model in tiny:
+                        if model in tiny or (r is None and tiny):
                             notes.append("tiny random weights: not evidence about the paper")
                         out.append({
                             "claim_id": claim["id"], "claim": claim["claim"], "table": claim["table"],
@@ -105,7 +105,7 @@ def claim_verdicts(
                             "metric": metric, "direction": direction,
                             "mean_difference": r.get("mean_difference") if r else None, "low": low, "high": high,
                             "pairs": r.get("pairs", 0) if r else 0, "verdict": verdict,
-                            "comparable": model not in tiny,
+                            "comparable": model not in tiny and not (r is None and tiny),
                             "paper_difference": paper_difference,
                             "paper_agrees": None if paper_difference is None else
                             (paper_difference > 0 if direction == "up" else paper_difference < 0),
@@ -131,7 +131,7 @@ def claim_rollup(verdicts: Iterable[Mapping]) -> list[dict]:
     for (claim_id, model, lora), cells in groups.items():
         counts = {k: sum(c["verdict"] == k for c in cells) for k in VERDICTS}
         detail = ", ".join(f"{c['preset']} {c['metric']} {c['verdict']}" for c in cells if c["verdict"] != "holds")
-        out.append({"claim_id": claim_id, "claim": cells[0]["claim"], "model": model, "lora_scale": lora,
+        out.append({"claim_id": claim_id, "model": model, "lora_scale": lora,
                     "verdict": _combine([c["verdict"] for c in cells]), **counts,
                     "comparable": all(c["comparable"] for c in cells), "not holding": detail})
     return out
@@ -163,8 +163,8 @@ def claims_section(verdicts: list[dict], *, tiny: list[str]) -> tuple[str, str]:
     warn = (f"This run used tiny random-weight models ({', '.join(tiny)}): these verdicts exercise the machinery and "
             "say nothing about the paper's claims." if tiny else "")
     summary = claim_summary(verdicts)
-    overview = [{"claim": s["claim"], "verdict": s["verdict"], **{k: s[k] for k in VERDICTS}}
-                for s in summary.values()]
+    overview = [{"claim_id": key, "claim": s["claim"], "verdict": s["verdict"], **{k: s[k] for k in VERDICTS}}
+                for key, s in summary.items()]
     rollup = claim_rollup(verdicts)
     cells = [{k: v[k] for k in ("claim_id", "model", "preset", "lora_scale", "metric", "direction", "mean_difference",
                                  "low", "high", "pairs", "verdict", "paper_difference", "paper_agrees", "note")}

@@ -171,7 +171,10 @@ def compare_cells(
             result["difference"] = result["ours"] - c["paper"]
             result["verdict"] = "inside" if result["low"] <= c["paper"] <= result["high"] else "outside"
         elif result["verdict"] == "no data":
-            notes.append(f"{c['metric']} not scored in this run")
+            if a is not None and not a.get("n") and a.get("missing"):
+                notes.append(f"no {c['metric']} value: undefined on all {a['missing']} images (no face found)")
+            else:
+                notes.append(f"{c['metric']} not scored in this run")
         if c["table"] == "table2" and c["preset"] != baseline:
             base = published.get((c["table"], c["model"], baseline, c["lora_scale"], c["metric"]))
             result["paper_change"] = None if not base else (c["paper"] - base) / abs(base)

@@ -131,6 +131,10 @@ def test_tiny_runs_and_other_metric_modes_are_marked_not_comparable():
     assert clip["ours"] == pytest.approx(np.mean(values), abs=float64_tolerance(values, ops=2 * (len(values) + 1)))
     assert not clip["comparable"] and "tiny" in clip["note"] and clip["verdict"] == "not comparable"
     assert "outside" in clip["note"]  # the raw verdict stays visible in the note
+    faceless = [dict(r, metric="id", value=None) for r in rows]  # ID scored, but no face in any image
+    noted = {c["set"]: c for c in paper.paper_comparison(rows + faceless, samples=50)
+             if (c["model"], c["preset"], c["lora_scale"], c["metric"]) == ("hyper", "baseline", 1.0, "id")}
+    assert noted["joint"]["verdict"] == "no data" and "undefined on all 12 images (no face found)" in noted["joint"]["note"]
     unmeasured = [c for c in comparison if c["metric"] == "id" and c["model"] == "hyper" and c["preset"] == "baseline"
                   and c["lora_scale"] == 1.0 and c["set"] in ("joint", "realistic")]
     assert len(unmeasured) == 2 and all(c["verdict"] == "no data" and not c["comparable"] for c in unmeasured)
