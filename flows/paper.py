@@ -16,9 +16,11 @@ mode). Its inputs are small aggregated tables, never raw metric rows:
   missing, aggregate``): counts (FFC) compare failure *rates*, with a Wilson score interval (the
   bootstrap of a rate with no failures is the empty point [0, 0]), the paper's count taken over the
   paper's number of images;
-- ``run_configs``: the run's distinct ``(model, preset, lora_scale, ip_adapter_scale, prompt_kind)``.
+- ``run_configs`` (optional): the run's distinct ``(model, preset, lora_scale, ip_adapter_scale,
+  prompt_kind)``; by default, what the aggregates show (a configuration with a metric row on a set).
 
-:func:`paper_comparison` computes those three from :mod:`flows.analysis` input rows (tests, small runs).
+:func:`paper_comparison` computes those from :mod:`flows.analysis` input rows or from the report's
+:class:`flows.report_data.StoreData` (SQL aggregates and bootstrap cells).
 For Table 2 the relative change against the baseline is given for the paper and for us.
 """
 
@@ -112,7 +114,7 @@ def _key(r: Mapping, set_: str | None = None) -> tuple:
 def compare_cells(
     intervals: Iterable[Mapping],
     aggregates: Iterable[Mapping],
-    run_configs: Iterable[Mapping],
+    run_configs: Iterable[Mapping] | None = None,
     tables: Mapping | None = None,
     *,
     baseline: str = "baseline",
@@ -130,6 +132,10 @@ def compare_cells(
     agg = {_key(r): r for r in aggregates}
     ran: dict[tuple, set[str]] = {}  # (set, λ, model, preset, lora) -> the run's model names there
     tiny_run = False
+    if run_configs is None:  # what the aggregates show: a configuration with any metric row on a prompt kind ran there
+        # (the single-kind sets only: a joint row does not say which kinds it holds)
+        run_configs = [dict(r, prompt_kind=analysis.PROMPT_SETS[r["set"]][0]) for r in agg.values()
+                       if len(analysis.PROMPT_SETS[r["set"]]) == 1]
     for r in run_configs:
         tiny_run |= r["model"].startswith("tiny-")
         for set_, kinds in analysis.PROMPT_SETS.items():
@@ -192,30 +198,31 @@ def compare_cells(
 
 
 def comparison_inputs(
-    rows: Any, tables: Mapping | None = None, *, samples: int = 1000, confidence: float = 0.95, seed: int = 0
-) -> tuple[list[dict], list[dict], list[dict]]:
-    """``(intervals, aggregates, run_configs)`` of :func:`compare_cells`, from :mod:`flows.analysis` input rows,
-    restricted to the tables' prompt sets, λ and metrics."""
+    source: Any, tables: Mapping | None = None, *, samples: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> tuple[list[dict], list[dict]]:
+    """``(intervals, aggregates)`` of :func:`compare_cells` at the tables' prompt sets, λ and metrics.
+
+    ``source``: :mod:`flows.analysis` input rows, or the report's :class:`flows.report_data.StoreData` (SQL
+    aggregates and bootstrap cells: no metric row becomes a Python row)."""
+    from flows.report_data import report_data
+
     tables = load_paper_tables() if tables is None else tables
-    cells = paper_cells(tables)
-    wanted = {(c["set"], round(c["ip_adapter_scale"], 6), c["metric"]) for c in cells}
-    scales = {s for _, s, _ in wanted}
-    metrics = {m for _, _, m in wanted}
-    rows = [r for r in analysis._rows(rows) if round(float(r["ip_adapter_scale"]), 6) in scales]
-    run_configs = list({(r["model"], r["preset"], float(r["lora_scale"]), float(r["ip_adapter_scale"]),
-                         r.get("prompt_kind")): None for r in rows})
-    run_configs = [dict(zip(("model", "preset", "lora_scale", "ip_adapter_scale", "prompt_kind"), k)) for k in run_configs]
-    rows = [r for r in rows if r["metric"] in metrics]
+    data = report_data(source)
+    wanted: dict[tuple[str, float], set[str]] = {}
+    for c in paper_cells(tables):
+        wanted.setdefault((c["set"], c["ip_adapter_scale"]), set()).add(c["metric"])
+    sums = {m for m, how in analysis.metric_aggregations(set().union(*wanted.values())).items() if how == "sum"}
     aggregates, intervals = [], []
-    sums = {m for m, how in analysis.metric_aggregations(metrics).items() if how == "sum"}
-    for set_ in sorted({s for s, _, _ in wanted}):
-        at = [r for r in rows if any(s == set_ and round(float(r["ip_adapter_scale"]), 6) == lam and r["metric"] == m
-                                     for s, lam, m in wanted)]
-        aggregates += analysis.aggregate(at, prompt_set=set_)
-        for metric in sorted({m for s, _, m in wanted if s == set_} - sums):
-            intervals += analysis.config_intervals(at, metric, prompt_set=set_, samples=samples, confidence=confidence,
-                                                   seed=seed)
-    return intervals, aggregates, run_configs
+    for scale in sorted({lam for _, lam in wanted}):  # each prompt kind's rows: what ran (compare_cells)
+        for set_ in ("realistic", "stylistic"):
+            if (set_, scale) not in wanted:
+                aggregates += [r for r in data.aggregate(prompt_set=set_, scale=scale)]
+    for (set_, scale), metrics in sorted(wanted.items()):
+        aggregates += [r for r in data.aggregate(prompt_set=set_, scale=scale) if r["metric"] in metrics]
+        for metric in sorted(metrics - sums):
+            intervals += data.config_intervals(metric, prompt_set=set_, scale=scale, samples=samples,
+                                               confidence=confidence, seed=seed)
+    return intervals, aggregates
 
 
 def paper_comparison(
@@ -228,11 +235,11 @@ def paper_comparison(
     seed: int = 0,
     metric_modes: Mapping[str, str] | None = None,
 ) -> list[dict]:
-    """:func:`compare_cells` on :mod:`flows.analysis` input rows (metrics ⋈ examples)."""
+    """:func:`compare_cells` on :mod:`flows.analysis` input rows (metrics ⋈ examples) or the report's
+    :class:`flows.report_data.StoreData`."""
     tables = load_paper_tables() if tables is None else tables
-    intervals, aggregates, run_configs = comparison_inputs(rows, tables, samples=samples, confidence=confidence,
-                                                           seed=seed)
-    return compare_cells(intervals, aggregates, run_configs, tables, baseline=baseline, confidence=confidence,
+    intervals, aggregates = comparison_inputs(rows, tables, samples=samples, confidence=confidence, seed=seed)
+    return compare_cells(intervals, aggregates, None, tables, baseline=baseline, confidence=confidence,
                          metric_modes=metric_modes)
 
 
