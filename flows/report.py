@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from fastface.presets import table_ip_adapter_scale
-from flows import ablations, analysis, claims, paper
+from flows import ablations, analysis, claims, paper, pareto
 from flows.report_data import StoreData, report_data
 from storage import Catalog, Store
 
@@ -551,6 +551,10 @@ def build_report(
                     if png:
                         plots[f"{prompt_set}-{y}"] = png
                         written[f"lambda_{prompt_set}_{y}"] = store.write_bytes(f"{prefix}/lambda_{prompt_set}_{y}.png", png)
+        fronts_html, fronts = pareto.report_section(
+            {s: data.aggregate(prompt_set=s) for s in analysis.PROMPT_SETS})
+        for prompt_set, png in fronts.items():
+            written[f"pareto_{prompt_set}"] = store.write_bytes(f"{prefix}/pareto_{prompt_set}.png", png)
         grids = image_grids(store, catalog, run_id, max_identities=grid_identities, baseline=baseline)
         ablation_html, ablation_md, ablation_tables = ablations.ablation_sections(
             catalog, store, run_id, presets, table, scale=ip_adapter_scale, baseline=baseline)
@@ -611,6 +615,7 @@ def build_report(
         "<h2>λ-curves: ID against CLIP / AE / IR, traced by ip_adapter_scale</h2>",
         "".join(f"<h3>{html.escape(k)}</h3><img src='data:image/png;base64,{base64.b64encode(v).decode()}'>"
                 for k, v in plots.items()) or "<p>(need ID and CLIP/AE/IR scores)</p>",
+        fronts_html,
         paper_html,
         claims_html,
         f"<h2 id='fig18'>Fig. 18: ID similarity and face size (λ = {ip_adapter_scale:g})</h2>",
