@@ -158,28 +158,65 @@ def _report_failures(root: str, run: str, summary: dict) -> int:
 
 def add_sql_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", required=True, help="store root: a folder or s3://bucket/prefix")
-    parser.add_argument("--max-rows", type=int, default=50)
-    parser.add_argument("query", help='SQL over the views runs, identities, prompts, examples, generations, metrics '
-                                      '(deduplicated) and <table>_raw, e.g. "SELECT preset, metric, avg(value) FROM '
-                                      'metrics JOIN examples USING (example_id) GROUP BY ALL"')
+    parser.add_argument("--max-rows", type=int, default=50, help="rows shown by --format table (default %(default)s)")
+    parser.add_argument("--format", default="table", choices=("table", "csv", "json", "parquet"),
+                        help="table (aligned text, first --max-rows rows), or every row as csv, json (an array of "
+                             "objects) or parquet (needs --out)")
+    parser.add_argument("--out", default=None, metavar="FILE", help="write the result to FILE (default: stdout)")
+    parser.add_argument("-f", "--file", default=None, metavar="QUERY.sql", help="read the query from a file")
+    parser.add_argument("query", nargs="?", default=None,
+                        help='SQL over the views runs, identities, prompts, examples, generations, metrics '
+                             '(deduplicated) and <table>_raw, e.g. "SELECT preset, metric, avg(value) FROM '
+                             'metrics JOIN examples USING (example_id) GROUP BY ALL". Read-only: statements that '
+                             'change anything, and files outside the store, are refused')
 
 
 def run_sql(args: argparse.Namespace) -> int:
+    """Queries only: the lake attached read-only, external access off (storage.readonly)."""
     import duckdb
 
     from fastface.validation import positive_int
-    from storage import Catalog, Store
+    from storage.catalog import write_result
     from storage.checks import check_store_root
+    from storage.readonly import check_read_only_sql, readonly_catalog
 
-    if not args.query.strip().rstrip(";").strip():
+    query = args.query
+    if args.file is not None:
+        if query is not None:
+            raise ValueError("give the query either as an argument or with -f FILE, not both")
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                query = f.read()
+        except OSError as exc:
+            raise ValueError(f"-f {args.file}: cannot read the query file ({exc.strerror or exc})") from None
+    if not (query or "").strip().rstrip(";").strip():
         raise ValueError('the query is empty; e.g. fastface sql --root ROOT "SELECT * FROM runs"')
     positive_int("--max-rows", args.max_rows)
+    if args.format == "parquet" and not args.out:
+        raise ValueError("--format parquet writes a file: give --out FILE.parquet")
+    if args.out:
+        folder = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(folder):
+            raise ValueError(f"--out {args.out}: the folder {folder} does not exist")
     check_store_root(args.root, for_reading=True)
-    with Catalog(Store(args.root)) as catalog:
+    check_read_only_sql(query)
+    with readonly_catalog(args.root) as catalog:
+        tmp = None if not args.out else os.path.join(os.path.dirname(os.path.abspath(args.out)),
+                                                     f".tmp-{os.getpid()}-{os.path.basename(args.out)}")
         try:
-            print(catalog.sql_table(args.query, max_rows=args.max_rows))
+            with catalog.store.catalog_lock(exclusive=False):
+                reader = catalog.con.execute(query).fetch_record_batch(8192)
+                write_result(reader, args.format, tmp, max_rows=args.max_rows)
+            if tmp:
+                os.replace(tmp, args.out)  # the file appears whole or not at all
+        except duckdb.PermissionException as exc:
+            raise ValueError(f"refused: {str(exc).splitlines()[0]}; fastface sql reads only the store's own "
+                             "tables") from None
         except duckdb.Error as exc:
             raise ValueError(f"query failed: {str(exc).splitlines()[0]}") from None
+        finally:
+            if tmp and os.path.exists(tmp):
+                os.remove(tmp)
     return 0
 
 

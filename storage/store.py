@@ -205,7 +205,7 @@ class Store:
     """
 
     def __init__(self, root: str, storage_options: Mapping[str, Any] | None = None, *,
-                 catalog: str | None = None) -> None:
+                 catalog: str | None = None, read_only: bool = False) -> None:
         if not root:
             raise ValueError("Store root is empty: pass a local folder or a URL such as s3://bucket/prefix")
         self._root_arg = root
@@ -228,9 +228,14 @@ class Store:
         self.fs, path = fsspec.core.url_to_fs(root, **options)
         # DuckDB knows s3fs by its first protocol name, so URIs always say s3://.
         self.protocol = "file" if self.is_local else "s3"
+        self.read_only = read_only
         if self.is_local:
             path = os.path.abspath(path)
-            os.makedirs(path, exist_ok=True)
+            if read_only:
+                if not os.path.isdir(path):
+                    raise StorageError(f"no store at {path}: the folder does not exist")
+            else:
+                os.makedirs(path, exist_ok=True)
         self.root = path.rstrip("/")
         self._check_not_old_layout()
         self.catalog = catalog or os.environ.get(CATALOG_ENV) or (
@@ -249,10 +254,11 @@ class Store:
         self._appended_files = {t: 0 for t in TABLES}
         self._con: duckdb.DuckDBPyConnection | None = None
         self._pid = None
-        self._connection()  # fail now, not at the first write
+        if not read_only:
+            self._connection()  # fail now, not at the first write (read-only opens check on first use)
 
     def __reduce__(self):
-        return (_restore_store, (self._root_arg, self.storage_options, self.catalog))
+        return (_restore_store, (self._root_arg, self.storage_options, self.catalog, self.read_only))
 
     def __repr__(self) -> str:
         return f"Store({self.uri(self.root)!r}, catalog={_redact(self.catalog)!r})"
@@ -286,7 +292,18 @@ class Store:
             if self._lock_file is None or self._pid != os.getpid():
                 path = (self._attach.split(":", 2)[2] if self._catalog_extension == "sqlite"
                         else self._attach[len("ducklake:"):]) + ".lock"
-                self._lock_file = open(path, "a+b")
+                try:
+                    self._lock_file = open(path, "a+b")
+                except OSError:
+                    if not self.read_only:
+                        raise
+                    # A store on a read-only medium (an archive): nothing can commit there, so no lock is needed.
+                    self._lock_depth += 1
+                    try:
+                        yield
+                    finally:
+                        self._lock_depth -= 1
+                    return
             fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             self._lock_depth += 1
             try:
@@ -320,8 +337,15 @@ class Store:
                 f"convert it once with: {MIGRATE_COMMAND} {self.uri(self.root)} NEW_ROOT"
             )
 
-    def attach(self, con: duckdb.DuckDBPyConnection) -> None:
-        """Attach this store's DuckLake to ``con`` as :data:`LAKE` (extensions, S3 secret, retries)."""
+    def attach(self, con: duckdb.DuckDBPyConnection, read_only: bool | None = None) -> None:
+        """Attach this store's DuckLake to ``con`` as :data:`LAKE` (extensions, S3 secret, retries).
+
+        Always with this root's data path (``OVERRIDE_DATA_PATH``): the catalog records the data
+        path it was created with, and a store that was moved, copied or synced elsewhere keeps its
+        files where it now is (DuckLake's paths below the data path are relative).
+        ``read_only`` (default: the Store's) attaches the lake ``READ_ONLY``: DuckDB refuses every write.
+        """
+        read_only = self.read_only if read_only is None else read_only
         needed = ["ducklake"] + ([self._catalog_extension] if self._catalog_extension else [])
         if self.is_s3:
             needed.append("httpfs")
@@ -335,16 +359,19 @@ class Store:
         con.execute("SET ducklake_max_retry_count = 50")
         con.execute("SET ducklake_retry_wait_ms = 20")
         con.execute("SET ducklake_retry_backoff = 1.5")
-        if self._catalog_extension == "sqlite":
+        if self._catalog_extension == "sqlite" and not read_only:
             _sqlite_wal(self._attach.split(":", 2)[2])
+        options = f"DATA_PATH {_lit(self.data_path)}, OVERRIDE_DATA_PATH true" + (", READ_ONLY" if read_only else "")
         try:
-            con.execute(f"ATTACH {_lit(self._attach)} AS {LAKE} (DATA_PATH {_lit(self.data_path)})")
+            con.execute(f"ATTACH {_lit(self._attach)} AS {LAKE} ({options})")
         except duckdb.Error as exc:
             raise StorageError(f"cannot open the table catalog {_redact(self.catalog)} of {self.uri(self.root)}: "
                                f"{str(exc).splitlines()[0]}") from None
 
     def connect(self, database: str = ":memory:", read_only: bool = False) -> duckdb.DuckDBPyConnection:
-        """A new DuckDB connection with this store's lake attached as :data:`LAKE`."""
+        """A new DuckDB connection with this store's lake attached as :data:`LAKE`.
+
+        ``read_only`` opens ``database`` read-only; the lake is attached read-only when the Store is."""
         if database == ":memory:":
             con = connect(())
         else:
@@ -357,11 +384,70 @@ class Store:
         if self._con is None or self._pid != os.getpid():
             if self._pid != os.getpid():
                 self._lock_file = None  # a forked child needs its own lock file description
-            with self.catalog_lock(exclusive=True):
+            with self.catalog_lock(exclusive=not self.read_only):
                 con = self.connect()
-                self._ensure_tables(con)
+                if self.read_only:
+                    self._check_readable(con)
+                else:
+                    self._ensure_tables(con)
             self._con, self._pid = con, os.getpid()
         return self._con
+
+    def _check_readable(self, con) -> None:
+        """A read-only open creates nothing: the tables must exist, in a schema version this code reads."""
+        found = self._columns(con)
+        if META_TABLE not in found or any(t not in found for t in TABLES):
+            raise StorageError(f"{self.uri(self.root)} is not a FastFace store: its catalog {_redact(self.catalog)} "
+                               "has no FastFace tables (give the --root an evaluation wrote)")
+        meta = dict(con.execute(f"SELECT key, value FROM {LAKE}.{META_TABLE}").fetchall())
+        version = int(meta.get("schema_version", "0"))
+        if version > SCHEMA_VERSION:
+            raise SchemaError(f"the tables of {self.uri(self.root)} have schema version {version}, newer than this "
+                              f"code's version {SCHEMA_VERSION}; upgrade fastface to read them")
+        self._check_root(con, meta, update=False)
+
+    def _check_root(self, con, meta: Mapping[str, str], *, update: bool) -> None:
+        """The catalog's recorded root is this root, or the store was moved/copied here (its files are here).
+
+        A catalog shared by two roots is refused (each root needs its own); a store whose files were
+        moved, copied or synced to this root opens here, and a writer records the new root and data
+        path in the catalog, so stock DuckDB attaching it without a DATA_PATH finds the files too."""
+        recorded = meta.get("root")
+        if recorded in (None, self.uri(self.root)):
+            return
+        own_file = self.catalog == f"sqlite:{os.path.join(self.root, CATALOG_FILE)}"  # moves with the folder
+        if not own_file and not self._holds_catalog_files(con):
+            raise StorageError(f"catalog {_redact(self.catalog)} belongs to the store {recorded}, not "
+                               f"{self.uri(self.root)}; give each root its own catalog (database or file)")
+        if update:
+            self._record_location(con)
+
+    def _holds_catalog_files(self, con) -> bool:
+        """Whether this root holds the data file of the catalog's meta table (a copy of the store is here)."""
+        files = con.execute(f"SELECT data_file FROM ducklake_list_files({_lit(LAKE)}, {_lit(META_TABLE)})").fetchall()
+        if not files:
+            return False
+        path = files[0][0]
+        try:
+            return path.startswith(self.data_path) and self.fs.exists(self.fs._strip_protocol(path) if not self.is_local
+                                                                       else path)
+        except OSError:
+            return False
+
+    def _record_location(self, con) -> None:
+        """Write this root into the catalog (meta table and DuckLake's ``data_path``) after a move or copy."""
+        try:
+            con.execute("BEGIN TRANSACTION")
+            con.execute(f"UPDATE {LAKE}.{META_TABLE} SET value = ? WHERE key = 'root'", [self.uri(self.root)])
+            con.execute("COMMIT")
+        except duckdb.Error as exc:
+            _rollback(con)
+            raise StorageError(f"cannot record the new location {self.uri(self.root)} in the catalog: {exc}") from None
+        try:
+            con.execute(f"UPDATE __ducklake_metadata_{LAKE}.ducklake_metadata SET value = ? WHERE key = 'data_path'",
+                        [self.data_path])
+        except duckdb.Error:
+            pass  # DuckDB's own opens keep working (they pass DATA_PATH); only stock tools would need it
 
     def _columns(self, con) -> dict[str, list[tuple[str, str, bool]]]:
         rows = con.execute(
@@ -408,10 +494,7 @@ class Store:
         if version > SCHEMA_VERSION:
             raise SchemaError(f"the tables of {self.uri(self.root)} have schema version {version}, newer than this "
                               f"code's version {SCHEMA_VERSION}; upgrade fastface to read them")
-        own_file = self.catalog == f"sqlite:{os.path.join(self.root, CATALOG_FILE)}"  # moves with the folder
-        if not own_file and meta.get("root") not in (None, self.uri(self.root)):
-            raise StorageError(f"catalog {_redact(self.catalog)} belongs to the store {meta['root']}, not "
-                               f"{self.uri(self.root)}; give each root its own catalog (database or file)")
+        self._check_root(con, meta, update=True)
         found = found or self._columns(con)
         self._add_new_nullable_columns(con, expected, found, version)
         found = self._columns(con)
@@ -741,8 +824,9 @@ class Store:
                     con.unregister(name)
 
 
-def _restore_store(root: str, storage_options: Mapping[str, Any], catalog: str | None) -> Store:
-    return Store(root, storage_options, catalog=catalog)
+def _restore_store(root: str, storage_options: Mapping[str, Any], catalog: str | None,
+                   read_only: bool = False) -> Store:
+    return Store(root, storage_options, catalog=catalog, read_only=read_only)
 
 
 def _sqlite_wal(path: str) -> None:
