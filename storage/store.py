@@ -73,6 +73,8 @@ PAUSE_AT_ENV = "FASTFACE_STORAGE_PAUSE_AT"
 committed) at which the writer touches the file named by ``FASTFACE_STORAGE_PAUSE_MARKER``
 and sleeps for ``FASTFACE_STORAGE_PAUSE_S`` seconds (default an hour), so a test can kill it there."""
 
+_STORE_KEY = re.compile(r"(?:^|/)((?:images|reports)/[A-Za-z0-9][A-Za-z0-9._-]*/[^/]+|identity_photos/[^/]+)$")
+"""The part of a stored file's address that is relative to its store (images, reports, identity photos)."""
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _S3_PROTOCOLS = ("s3", "s3a")
 _MAX_SINGLE_PUT = 5 * 2**30  # S3's limit for one PUT
@@ -595,7 +597,26 @@ class Store:
         return self.uri(path)
 
     def read_bytes(self, key: str) -> bytes:
-        return self.fs.cat_file(self._path(key))
+        """The bytes at ``key`` (relative to the root, a URI under it, or one a moved store recorded: :meth:`resolve`)."""
+        return self.fs.cat_file(self.resolve(key))
+
+    def resolve(self, key_or_uri: str) -> str:
+        """The path of a stored file: ``key_or_uri`` relative to the root or under it, or, for a store that
+        was moved, copied or synced here, an address recorded where it was before.
+
+        Tables written before a move hold absolute addresses of the old location
+        (``/old/root/images/<run>/<id>.png``, ``s3://bucket/old/identity_photos/<hash>.png``): the
+        part from the store's own folder on (:data:`_STORE_KEY`) is looked up under this root, and
+        used when the file is here. Anything else outside the root stays a ValueError."""
+        try:
+            return self._path(key_or_uri)
+        except ValueError:
+            match = _STORE_KEY.search(key_or_uri)
+            if match:
+                path = f"{self.root}/{match.group(1)}"
+                if self.exists(path if self.is_local else self.uri(path)):
+                    return path
+            raise
 
     def exists(self, key: str) -> bool:
         path = self._path(key)
@@ -725,6 +746,95 @@ class Store:
             after = self._file_count(con)
         return {"rows_flushed": flushed, "files_before": before, "files_after": after,
                 "snapshots_expired": len(expired), "files_deleted": len(cleaned) + len(orphans)}
+
+    # -- snapshots: listing and undo ----------------------------------------------
+
+    def snapshots(self, limit: int | None = 50) -> tuple[list[dict], int]:
+        """The latest ``limit`` DuckLake snapshots, newest first, and how many there are.
+
+        Each: ``snapshot_id``, ``time`` (UTC), ``changes`` (one line: what the commit did, tables
+        by name) and ``message`` (set by :meth:`restore`). One bounded query."""
+        con = self._connection()
+        with self.catalog_lock(exclusive=False):
+            total = con.execute(f"SELECT count(*) FROM {LAKE}.snapshots()").fetchone()[0]
+            rows = con.execute(f"SELECT snapshot_id, snapshot_time, changes, commit_message FROM {LAKE}.snapshots() "
+                               "ORDER BY snapshot_id DESC" + (f" LIMIT {int(limit)}" if limit else "")).fetchall()
+            names = dict(con.execute(f"SELECT DISTINCT table_id::VARCHAR, table_name FROM "
+                                     f"__ducklake_metadata_{LAKE}.ducklake_table").fetchall())
+        out = []
+        for snapshot_id, when, changes, message in rows:
+            parts = []
+            for kind, items in (changes or {}).items():
+                shown = [names.get(str(i), str(i)).removeprefix("main.") for i in items]
+                parts.append(f"{kind.removeprefix('tables_').replace('_', ' ')} {', '.join(shown)}")
+            out.append({"snapshot_id": int(snapshot_id), "time": when, "changes": "; ".join(parts),
+                        "message": message})
+        return out, int(total)
+
+    def snapshot_before(self, when: datetime) -> int:
+        """The id of the latest snapshot committed before ``when`` (a timezone-aware time)."""
+        con = self._connection()
+        with self.catalog_lock(exclusive=False):
+            row = con.execute(f"SELECT max(snapshot_id) FROM {LAKE}.snapshots() WHERE snapshot_time < ?",
+                              [when]).fetchone()
+        if row[0] is None:
+            raise ValueError(f"the store {self.uri(self.root)} has no snapshot before {when.isoformat()}")
+        return int(row[0])
+
+    def restore(self, snapshot_id: int) -> dict[str, int]:
+        """Bring every table back to its contents at ``snapshot_id`` in one new snapshot (one transaction).
+
+        DuckLake time travel (``AT (VERSION => N)``): each table changed since the snapshot is
+        emptied and refilled with its rows as of then, so the new snapshot's contents equal
+        snapshot N's; later snapshots stay (a restore can itself be undone) until
+        :meth:`compact` expires them. The caller holds the runs' locks (``fastface restore``
+        does). Returns ``{table: rows now}`` of the tables restored."""
+        snapshot_id = int(snapshot_id)
+        con = self._connection()
+        restored: dict[str, int] = {}
+        with self.catalog_lock(exclusive=True):
+            current = con.execute(f"SELECT id FROM {LAKE}.current_snapshot()").fetchone()[0]
+            known = con.execute(f"SELECT count(*) FROM {LAKE}.snapshots() WHERE snapshot_id = ?",
+                                [snapshot_id]).fetchone()[0]
+            if not known:
+                raise ValueError(f"the store {self.uri(self.root)} has no snapshot {snapshot_id} (list them with "
+                                 f"fastface snapshots --root {self.uri(self.root)}; compaction expires old ones)")
+            if snapshot_id >= current:
+                return {}
+            # Rows touched since the snapshot (inserted, deleted or updated), by DuckLake's row ids, and
+            # those rows as they were: read before the transaction (snapshot N never changes), so the
+            # transaction only deletes and inserts. Sized by the change, not by the table.
+            plan = []
+            try:
+                for table in TABLES:
+                    touched, old_rows = f"_restore_touched_{table}", f"_restore_rows_{table}"
+                    con.execute(f"CREATE OR REPLACE TEMP TABLE {touched} AS SELECT DISTINCT rowid AS id FROM "
+                                f"ducklake_table_changes({_lit(LAKE)}, 'main', {_lit(table)}, ?, ?)",
+                                [snapshot_id + 1, current])
+                    if not con.execute(f"SELECT count(*) FROM {touched}").fetchone()[0]:
+                        con.execute(f"DROP TABLE {touched}")
+                        continue
+                    con.execute(f"CREATE OR REPLACE TEMP TABLE {old_rows} AS SELECT * FROM {LAKE}.{table} "
+                                f"AT (VERSION => {snapshot_id}) WHERE rowid IN (SELECT id FROM {touched})")
+                    plan.append((table, touched, old_rows))
+                con.execute("BEGIN TRANSACTION")
+                for table, touched, old_rows in plan:
+                    con.execute(f"DELETE FROM {LAKE}.{table} WHERE rowid IN (SELECT id FROM {touched})")
+                    con.execute(f"INSERT INTO {LAKE}.{table} BY NAME SELECT * FROM {old_rows}")
+                con.execute(f"CALL {LAKE}.set_commit_message('fastface restore', ?)",
+                            [f"restored to snapshot {snapshot_id}"])
+                con.execute("COMMIT")
+                for table, _, _ in plan:
+                    restored[table] = con.execute(f"SELECT count(*) FROM {LAKE}.{table}").fetchone()[0]
+            except duckdb.Error as exc:
+                _rollback(con)
+                raise StorageError(f"restoring {self.uri(self.root)} to snapshot {snapshot_id} failed (nothing "
+                                   f"changed): {str(exc).splitlines()[0]}") from None
+            finally:
+                for _, touched, old_rows in plan:
+                    for name in (touched, old_rows):
+                        con.execute(f"DROP TABLE IF EXISTS {name}")
+        return restored
 
     def _call_retrying(self, con, sql: str, what: str, params: Sequence[Any] | None = None) -> list[tuple]:
         for attempt in range(_WRITE_ATTEMPTS):
