@@ -194,6 +194,46 @@ def _retryable(exc: BaseException) -> bool:
     return any(s in text for s in ("conflict", "locked", "busy", "could not serialize", "retry"))
 
 
+RETRY_ENV = "FASTFACE_STORAGE_RETRY_S"
+"""Seconds a write keeps retrying while the S3 endpoint or the catalog database is unreachable
+(default :data:`DEFAULT_RETRY_S`); then it fails with one line and nothing of it is stored."""
+DEFAULT_RETRY_S = 120.0
+_UNREACHABLE = ("could not connect", "connection refused", "could not establish", "connection reset",
+                "connection aborted", "timed out", "timeout", "server closed the connection",
+                "connection to server", "terminating connection", "no connection to the server", "broken pipe",
+                "connection not open", "connection is closed", "connection has been closed", "service unavailable",
+                "slow down", "internal server error", "http 500", "http 502", "http 503", "http 504",
+                "endpoint url", "name or service not known", "temporary failure in name resolution")
+_NO_SPACE = ("no space left on device", "database or disk is full", "disk full", "enospc")
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """A fault of a service under the store (S3 endpoint, catalog database) that may pass: worth waiting for."""
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError
+        if isinstance(exc, (BotoConnectionError, HTTPClientError)):
+            return True
+    except ImportError:
+        pass
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    text = str(exc).lower()
+    return any(s in text for s in _UNREACHABLE) and not _no_space(exc)
+
+
+def _no_space(exc: BaseException) -> bool:
+    import errno
+
+    return getattr(exc, "errno", None) == errno.ENOSPC or any(s in str(exc).lower() for s in _NO_SPACE)
+
+
+def retry_seconds() -> float:
+    try:
+        return max(0.0, float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_S)))
+    except ValueError:
+        raise StorageError(f"${RETRY_ENV} must be a number of seconds, got {os.environ[RETRY_ENV]!r}") from None
+
+
 class Store:
     """DuckLake tables and image files under ``root`` (a local folder or ``s3://bucket/prefix``).
 
@@ -395,6 +435,29 @@ class Store:
             self._con, self._pid = con, os.getpid()
         return self._con
 
+    def _drop_connection(self) -> None:
+        """Forget a connection a service fault may have broken; the next use opens a new one."""
+        with self._lock:
+            if self._con is not None:
+                try:
+                    self._con.close()
+                except duckdb.Error:
+                    pass
+                self._con = None
+
+    def _committed(self, table: str, data: pa.Table) -> bool:
+        """Whether a batch whose COMMIT lost its answer is in the table (its first row's key and time)."""
+        try:
+            first = data.slice(0, 1).to_pylist()[0]
+            keys = [k for k in KEYS[table]] + ["created_at"]
+            where = " AND ".join(f"{_q(k)} = ?" for k in keys)
+            con = self._connection()
+            with self.catalog_lock(exclusive=False):
+                return bool(con.execute(f"SELECT count(*) FROM {LAKE}.{table} WHERE {where}",
+                                        [first[k] for k in keys]).fetchone()[0])
+        except (duckdb.Error, StorageError, OSError):
+            return False  # still unreachable: the retry finds out
+
     def _check_readable(self, con) -> None:
         """A read-only open creates nothing: the tables must exist, in a schema version this code reads."""
         found = self._columns(con)
@@ -566,6 +629,40 @@ class Store:
     # -- atomic byte writes (images, reports) ----------------------------------
 
     def _commit_bytes(self, path: str, data: bytes) -> None:
+        """Write ``data`` at ``path`` atomically; waits out an unreachable S3 endpoint (:func:`retry_seconds`);
+        a full disk or an endpoint gone for longer is one line (StorageError), with nothing left half-written."""
+        waited_since, pause = None, 0.25
+        while True:
+            try:
+                return self._commit_bytes_once(path, data)
+            except (OSError, StorageError) as exc:
+                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                if _no_space(exc):
+                    raise StorageError(f"writing {self.uri(path)} failed: no space left on the store's disk; nothing "
+                                       "was half-written: free space and run again to resume") from None
+                if self.is_local or not _unreachable(exc):
+                    raise
+                now = time.monotonic()
+                waited_since = waited_since or now
+                if now - waited_since >= retry_seconds():
+                    raise StorageError(f"writing {self.uri(path)} failed: S3 was unreachable for "
+                                       f"{now - waited_since:.0f} s ({message}); run again when it is back to resume "
+                                       f"(${RETRY_ENV} sets the wait)") from None
+                time.sleep(pause)
+                pause = min(pause * 2, 5.0)
+            except Exception as exc:  # botocore errors that are not OSErrors
+                if self.is_local or not _unreachable(exc):
+                    raise
+                now = time.monotonic()
+                waited_since = waited_since or now
+                if now - waited_since >= retry_seconds():
+                    raise StorageError(f"writing {self.uri(path)} failed: S3 was unreachable for "
+                                       f"{now - waited_since:.0f} s ({str(exc).splitlines()[0]}); run again when it "
+                                       f"is back to resume (${RETRY_ENV} sets the wait)") from None
+                time.sleep(pause)
+                pause = min(pause * 2, 5.0)
+
+    def _commit_bytes_once(self, path: str, data: bytes) -> None:
         if self.is_local:
             directory, name = os.path.split(path)
             os.makedirs(directory, exist_ok=True)
@@ -672,27 +769,60 @@ class Store:
         return data.num_rows
 
     def _insert(self, table: str, data: pa.Table) -> None:
-        """Insert a schema-exact table in one transaction, retrying when another writer won the commit."""
+        """Insert a schema-exact table in one transaction, retrying when another writer won the commit.
+
+        While the S3 endpoint or the catalog database is unreachable it waits and retries (a new
+        connection each time) for up to :func:`retry_seconds`, then fails with one line; a full
+        disk fails at once. Either way nothing of the batch is stored, so a re-run makes it again."""
         schema(table)
-        for attempt in range(_WRITE_ATTEMPTS):
-            con = self._connection()
-            with self.catalog_lock(exclusive=True):
-                con.register("fastface_rows", data)
-                try:
-                    con.execute("BEGIN TRANSACTION")
-                    # By name: a table evolved by ADD COLUMN keeps its older column order.
-                    columns = ", ".join(_q(name) for name in data.column_names)
-                    con.execute(f"INSERT INTO {LAKE}.{table} ({columns}) SELECT {columns} FROM fastface_rows")
-                    _pause_point("in-transaction")
-                    con.execute("COMMIT")
-                    break
-                except duckdb.Error as exc:
-                    _rollback(con)
-                    if attempt == _WRITE_ATTEMPTS - 1 or not _retryable(exc):
-                        raise StorageError(f"append to {table!r} in {self.uri(self.root)} failed: "
-                                           f"{str(exc).splitlines()[0]}") from None
-                finally:
-                    con.unregister("fastface_rows")
+        attempt, waited_since, pause = 0, None, 0.25
+        while True:
+            stage = "connect"
+            try:
+                con = self._connection()
+                with self.catalog_lock(exclusive=True):
+                    con.register("fastface_rows", data)
+                    try:
+                        stage = "insert"
+                        con.execute("BEGIN TRANSACTION")
+                        # By name: a table evolved by ADD COLUMN keeps its older column order.
+                        columns = ", ".join(_q(name) for name in data.column_names)
+                        con.execute(f"INSERT INTO {LAKE}.{table} ({columns}) SELECT {columns} FROM fastface_rows")
+                        _pause_point("in-transaction")
+                        stage = "commit"
+                        con.execute("COMMIT")
+                        break
+                    except duckdb.Error:
+                        _rollback(con)
+                        raise
+                    finally:
+                        try:
+                            con.unregister("fastface_rows")
+                        except duckdb.Error:
+                            pass
+            except (duckdb.Error, StorageError, OSError) as exc:
+                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                if _no_space(exc):
+                    raise StorageError(f"append to {table!r} in {self.uri(self.root)} failed: no space left on the "
+                                       f"store's disk ({message}); nothing of this batch was stored: free space and "
+                                       "run again to resume") from None
+                if _unreachable(exc):
+                    self._drop_connection()
+                    if stage == "commit" and self._committed(table, data):
+                        break  # the commit reached the catalog; only its answer was lost
+                    now = time.monotonic()
+                    waited_since = waited_since or now
+                    if now - waited_since >= retry_seconds():
+                        raise StorageError(
+                            f"append to {table!r} in {self.uri(self.root)} failed: the store was unreachable for "
+                            f"{now - waited_since:.0f} s ({message}); nothing of this batch was stored: run again "
+                            f"when it is back to resume (${RETRY_ENV} sets the wait)") from None
+                    time.sleep(pause)
+                    pause = min(pause * 2, 5.0)
+                    continue
+                attempt += 1
+                if attempt >= _WRITE_ATTEMPTS or not _retryable(exc):
+                    raise StorageError(f"append to {table!r} in {self.uri(self.root)} failed: {message}") from None
             time.sleep(0.05 * 2**attempt * (0.5 + random.random()))
         self._appended_files[table] += 1
         if self._appended_files[table] >= MERGE_EVERY_FILES:
