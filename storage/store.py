@@ -594,9 +594,27 @@ class Store:
                                f"{SCHEMA_VERSION}: {exc}") from None
 
     def _sql(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table:
-        con = self._connection()
-        with self.catalog_lock(exclusive=False):
-            return con.execute(sql, params).to_arrow_table()
+        return self.query(sql, params)
+
+    def _waiting_out_faults(self, work):
+        """``work(con)``, retried on a new connection while a service under the store is unreachable
+        (up to :func:`retry_seconds`); then one line (StorageError)."""
+        waited_since, pause = None, 0.25
+        while True:
+            try:
+                return work(self._connection())
+            except (duckdb.Error, StorageError) as exc:
+                if not _unreachable(exc):
+                    raise
+                self._drop_connection()
+                now = time.monotonic()
+                waited_since = waited_since or now
+                if now - waited_since >= retry_seconds():
+                    raise StorageError(f"reading {self.uri(self.root)} failed: the store was unreachable for "
+                                       f"{now - waited_since:.0f} s ({str(exc).splitlines()[0]}); run again when it "
+                                       f"is back (${RETRY_ENV} sets the wait)") from None
+                time.sleep(pause)
+                pause = min(pause * 2, 5.0)
 
     # -- paths ---------------------------------------------------------------
 
@@ -1053,15 +1071,20 @@ class Store:
 
         ``tables`` are pyarrow tables made visible to the query under their keyword names.
         """
-        con = self._connection()
-        with self.catalog_lock(exclusive=False):
-            for name, value in tables.items():
-                con.register(name, value)
-            try:
-                return con.execute(sql, params).to_arrow_table()
-            finally:
-                for name in tables:
-                    con.unregister(name)
+        def work(con) -> pa.Table:
+            with self.catalog_lock(exclusive=False):
+                for name, value in tables.items():
+                    con.register(name, value)
+                try:
+                    return con.execute(sql, params).to_arrow_table()
+                finally:
+                    for name in tables:
+                        try:
+                            con.unregister(name)
+                        except duckdb.Error:
+                            pass  # the connection broke: it is dropped and reopened
+
+        return self._waiting_out_faults(work)
 
 
 def _restore_store(root: str, storage_options: Mapping[str, Any], catalog: str | None,

@@ -241,3 +241,46 @@ def test_restore_brings_back_the_earlier_counts(tmp_path, capsys):
             t = time.monotonic()
             assert main(["restore", "--root", str(root), "--snapshot", str(before["snapshot"]), "--wait", "1"]) == 2
             assert "is being evaluated" in capsys.readouterr().err and time.monotonic() - t < 30
+
+
+def test_an_s3_store_copied_to_another_prefix_and_synced_to_a_folder_opens_there(tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from storage_support import create_bucket, moto_endpoint, s3_env
+
+    from storage.store import CATALOG_ENV
+
+    endpoint = moto_endpoint()
+    bucket = "fastface-safety"
+    create_bucket(endpoint, bucket)
+    s3_env(monkeypatch, endpoint)
+    monkeypatch.setenv(CATALOG_ENV, f"sqlite:{tmp_path / 'a.sqlite'}")
+    root = f"s3://{bucket}/first/data"
+    store = Store(root)
+    uri = store.write_image("r", "e0", b"\x89PNG s3")
+    store.append("generations", [{"example_id": "e0", "status": "ok", "image_uri": uri}], "r")
+    store.append("metrics", [{"example_id": "e0", "metric": "clip", "value": 0.5}], "r")
+    fs = store.fs
+    store.close()
+    # another prefix (objects and the catalog file copied), and a local folder (`aws s3 sync` + the catalog)
+    fs.copy(f"{bucket}/first/data", f"{bucket}/second/data", recursive=True)
+    shutil.copy(tmp_path / "a.sqlite", tmp_path / "b.sqlite")
+    local = tmp_path / "synced"
+    fs.get(f"{bucket}/first/data/", str(local), recursive=True)
+    shutil.copy(tmp_path / "a.sqlite", local / "catalog.sqlite")
+    for where, catalog in ((f"s3://{bucket}/second/data", f"sqlite:{tmp_path / 'b.sqlite'}"), (str(local), None)):
+        if catalog:
+            monkeypatch.setenv(CATALOG_ENV, catalog)
+        else:
+            monkeypatch.delenv(CATALOG_ENV)
+        assert main(["sql", "--root", where, "SELECT count(*) AS n FROM metrics"]) == 0, capsys.readouterr().err
+        assert capsys.readouterr().out.splitlines()[2].strip() == "1"
+        assert main(["sql", "--root", where, "SELECT * FROM read_csv('/etc/passwd')"]) == 2
+        assert "refused" in capsys.readouterr().err
+        moved = Store(where)
+        image = moved.read("generations").column("image_uri")[0].as_py()
+        assert image == uri and moved.read_bytes(image) == b"\x89PNG s3"  # the old address, read here
+        moved.append("metrics", [{"example_id": "e1", "metric": "clip", "value": 0.7}], "r")
+        assert moved.data_files("metrics")[-1].startswith(moved.data_path) and moved.count("metrics") == 2
+        moved.close()
+    monkeypatch.setenv(CATALOG_ENV, f"sqlite:{tmp_path / 'a.sqlite'}")
+    assert Store(root, read_only=True).count("metrics") == 1  # the original is untouched
