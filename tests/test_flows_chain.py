@@ -196,16 +196,16 @@ def test_a_moved_and_a_copied_store_open_report_and_resume_where_they_are(ci_run
     root, _ = ci_run
     expected = raw_counts(root)
     copied = shutil.copytree(root, tmp_path / "copied", ignore=shutil.ignore_patterns("*.lock"))
-    moved = shutil.move(shutil.copytree(root, tmp_path / "before", ignore=shutil.ignore_patterns("*.lock")),
-                        tmp_path / "moved")
+    moved = Path(shutil.move(shutil.copytree(root, tmp_path / "before", ignore=shutil.ignore_patterns("*.lock")),
+                             tmp_path / "moved"))
     for where in (str(copied), str(moved)):
         assert main(["sql", "--root", where, "SELECT count(*) AS n FROM generations"]) == 0
         assert capsys.readouterr().out.splitlines()[2].strip() == str(expected["generations"][1])
-        shutil.rmtree(Path(where) / "reports")  # the copied report: made again below, from here
-        assert main(["report", "--root", where, "--ip-adapter-scale", "0.8", "--bootstrap", "20"]) == 0
-        assert "# FastFace evaluation: run `ci`" in capsys.readouterr().out
-        html = (Path(where) / "reports").rglob("*.html")
-        assert any("data:image/png;base64," in p.read_text() for p in html)  # images read where the store is
+    shutil.rmtree(moved / "reports")  # the copied report: made again below, from where the store is now
+    assert main(["report", "--root", str(moved), "--ip-adapter-scale", "0.8", "--bootstrap", "20"]) == 0
+    assert "# FastFace evaluation: run `ci`" in capsys.readouterr().out
+    html = (moved / "reports").rglob("*.html")
+    assert any("data:image/png;base64," in p.read_text() for p in html)  # images read where the store is
     summary = evaluate_flow(config=CI_CONFIG, root=str(moved), overrides={"execution.cache_dir": cache_dir})
     assert summary["generation"]["planned"] == 0 and summary["scoring"]["planned"] == 0
     assert raw_counts(str(moved)) == expected == raw_counts(root)
