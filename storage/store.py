@@ -23,6 +23,15 @@ one machine may write), or PostgreSQL for drivers on several machines (``catalog
   the later insert).
 - Images are written atomically through fsspec (local: hidden ``.tmp-*`` name +
   ``os.replace``; S3: one PUT).
+- A store opens where it is: every attach passes this root's data path
+  (``OVERRIDE_DATA_PATH``), a writer records a new location in the catalog, and
+  :meth:`Store.resolve` reads files whose recorded address is that of an earlier location.
+- ``read_only=True`` attaches the lake ``READ_ONLY`` and creates nothing (``fastface sql``,
+  :mod:`storage.readonly`).
+- :meth:`Store.snapshots` and :meth:`Store.restore` list DuckLake snapshots and bring the
+  tables back to one (``fastface snapshots`` / ``fastface restore``).
+- An unreachable S3 endpoint or catalog database is waited out for :func:`retry_seconds`
+  (``$FASTFACE_STORAGE_RETRY_S``), then one line; a full disk is one line at once.
 """
 
 from __future__ import annotations

@@ -130,11 +130,21 @@ def postgres():
         yield new_database
 
 
-def test_postgres_catalog_restarted_mid_run(postgres, tmp_path, monkeypatch):
+def test_postgres_catalog_restarted_mid_run(postgres, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(RETRY_ENV, "60")
-    store = Store(str(tmp_path / "store"), catalog=f"postgres:{postgres('restarted')}")
+    catalog = f"postgres:{postgres('restarted')}"
+    store = Store(str(tmp_path / "store"), catalog=catalog)
     assert short_run(store, lambda batch: postgres.pg_ctl("restart") if batch == 2 else None) == 4
     assert_exactly_once(store)
+    # `fastface sql` on a PostgreSQL catalog: read-only with external access off works there too.
+    from fastface.cli import main
+
+    monkeypatch.setenv(CATALOG_ENV, catalog)
+    assert main(["sql", "--root", str(tmp_path / "store"), "SELECT count(*) AS n FROM generations"]) == 0
+    assert capsys.readouterr().out.splitlines()[2].strip() == str(len(PLANNED))
+    assert main(["sql", "--root", str(tmp_path / "store"), "DELETE FROM fastface_lake.generations"]) == 2
+    assert "refused" in capsys.readouterr().err
+    assert store.count("generations") == len(PLANNED)
 
 
 def test_postgres_catalog_down_fails_in_one_line_then_resumes(postgres, tmp_path, monkeypatch):
