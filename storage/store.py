@@ -227,7 +227,8 @@ def _unreachable(exc: BaseException) -> bool:
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
     text = str(exc).lower()
-    return any(s in text for s in _UNREACHABLE) and not _no_space(exc)
+    permanent = ("does not exist", "authentication failed", "password", "permission denied", "access denied")
+    return any(s in text for s in _UNREACHABLE) and not any(s in text for s in permanent) and not _no_space(exc)
 
 
 def _no_space(exc: BaseException) -> bool:
