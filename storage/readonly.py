@@ -19,8 +19,8 @@ from typing import Any, Mapping
 
 import duckdb
 
-from storage.duck import StorageError, quote_literal as _lit
-from storage.store import CATALOG_FILE, Store
+from storage.duck import quote_literal as _lit
+from storage.store import Store
 
 ALLOWED_STATEMENTS = ("SELECT", "EXPLAIN")
 
@@ -104,5 +104,5 @@ def readonly_catalog(root: str, *, catalog: str | None = None,
     return Catalog.readonly(readonly_store(root, catalog=catalog, storage_options=storage_options))
 
 
-__all__ = ["ALLOWED_STATEMENTS", "CATALOG_FILE", "ReadOnlyError", "StorageError", "check_read_only_sql",
+__all__ = ["ALLOWED_STATEMENTS", "ReadOnlyError", "check_read_only_sql",
            "open_readonly", "readonly_catalog", "readonly_store", "restrict", "statement_kinds"]

@@ -722,7 +722,8 @@ class Store:
         return self.uri(path)
 
     def read_bytes(self, key: str) -> bytes:
-        """The bytes at ``key`` (relative to the root, a URI under it, or one a moved store recorded: :meth:`resolve`)."""
+        """The bytes at ``key``: relative to the root, a URI under it, or an address a moved store recorded
+        (:meth:`resolve`)."""
         return self.fs.cat_file(self.resolve(key))
 
     def resolve(self, key_or_uri: str) -> str:
