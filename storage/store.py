@@ -474,32 +474,40 @@ class Store:
         if META_TABLE not in found or any(t not in found for t in TABLES):
             raise StorageError(f"{self.uri(self.root)} is not a FastFace store: its catalog {_redact(self.catalog)} "
                                "has no FastFace tables (give the --root an evaluation wrote)")
+        self._check_root(con, update=False)
         meta = dict(con.execute(f"SELECT key, value FROM {LAKE}.{META_TABLE}").fetchall())
         version = int(meta.get("schema_version", "0"))
         if version > SCHEMA_VERSION:
             raise SchemaError(f"the tables of {self.uri(self.root)} have schema version {version}, newer than this "
                               f"code's version {SCHEMA_VERSION}; upgrade fastface to read them")
-        self._check_root(con, meta, update=False)
 
-    def _check_root(self, con, meta: Mapping[str, str], *, update: bool) -> None:
-        """The catalog's recorded root is this root, or the store was moved/copied here (its files are here).
+    def _check_root(self, con, *, update: bool) -> None:
+        """The catalog's data path is this root's, or the store was moved/copied here (its files are here).
 
         A catalog shared by two roots is refused (each root needs its own); a store whose files were
         moved, copied or synced to this root opens here, and a writer records the new root and data
-        path in the catalog, so stock DuckDB attaching it without a DATA_PATH finds the files too."""
-        recorded = meta.get("root")
-        if recorded in (None, self.uri(self.root)):
+        path in the catalog, so stock DuckDB attaching it without a DATA_PATH finds the files too.
+        Checked before any table is read (a table's files are looked for under this root)."""
+        row = con.execute(f"SELECT value FROM __ducklake_metadata_{LAKE}.ducklake_metadata "
+                          "WHERE key = 'data_path'").fetchone()
+        recorded = row[0] if row else None
+        if recorded in (None, self.data_path):
             return
         own_file = self.catalog == f"sqlite:{os.path.join(self.root, CATALOG_FILE)}"  # moves with the folder
         if not own_file and not self._holds_catalog_files(con):
-            raise StorageError(f"catalog {_redact(self.catalog)} belongs to the store {recorded}, not "
+            old_root = recorded[: -len(DATA_DIR) - 2] if recorded.endswith(f"/{DATA_DIR}/") else recorded
+            raise StorageError(f"catalog {_redact(self.catalog)} belongs to the store {old_root}, not "
                                f"{self.uri(self.root)}; give each root its own catalog (database or file)")
         if update:
             self._record_location(con)
 
     def _holds_catalog_files(self, con) -> bool:
         """Whether this root holds the data file of the catalog's meta table (a copy of the store is here)."""
-        files = con.execute(f"SELECT data_file FROM ducklake_list_files({_lit(LAKE)}, {_lit(META_TABLE)})").fetchall()
+        try:
+            files = con.execute(f"SELECT data_file FROM ducklake_list_files({_lit(LAKE)}, {_lit(META_TABLE)})"
+                                ).fetchall()
+        except duckdb.Error:
+            return False
         if not files:
             return False
         path = files[0][0]
@@ -564,12 +572,12 @@ class Store:
                 if attempt == _WRITE_ATTEMPTS - 1 or not _retryable(exc) and "already exists" not in str(exc):
                     raise StorageError(f"cannot create the tables of {self.uri(self.root)}: {exc}") from None
                 time.sleep(0.05 + random.random() * 0.2)  # another process is creating them: look again
+        self._check_root(con, update=True)
         meta = dict(con.execute(f"SELECT key, value FROM {LAKE}.{META_TABLE}").fetchall())
         version = int(meta.get("schema_version", "0"))
         if version > SCHEMA_VERSION:
             raise SchemaError(f"the tables of {self.uri(self.root)} have schema version {version}, newer than this "
                               f"code's version {SCHEMA_VERSION}; upgrade fastface to read them")
-        self._check_root(con, meta, update=True)
         found = found or self._columns(con)
         self._add_new_nullable_columns(con, expected, found, version)
         found = self._columns(con)
