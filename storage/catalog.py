@@ -48,6 +48,8 @@ class Catalog:
 
     def close(self) -> None:
         self.con.close()
+        if self.store.read_only:
+            self.store.close()  # the read-only store is the Catalog's own (Catalog.readonly)
 
     def __enter__(self) -> "Catalog":
         return self

@@ -323,6 +323,8 @@ class Store:
             if self._lock_file is not None:
                 self._lock_file.close()
                 self._lock_file = None
+            if self.read_only and self._catalog_extension == "sqlite":
+                _tidy_sqlite_reader_files(self._attach.split(":", 2)[2])
 
     @contextlib.contextmanager
     def catalog_lock(self, exclusive: bool):
@@ -1122,6 +1124,26 @@ def _sqlite_wal(path: str) -> None:
                 db.execute("PRAGMA journal_mode=WAL")
     except sqlite3.Error as exc:
         raise StorageError(f"cannot open the SQLite catalog {path}: {exc}") from None
+
+
+def _tidy_sqlite_reader_files(path: str) -> None:
+    """Remove the empty ``-wal``/``-shm`` files a read-only SQLite reader leaves (it may not delete them).
+
+    Opened read-write for one read and closed: the last connection to a WAL database checkpoints
+    an empty log and deletes both files; with another connection open SQLite leaves them, as it should."""
+    import sqlite3
+
+    wal = path + "-wal"
+    try:
+        if not os.path.exists(wal) or os.path.getsize(wal) != 0:
+            return
+        db = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=0.2)
+        try:
+            db.execute("PRAGMA schema_version").fetchone()
+        finally:
+            db.close()
+    except (OSError, sqlite3.Error):
+        pass  # a read-only medium, or a writer busy: the files stay, harmlessly
 
 
 def _rollback(con) -> None:
