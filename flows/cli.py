@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 
@@ -34,6 +35,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set sweep.size=32 (repeatable)")
     parser.add_argument("--check", action="store_true", help="validate the config and exit")
+    parser.add_argument("--json", action="store_true",
+                        help="print the run's summary as JSON alone on stdout (every log line goes to stderr)")
 
 
 def _prepare_prefect_environment() -> None:
@@ -78,13 +81,35 @@ def run_evaluate(args: argparse.Namespace) -> int:
                       f"run `{command}` again to resume (finished rows are kept, none is made twice)")
     _quiet_prefect_tracebacks(args.debug)
     try:
-        summary = evaluate_flow(config=str(args.config), root=args.root, overrides=overrides or None)
+        with _stdout_to_stderr(getattr(args, "json", False)):
+            summary = evaluate_flow(config=str(args.config), root=args.root, overrides=overrides or None)
     except Exception as exc:  # a stage failed: one line (Prefect has logged the details)
         if args.debug:
             raise
         print(f"error: evaluation {config.name!r} failed: {_one_line(exc)}", file=sys.stderr)
         return 1
-    return _report_failures(args.root, config.name, summary)
+    status = _report_failures(args.root, config.name, summary)
+    if getattr(args, "json", False):
+        print(json.dumps(summary, indent=2, default=str), flush=True)
+    return status
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr(enabled: bool):
+    """While the flow runs, everything written to stdout (Prefect, Ray, subprocesses) goes to stderr."""
+    if not enabled:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -355,6 +380,8 @@ def register_commands(register) -> None:
              run_snapshots)
     register("restore", "bring the store's tables back to an earlier snapshot (undo)", add_restore_arguments,
              run_restore)
+    register("app", "a local web app: fronts, galleries, presets side by side, generation",
+             "app.cli:add_app_arguments", "app.cli:run_app")
     register("compact", "flush, merge and expire the store's tables (DuckLake maintenance)",
              "storage.commands:add_compact_arguments", "storage.commands:run_compact")
     register("migrate-store", "convert a store of the one-file-per-batch layout to DuckLake",
