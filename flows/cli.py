@@ -374,7 +374,7 @@ def run_restore(args: argparse.Namespace) -> int:
 def register_commands(register) -> None:
     """Entry point of the ``fastface.commands`` group: one line per subcommand."""
     register("evaluate", "run an evaluation config end to end (Prefect)", add_evaluate_arguments, run_evaluate)
-    register("sql", "query the result tables with DuckDB", add_sql_arguments, run_sql)
+    register("sql", "query the result tables with DuckDB (read-only)", add_sql_arguments, run_sql)
     register("report", "write the evaluation report of a run", add_report_arguments, run_report)
     register("snapshots", "list the store's snapshots (what each commit changed)", add_snapshots_arguments,
              run_snapshots)
