@@ -43,6 +43,8 @@ INTEGRATION = (
     "tests/test_bad_inputs.py::test_a_failed_stage_exits_1_in_one_line",
     "tests/test_pipeline.py::test_bench_sdxl_shaped_path_runs_scaled_down",
     "tests/test_actors.py::test_pools_live_for_the_run_and_load_once_per_actor",
+    "tests/test_store_faults.py::",
+    "tests/test_flows_chain.py::test_a_moved_and_a_copied_store_open_report_and_resume_where_they_are",
     "tests/test_autoscaling.py::",
 )
 # The longest of them (4–8 minutes each on 2 cores: several `fastface evaluate` runs apiece);

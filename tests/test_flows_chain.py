@@ -188,6 +188,32 @@ def test_sql_and_report_commands(ci_run, capsys):
     assert "was not swept" in capsys.readouterr().err
 
 
+def test_a_moved_and_a_copied_store_open_report_and_resume_where_they_are(ci_run, cache_dir, tmp_path, capsys):
+    """A finished run's folder copied elsewhere and moved: `fastface sql`, `fastface report` and a resumed
+    evaluation work there (images found where the store now is), and the evaluation adds nothing."""
+    import shutil
+
+    from fastface.cli import main
+    from flows.evaluate import evaluate_flow
+
+    root, _ = ci_run
+    expected = raw_counts(root)
+    copied = shutil.copytree(root, tmp_path / "copied", ignore=shutil.ignore_patterns("*.lock"))
+    moved = Path(shutil.move(shutil.copytree(root, tmp_path / "before", ignore=shutil.ignore_patterns("*.lock")),
+                             tmp_path / "moved"))
+    for where in (str(copied), str(moved)):
+        assert main(["sql", "--root", where, "SELECT count(*) AS n FROM generations"]) == 0
+        assert capsys.readouterr().out.splitlines()[2].strip() == str(expected["generations"][1])
+    shutil.rmtree(moved / "reports")  # the copied report: made again below, from where the store is now
+    assert main(["report", "--root", str(moved), "--ip-adapter-scale", "0.8", "--bootstrap", "20"]) == 0
+    assert "# FastFace evaluation: run `ci`" in capsys.readouterr().out
+    html = (moved / "reports").rglob("*.html")
+    assert any("data:image/png;base64," in p.read_text() for p in html)  # images read where the store is
+    summary = evaluate_flow(config=CI_CONFIG, root=str(moved), overrides={"execution.cache_dir": cache_dir})
+    assert summary["generation"]["planned"] == 0 and summary["scoring"]["planned"] == 0
+    assert raw_counts(str(moved)) == expected == raw_counts(root)
+
+
 TRACE_SQL = """
     SELECT e.preset,
            json_extract(e.resolved_config, '$.dcg.alpha') AS alpha,
