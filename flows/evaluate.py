@@ -36,7 +36,7 @@ from prefect.cache_policies import NONE
 from fastface.provenance import package_versions
 from flows.build_dataset import build_dataset_flow
 from flows.config import EvaluationConfig, config_from_dict, load_config
-from flows.generate import artifact_key, generate_flow, score_flow
+from flows.generate import artifact_key, check_gpus, generate_flow, score_flow
 from flows.report import build_report
 from flows.retries import retry_transient
 from flows.run_lock import run_lock
@@ -76,7 +76,8 @@ def report_flow(config: EvaluationConfig, root: str, ip_adapter_scale: float | N
                              description=f"FastFace evaluation report of run {config.name}")
     create_link_artifact(key=artifact_key(config.name, "report"), link=report_link(config.name, report["files"]["html"]),
                          link_text="report.html")
-    return {k: v for k, v in report.items() if k in ("run_id", "files", "counts", "tiny_models")}
+    return {**{k: v for k, v in report.items() if k in ("run_id", "files", "counts", "tiny_models")},
+            "claims": report.get("claims_summary", {})}
 
 
 APP_URL_ENV = "FASTFACE_APP_URL"
@@ -173,6 +174,7 @@ def evaluate_flow(config: EvaluationConfig | str, root: str, overrides: dict[str
     """
     started = time.perf_counter()
     cfg = as_config(config, overrides)
+    check_gpus(cfg)  # real weights and no GPU anywhere: fail now, not after the dataset
     with run_lock(cfg.name, root):  # an overlapping run of this config waits, then finds its work done
         written = record_run(cfg, root)
         dataset = build_dataset_flow(cfg, root)
@@ -181,7 +183,8 @@ def evaluate_flow(config: EvaluationConfig | str, root: str, overrides: dict[str
         report = report_flow(cfg, root)
         compaction = compact_task(root) if cfg.execution.compact else None
     summary = {"run": cfg.name, "root": root, "run_row_written": written, "dataset": dataset,
-               "generation": generation, "scoring": scoring, "report": report["files"], "compaction": compaction,
+               "generation": generation, "scoring": scoring, "report": report["files"],
+               "claims": report.get("claims", {}), "compaction": compaction,
                "seconds": round(time.perf_counter() - started, 1)}
     print(json.dumps(summary, indent=2, default=str))
     return summary
