@@ -53,6 +53,7 @@ NAMESPACE = "fastface"
 
 _OOM = "__out_of_memory__"
 log = logging.getLogger("fastface.actors")
+WATCHDOG_TICK_S = 1.0  # how often the driver looks for a stuck actor while it waits
 
 
 def connect_ray(address: str | None = None, **init_kwargs: Any) -> dict[str, float]:
@@ -236,6 +237,13 @@ class PoolOptions:
     # fails naming execution.device, instead of running SDXL on CPUs.
     require_gpus: bool = False
     gpu_wait_s: float = 600.0
+    # Stuck-actor watchdog: an actor holding a batch longer than stuck_factor × the pool's median
+    # batch time (at least stuck_floor_s) is killed; its batches are retried on a new actor like those
+    # of an actor that died (no duplicates: a killed batch's rows were never returned). Until an actor
+    # has returned its first batch (it loads its models first) the bound is stuck_first_s. None: off.
+    stuck_factor: float | None = 10.0
+    stuck_floor_s: float = 30.0
+    stuck_first_s: float = 900.0
     verbose: bool | None = None  # model-loading bars in the actors; default from FASTFACE_VERBOSE / debug logging
     # The driver appends the rows of the batches that finished within this many seconds in one
     # transaction (one file per run) and keeps the actors fed meanwhile: an append costs about the
@@ -272,6 +280,7 @@ class PoolStats:
     files: int = 0
     workers: int = 0  # the most actors the pool had at once
     actors_started: int = 0  # every start loads the worker's models once
+    stuck_killed: int = 0  # actors the watchdog killed for holding a batch too long
 
     def add(self, other: "PoolStats") -> None:
         for key, value in asdict(other).items():
@@ -300,6 +309,7 @@ class _Batch:
     rows: list[dict]
     job: _Job
     attempts: int = 0
+    dispatched_at: float = 0.0  # time.monotonic() when it was handed to its current actor
 
 
 @dataclass(eq=False)
@@ -363,6 +373,8 @@ class ActorPool:
         self._flush_due: float | None = None  # when the oldest held batch must be written
         self._open: dict[tuple[str, str], _Job] = {}  # (run_id, example_id) of unreturned jobs -> the job
         self._deaths = 0
+        self._durations: collections.deque[float] = collections.deque(maxlen=64)  # seconds of recent batches
+        self._warm: set[int] = set()  # slots whose current actor has returned a batch (its models are loaded)
         self.stats = PoolStats()  # the whole life of the pool
         self.closed = False
 
@@ -469,6 +481,7 @@ class ActorPool:
             slot = min(free, key=lambda s: (self._load[s], s))
             batch = self._pending.popleft()
             handle = self._actors[slot]
+            batch.dispatched_at = time.monotonic()
             self._in_flight[handle.run.remote(batch.rows, batch.job.method)] = (slot, handle, batch)
             self._load[slot] += 1
 
@@ -497,9 +510,13 @@ class ActorPool:
                     raise RuntimeError(f"{self.kind} pool has no actors left and the cluster has no room for new "
                                        f"ones ({len(self._pending)} batches waiting)")
                 timeout = None if self._flush_due is None else max(0.0, self._flush_due - time.monotonic())
+                if self.options.stuck_factor:  # wake up to look for a stuck actor
+                    timeout = min(timeout if timeout is not None else WATCHDOG_TICK_S, WATCHDOG_TICK_S)
                 ready, _ = ray.wait(list(self._in_flight), num_returns=1, timeout=timeout)
                 if ready:
                     self._collect(ready[0], allowed)
+                else:
+                    self._kill_stuck_actors()
             self._dispatch()  # actors freed by the last batches go on with queued work before the append
             self._flush()
         except BaseException:
@@ -510,6 +527,40 @@ class ActorPool:
             raise
         self._dispatch()
 
+    def stuck_after_s(self, slot: int | None = None) -> float | None:
+        """Seconds an actor may hold a batch before the watchdog kills it (None: no watchdog): for an actor
+        that has returned a batch, ``stuck_factor`` × the pool's median batch time (at least
+        ``stuck_floor_s``); before that (models loading), ``stuck_first_s``."""
+        if not self.options.stuck_factor:
+            return None
+        if slot is not None and slot not in self._warm:
+            return self.options.stuck_first_s
+        if not self._durations:
+            return self.options.stuck_floor_s
+        median = sorted(self._durations)[len(self._durations) // 2]
+        return max(self.options.stuck_floor_s, self.options.stuck_factor * median)
+
+    def _kill_stuck_actors(self) -> None:
+        """Kill each actor whose oldest batch in flight is older than :meth:`stuck_after_s`: its calls then
+        end in ``RayActorError`` and :meth:`_collect` retries their batches on a new actor."""
+        if not self.options.stuck_factor:
+            return
+        now = time.monotonic()
+        stuck: dict[int, tuple[Any, float]] = {}
+        for slot, handle, batch in self._in_flight.values():
+            bound = self.stuck_after_s(slot)
+            if now - batch.dispatched_at > bound and self._actors.get(slot) is handle:
+                stuck[slot] = (handle, bound)
+        for slot, (handle, bound) in stuck.items():
+            log.warning("%s pool: actor %s held a batch for more than %.0f s (watchdog); killing it, its batches "
+                        "are retried", self.kind, slot, bound)
+            self.stats.stuck_killed += 1
+            self._warm.discard(slot)
+            try:
+                ray.kill(handle, no_restart=True)
+            except Exception:  # already gone
+                pass
+
     def _collect(self, ref: Any, deaths_allowed: int) -> None:
         """Take one finished call: its rows, or a retry / split / failure of its batch."""
         slot, handle, batch = self._in_flight.pop(ref)
@@ -519,6 +570,10 @@ class ActorPool:
         job = batch.job
         try:
             result = ray.get(ref)
+            if current:
+                if slot in self._warm:  # a first batch's time includes loading the models
+                    self._durations.append(time.monotonic() - batch.dispatched_at)
+                self._warm.add(slot)
         except RayActorError as exc:
             if getattr(exc, "actor_init_failed", False):  # a config error: every replacement would fail
                 raise RuntimeError(f"{self.kind} actor failed to start: {_last_line(str(exc))}") from exc
@@ -530,6 +585,7 @@ class ActorPool:
                         f"{self.kind} actors died {self._deaths} times (limit {deaths_allowed}); giving up"
                     ) from exc
                 del self._actors[slot], self._load[slot]
+                self._warm.discard(slot)
                 self._restarts[slot] += 1
                 # A lost node shrinks the cluster: keep only as many actors as it can still place.
                 self._capacity = None

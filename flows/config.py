@@ -147,6 +147,14 @@ class ExecutionConfig(_Model):
     # device: cpu), else one actor per GPU present (CPU actors where there is none).
     gpus_per_worker: float | None = Field(default=None, gt=0)
     gpu_wait_s: float = Field(default=600.0, ge=0)  # real weights: fail when no GPU node came by then
+    # Stuck-actor watchdog: an actor holding a batch longer than stuck_factor × the pool's median batch
+    # time (at least stuck_floor_s; stuck_first_s before its first batch, while it loads its models) is
+    # killed and its batch retried; null turns it off. shard_timeout_s: a shard task running longer
+    # fails and is retried (doing only its missing rows).
+    stuck_factor: float | None = Field(default=10.0, gt=1)
+    stuck_floor_s: float = Field(default=30.0, gt=0)
+    stuck_first_s: float = Field(default=900.0, gt=0)
+    shard_timeout_s: float | None = Field(default=None, gt=0)
     ray_address: str | None = None
     cache_dir: str | None = None  # fused checkpoints, tiny models, identity cache; default $FASTFACE_CACHE
     device: str | None = None

@@ -160,7 +160,8 @@ def pool_options(config: EvaluationConfig) -> PoolOptions:
     on_gpus = config.weights == "real" and (ex.device or "cuda").split(":")[0] != "cpu"
     return PoolOptions(num_workers=ex.num_workers, cpus_per_worker=ex.cpus_per_worker,
                        gpus_per_worker=ex.gpus_per_worker or (1.0 if on_gpus else None),
-                       require_gpus=on_gpus, gpu_wait_s=ex.gpu_wait_s)
+                       require_gpus=on_gpus, gpu_wait_s=ex.gpu_wait_s, stuck_factor=ex.stuck_factor,
+                       stuck_floor_s=ex.stuck_floor_s, stuck_first_s=ex.stuck_first_s)
 
 
 @task(cache_policy=NONE)
@@ -251,6 +252,12 @@ class _NoBar:
         pass
 
 
+def _with_timeout(shard_task: Any, seconds: float | None) -> Any:
+    """The shard task with ``execution.shard_timeout_s`` (a shard over it fails with TimeoutError and is
+    retried, doing only its missing rows); unchanged without one."""
+    return shard_task.with_options(timeout_seconds=seconds) if seconds else shard_task
+
+
 def _total(summaries: list[dict]) -> dict:
     keys = ("planned", "skipped", "ok", "failed", "retried", "files")
     return {k: sum(int(s.get(k, 0)) for s in summaries) for k in keys}
@@ -284,7 +291,8 @@ def generate_flow(config: EvaluationConfig, root: str) -> dict:
                 _bar(len(todo), "images", "img") as bar:
             # Each shard is queued on the pool before its task runs, behind the shard before it:
             # the actors never drain at a shard boundary (actors.pool.ahead).
-            summaries = [generate_shard(pools, shard, i, bar) for i, shard in ahead(parts, pools.queue)]
+            run_shard = _with_timeout(generate_shard, ex.shard_timeout_s)
+            summaries = [run_shard(pools, shard, i, bar) for i, shard in ahead(parts, pools.queue)]
             loads = {f"{model}@{steps}": n for (model, steps), n in pools.loads.items()}
     total = dict(_total(summaries), examples=len(examples), shards=len(parts), pipeline_loads=loads)
     total["skipped"] += len(examples) - len(todo)
@@ -314,7 +322,8 @@ def score_flow(config: EvaluationConfig, root: str) -> dict:
         with MetricPool(store, metrics, options=metric_options(config), pool=pool_options(config),
                         batch_size=ex.score_batch_size, identities=_identities(store, config)) as pool, \
                 _bar(planned, "scores", "score") as bar:
-            summaries = [score_shard(pool, shard, i, bar) for i, shard in ahead(parts, pool.queue)]
+            run_shard = _with_timeout(score_shard, ex.shard_timeout_s)
+            summaries = [run_shard(pool, shard, i, bar) for i, shard in ahead(parts, pool.queue)]
             loads = pool.pool.stats.actors_started
     total = dict(_total(summaries), examples=len(examples), shards=len(parts), pairs_missing=sum(
         len(row["metrics"]) for row in work), metric_worker_loads=loads)
