@@ -43,6 +43,8 @@ INTEGRATION = (
     "tests/test_bad_inputs.py::test_a_failed_stage_exits_1_in_one_line",
     "tests/test_pipeline.py::test_bench_sdxl_shaped_path_runs_scaled_down",
     "tests/test_actors.py::test_pools_live_for_the_run_and_load_once_per_actor",
+    "tests/test_rehearsal.py::test_rehearsal_runs_every_step_with_exact_rows",
+    "tests/test_rehearsal.py::test_plan_says_what_the_run_did",
 )
 # The longest of them (4–8 minutes each on 2 cores: several `fastface evaluate` runs apiece);
 # FASTFACE_LONG=0 skips them for a quicker local run. CI runs them (the suite ~27 min on 2 cores).
@@ -56,7 +58,7 @@ LONG = (
 # one worker, so a long one started last would leave the other worker idle at the end.
 LONGEST_FIRST = ("tests/test_prefect_worker.py", "tests/test_bad_inputs.py", "tests/test_flows_chain.py",
                  "tests/test_cluster_ray.py", "tests/test_actors.py", "tests/test_storage_postgres.py",
-                 "tests/test_pipeline.py", "tests/test_flows_dataset.py", "tests/test_cli.py")
+                 "tests/test_pipeline.py", "tests/test_flows_dataset.py", "tests/test_rehearsal.py", "tests/test_cli.py")
 
 
 def pytest_collection_modifyitems(config, items):
