@@ -31,6 +31,7 @@ import numpy as np
 from actors.generator import GeneratorWorker
 from actors.scorer import MetricWorker
 from fastface.faces import load_image_rgb
+from storage.schemas import json_text
 from storage.store import Store
 
 REHEARSAL_DEVICE = "rehearsal (no model)"
@@ -233,7 +234,8 @@ class RehearsalScorer(MetricWorker):
                 if problem is None and metric == "id" and not known:
                     problem = f"source face: no identities row with content_hash {row['identity_hash'][:12]}…"
                 if problem is None:
-                    value, detail = rehearsal_score(row["example_id"], metric, row.get("prompt"), **self.modes)
+                    value, found = rehearsal_score(row["example_id"], metric, row.get("prompt"), **self.modes)
+                    detail = json_text(found)  # text made here, as MetricWorker does: the driver only checks it
                 out.append({"example_id": row["example_id"], "run_id": row["run_id"], "metric": metric,
                             "value": value, "detail": detail, "error": problem})
         return out

@@ -15,6 +15,7 @@ import numpy as np
 
 from actors.generator import identity_index, read_uri, stored_identity_row
 from fastface.faces import load_image_rgb
+from storage.schemas import json_text
 from storage.store import Store
 
 
@@ -174,7 +175,7 @@ class MetricWorker:
                         "run_id": row["run_id"],
                         "metric": metric,
                         "value": result["value"],
-                        "detail": result["detail"],
+                        "detail": None if result["detail"] is None else json_text(result["detail"]),
                         "error": result["error"],
                     }
                 )

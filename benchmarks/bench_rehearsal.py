@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         print_figures(results[-1])
     if args.busy_seconds > 0:
         overrides = {"weights": "rehearsal", "name": "paper-busy", "sweep.models": ["hyper"],
-                     "sweep.lora_scales": [1.0], "sweep.ip_adapter_scales": [0.8], "dataset.max_identities": 4,
+                     "sweep.lora_scales": [1.0], "sweep.ip_adapter_scales": [0.8], "dataset.max_identities": 8,
                      "dataset.max_prompts": 10, "execution.num_workers": 4, "execution.cpus_per_worker": 0.5,
                      "execution.batch_size": 8, "execution.shard_size": 64,
                      "execution.rehearsal_batch_seconds": args.busy_seconds, "execution.compact": False}
