@@ -186,3 +186,39 @@ def test_plan_cli_json_and_bad_flags(tmp_path, capsys):
     assert not (tmp_path / "none").exists()  # --plan writes nothing
     assert main(["evaluate", "--config", PAPER, "--root", str(tmp_path), *overrides, "--json"]) == 2
     assert "--json and --seconds-per-image go with --plan" in capsys.readouterr().err
+
+
+def test_rehearsal_workers_look_identities_up_by_point_query(tmp_path, monkeypatch):
+    """Without Ray: the model-free workers make rows as the real ones do, and find identities in the
+    store by content hash without reading the identities table whole."""
+    from actors.rehearsal import RehearsalGenerator, RehearsalScorer, rehearsal_embedding, rehearsal_score
+    from storage import Store
+
+    store = Store(str(tmp_path / "store"))
+    known = "ab" * 32
+    store.append("identities", [{"identity_id": "a", "content_hash": known, "face_backend": "insightface",
+                                 "embedding": rehearsal_embedding(known, 512).tolist()}], "d")
+    store.append("identities", [{"identity_id": f"x{i}", "content_hash": f"{i:064x}"} for i in range(50)], "other")
+
+    def whole_table(*args, **kwargs):
+        raise AssertionError("a worker read a whole table")
+
+    monkeypatch.setattr(Store, "read", whole_table)
+    monkeypatch.setattr(Store, "latest", whole_table)
+    base = {"run_id": "r", "identity_id": "a", "prompt": "oil painting; person in a park", "model": "hyper",
+            "preset": "dcg", "ip_adapter_scale": 0.8, "lora_scale": 1.0, "steps": 4, "width": 1024, "height": 1024}
+    batch = [dict(base, example_id="e1", identity_hash=known, seed=1),
+             dict(base, example_id="e2", identity_hash="cd" * 32, seed=2)]
+    generator = RehearsalGenerator(store, "hyper", face_backend="insightface", rehearsal_batch_seconds=0.05)
+    rows = generator.generate(batch)
+    assert [r["status"] for r in rows] == ["ok", "failed"] and "no identities row" in rows[1]["error"]
+    assert store.read_bytes(rows[0]["image_uri"])[:4] == b"\x89PNG"
+    meta = json.loads(rows[0]["metadata"])
+    assert meta["batch_ended"] - meta["batch_started"] >= 0.05 and rows[0]["device"] == "rehearsal (no model)"
+    assert generator.identities_prepared == 1
+    scorer = RehearsalScorer(store, ["id", "fsc"], face_backend="insightface")
+    scored = scorer.score([dict(batch[0], image_uri=rows[0]["image_uri"])])
+    assert [(r["metric"], r["value"]) for r in scored] == [
+        (m, rehearsal_score("e1", m, base["prompt"])[0]) for m in ("id", "fsc")]
+    missing = scorer.score([dict(batch[1])])  # no image stored: error rows, as a real scorer writes them
+    assert all(r["error"].startswith("cannot read generated image") for r in missing)
