@@ -153,7 +153,9 @@ def print_figures(out: dict) -> None:
     print("  peak RSS per process (GiB):")
     for row in out["processes"][:14]:
         print(f"    {row['peak_rss_gib']:6.2f}  pid {row['pid']:>7}  {row['process']}")
-    for row in out["busy"]:
+    if not out["overrides"].get("execution.rehearsal_batch_seconds"):
+        print("  busy fraction: n/a (no simulated batch time: a batch's pipeline part takes no time)")
+    for row in out["busy"] if out["overrides"].get("execution.rehearsal_batch_seconds") else []:
         fraction = "n/a" if row["busy_fraction"] is None else f"{100 * row['busy_fraction']:.1f} %"
         print(f"  generator actors of {row['model']}: {row['actors']} actors, {row['batches']} batches, "
               f"busy {fraction} of {row['span']:.1f} s")

@@ -142,14 +142,14 @@ def evaluation_plan(config: EvaluationConfig, root: str, *, seconds_per_image: f
     loads = {}
     for model, n in gen_batches.items():
         steps = check_steps(model, config.presets()[0], config.steps_for(model))
-        loads[f"{model}@{steps}"] = n if workers is None else min(workers, n)
+        # one pipeline per actor: min(actors, batches); without num_workers the cluster sets the actors
+        loads[f"{model}@{steps}"] = None if workers is None else min(workers, n)
     return {
         "run": config.name, "root": root, "store_exists": store is not None,
         "dataset": {"built": dataset_built, "identities": len(identities), "prompts": len(prompts)},
         "metrics": metrics, "groups": groups, "total": totals,
-        "pipeline_loads": loads, "pipeline_loads_are_upper_bounds": workers is None,
-        "metric_worker_loads": (0 if not score_batches else score_batches if workers is None
-                                else min(workers, score_batches)),
+        "pipeline_loads": loads,  # None: one per actor (execution.num_workers not set; the cluster decides)
+        "metric_worker_loads": 0 if not score_batches else None if workers is None else min(workers, score_batches),
         "seconds_per_image": {m: {"seconds": seconds_per_image, "source": "--seconds-per-image"}
                               if seconds_per_image is not None else
                               {"seconds": stored_seconds[m][0], "source": f"median of {stored_seconds[m][1]} stored images"}
@@ -179,9 +179,11 @@ def format_plan(plan: dict[str, Any]) -> str:
                  f"≈ {total['gpu_hours']:.2f} GPU hours of generation"
                  + (f" (unknown for {', '.join(plan['gpu_hours_unknown_for'])}: no earlier run; "
                     "give --seconds-per-image)" if plan["gpu_hours_unknown_for"] else ""))
-    loads = ", ".join(f"{k}: {v}" for k, v in plan["pipeline_loads"].items()) or "none"
-    bound = " (at most: one per actor the cluster places)" if plan["pipeline_loads_are_upper_bounds"] else ""
-    lines.append(f"pipeline loads: {loads}{bound}; metric-worker loads: {plan['metric_worker_loads']}")
+    def loads_text(n):
+        return "one per actor" if n is None else str(n)
+
+    loads = ", ".join(f"{k}: {loads_text(v)}" for k, v in plan["pipeline_loads"].items()) or "none"
+    lines.append(f"pipeline loads: {loads}; metric-worker loads: {loads_text(plan['metric_worker_loads'])}")
     for model, source in plan["seconds_per_image"].items():
         if source["seconds"] is not None:
             lines.append(f"  {model}: {source['seconds']:.3g} s/image ({source['source']})")
