@@ -40,6 +40,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from actors.generator import BatchKey, GeneratorOptions, GeneratorWorker, failed_generation_rows, identity_index
 from actors.scorer import MetricWorker, failed_metric_rows
+from actors.worker_env import actor_runtime_env
 from storage.plan import plan_missing_generations, plan_missing_metrics
 from storage.store import Store
 
@@ -256,6 +257,8 @@ class ActorPool:
                  actor_class: type = _WorkerActor) -> None:
         self.spec, self.kind, self.options = spec, kind, options
         self._remote = ray.remote(actor_class)
+        # The driver's store settings, credentials and weight locations, for actors on any node.
+        self._runtime_env = actor_runtime_env()
         self._pool_id = uuid.uuid4().hex[:8]
         self._actors: dict[int, Any] = {}  # slot -> handle
         self._restarts: dict[int, int] = {}
@@ -282,7 +285,7 @@ class ActorPool:
         verbose = _verbose() if self.options.verbose is None else self.options.verbose
         handle = self._remote.options(
             name=name, namespace=NAMESPACE, num_gpus=self._gpus_each, num_cpus=self.options.cpus_per_worker,
-            max_restarts=0,
+            max_restarts=0, runtime_env=self._runtime_env,
         ).remote(self.spec.worker_class, self.spec.method, *self.spec.args, worker_id=name, verbose=verbose,
                  **dict(self.spec.kwargs))
         self._actors[slot] = handle

@@ -21,6 +21,7 @@ Then it measures, before and after ``Store.compact()``:
 
     python benchmarks/bench_storage_scale.py --scale 0.1
     python benchmarks/bench_storage_scale.py --scale 1
+    python benchmarks/bench_storage_scale.py --scale 0.1 --root /tmp/store --png   # then: fastface report --root /tmp/store --run paper
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ SCALES = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2)
 RUN = "paper"
 GEN_BATCH, IMAGES_PER_METRIC_BATCH = 8, 32
 SHARD = 2048
+IMAGE_URI = f"s3://bucket/images/{RUN}/x.png"  # --png: one real PNG under the store instead
 
 
 def peak_rss_gib() -> float:
@@ -92,7 +94,7 @@ def generations_table(ids: pa.Array, created: datetime) -> pa.Table:
     n = len(ids)
     return by_schema("generations", {
         "example_id": ids, "run_id": pa.array([RUN] * n), "status": pa.array(["ok"] * n),
-        "image_uri": pa.array([f"s3://bucket/images/{RUN}/x.png"] * n), "seconds": pa.array(np.full(n, 1.5)),
+        "image_uri": pa.array([IMAGE_URI] * n), "seconds": pa.array(np.full(n, 1.5)),
         "device": pa.array(["cuda:0"] * n), "worker": pa.array(["w0"] * n), "versions": pa.array(["{}"] * n),
         "error": pa.nulls(n, pa.string()),
         "created_at": pa.array([created] * n, schema("generations").field("created_at").type),
@@ -116,6 +118,19 @@ def by_schema(table: str, cols: dict) -> pa.Table:
     fields = schema(table)
     n = len(next(iter(cols.values())))
     return pa.table({f.name: cols[f.name] if f.name in cols else pa.nulls(n, f.type) for f in fields}).cast(fields)
+
+
+def one_png(size: int = 64) -> bytes:
+    """A small real PNG (a gradient), the image every generation points at with ``--png``."""
+    import io
+
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, size, dtype=np.uint8)
+    rgb = np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], np.full((size, size), 128, np.uint8)), -1)
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 CPU: dict[str, float] = {}
@@ -229,6 +244,9 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=0.1, help="fraction of the paper's sweep (default 0.1)")
     parser.add_argument("--root", default=None, help="store root (default: a temp folder, deleted afterwards)")
     parser.add_argument("--appends", type=int, default=40, help="appends timed per table and state")
+    parser.add_argument("--png", action="store_true",
+                        help="point every image_uri at one real PNG written under the store (to time `fastface "
+                             "report` on the store left at --root, image grids included)")
     args = parser.parse_args()
     n = int(PAPER_EXAMPLES * args.scale)
     root = args.root or tempfile.mkdtemp(prefix="fastface-bench-store-")
@@ -236,6 +254,9 @@ def main() -> None:
     print(f"{n:,} examples, ~{int(n * 0.95 * 0.9) * len(METRICS):,} metric rows, root {root}")
     try:
         store = Store(root)
+        if args.png:
+            global IMAGE_URI
+            IMAGE_URI = store.write_image(RUN, "one", one_png())
         state = bulk_load(store, n, log=lambda line: print(line, flush=True) if args.scale >= 0.5 else None)
         print(f"bulk load: {state['load_s']:.0f} s (not a target: it stands in for the run)")
         mid = measure(store, n, state, "mid-run", args.appends)

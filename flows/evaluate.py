@@ -7,13 +7,22 @@ the run → ``build-dataset`` → ``generate`` → ``score`` → ``report`` → 
 Every step only does what is missing, so re-running a config adds no rows and a killed run
 resumes where it stopped.
 Deployments use ``flows/evaluate.py:evaluate_flow`` (see ``prefect.yaml`` and ``flows/serve.py``).
+Its ``config`` parameter is the config itself (an :class:`EvaluationConfig`, so Prefect's UI
+shows a form and the API takes values) or the path of a YAML file (the CLI, configs baked
+into an image). Runs are named after the config (``<name>-<UTC time>``); a failed run posts
+to ``$FASTFACE_FAILURE_WEBHOOK`` when it is set (:func:`notify_failure`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import socket
 import time
+import urllib.request
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from fastface.extras import require  # noqa: E402
@@ -26,7 +35,7 @@ from prefect.cache_policies import NONE
 
 from fastface.provenance import package_versions
 from flows.build_dataset import build_dataset_flow
-from flows.config import EvaluationConfig, load_config
+from flows.config import EvaluationConfig, config_from_dict, load_config
 from flows.generate import artifact_key, generate_flow, score_flow
 from flows.report import build_report
 from flows.retries import retry_transient
@@ -82,11 +91,76 @@ def compact_task(root: str) -> dict[str, int]:
     return done
 
 
-@flow(name="evaluate", log_prints=True)
-def evaluate_flow(config: str, root: str, overrides: dict[str, Any] | None = None) -> dict:
-    """The whole evaluation of one YAML config into ``root`` (a folder or s3:// URL)."""
+FAILURE_WEBHOOK_ENV = "FASTFACE_FAILURE_WEBHOOK"
+WEBHOOK_TIMEOUT_S = 10.0
+
+
+def as_config(config: EvaluationConfig | dict | str | os.PathLike, overrides: dict[str, Any] | None = None
+              ) -> EvaluationConfig:
+    """The flow's ``config`` parameter as a validated config: a config, its content as a dict, or a YAML path."""
+    if isinstance(config, EvaluationConfig):
+        if not overrides:
+            return config
+        return config_from_dict(config.to_dict(), source=config.source_path or "<dict>", overrides=overrides)
+    if isinstance(config, dict):
+        return config_from_dict(config, overrides=overrides)
+    return load_config(config, overrides)
+
+
+def _config_name(config: Any) -> str:
+    if isinstance(config, EvaluationConfig):
+        return config.name
+    if isinstance(config, dict):
+        return str(config.get("name") or "evaluate")
+    try:  # a path: its name field (yaml.safe_load: nothing in it runs), else the file's stem
+        import yaml
+
+        with open(config, encoding="utf-8") as f:
+            return str((yaml.safe_load(f) or {}).get("name") or Path(str(config)).stem)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return Path(str(config)).stem or "evaluate"
+
+
+def evaluate_run_name() -> str:
+    """``<config name>-<UTC time>``: the flow run's name in the UI, from its ``config`` parameter."""
+    from prefect.runtime import flow_run
+
+    name = _config_name(flow_run.parameters.get("config"))
+    return f"{name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+
+
+def failure_payload(flow_run: Any, state: Any) -> dict:
+    """What the failure webhook receives: the run, its parameters' run name and root, and the state's message
+    (never the environment, never credentials: the parameters hold a config and a root)."""
+    parameters = dict(getattr(flow_run, "parameters", None) or {})
+    return {"text": f"FastFace run {flow_run.name} failed: {state.message or state.name}",
+            "flow_run_id": str(flow_run.id), "flow_run": flow_run.name, "state": state.name,
+            "message": state.message, "run": _config_name(parameters.get("config")), "root": parameters.get("root")}
+
+
+def notify_failure(flow: Any, flow_run: Any, state: Any) -> None:
+    """``on_failure`` hook: POST :func:`failure_payload` as JSON to ``$FASTFACE_FAILURE_WEBHOOK`` (Slack-,
+    Teams- or any JSON webhook); a webhook that fails is logged, it never hides the run's own failure."""
+    url = os.environ.get(FAILURE_WEBHOOK_ENV)
+    if not url:
+        return
+    body = json.dumps(failure_payload(flow_run, state), default=str).encode()
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=WEBHOOK_TIMEOUT_S) as response:
+            response.read()
+    except Exception as exc:  # noqa: BLE001 - the notification is best effort
+        logging.getLogger("fastface").warning("failure webhook %s: %s", FAILURE_WEBHOOK_ENV, exc)
+
+
+@flow(name="evaluate", log_prints=True, flow_run_name=evaluate_run_name, on_failure=[notify_failure])
+def evaluate_flow(config: EvaluationConfig | str, root: str, overrides: dict[str, Any] | None = None) -> dict:
+    """The whole evaluation of one config into ``root`` (a folder or s3:// URL).
+
+    ``config``: the config's content (a form in Prefect's UI, values through the API) or a YAML path.
+    """
     started = time.perf_counter()
-    cfg = load_config(config, overrides)
+    cfg = as_config(config, overrides)
     with run_lock(cfg.name, root):  # an overlapping run of this config waits, then finds its work done
         written = record_run(cfg, root)
         dataset = build_dataset_flow(cfg, root)
@@ -101,4 +175,5 @@ def evaluate_flow(config: str, root: str, overrides: dict[str, Any] | None = Non
     return summary
 
 
-__all__ = ["compact_task", "evaluate_flow", "record_run", "report_flow"]
+__all__ = ["FAILURE_WEBHOOK_ENV", "as_config", "compact_task", "evaluate_flow", "evaluate_run_name",
+           "failure_payload", "notify_failure", "record_run", "report_flow"]

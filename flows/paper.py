@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from flows import analysis
+from flows.report_data import report_data
 
 PAPER_TABLES = Path(__file__).parent / "data" / "paper_tables.yaml"
 TABLE_KEYS = ("table1", "table2", "table3")
@@ -73,10 +74,6 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def _model_key(model: str) -> str:
-    return model.removeprefix("tiny-")
-
-
 def paper_comparison(
     rows: Any,
     tables: Mapping | None = None,
@@ -89,39 +86,33 @@ def paper_comparison(
 ) -> list[dict]:
     """Each published cell beside this run: ours, its interval, difference and verdict.
 
-    ``rows`` are :mod:`flows.analysis` input rows (metrics ⋈ examples). A run of ``tiny-<m>`` is set
+    ``rows`` are :mod:`flows.analysis` input rows (metrics ⋈ examples), or the report's
+    :class:`flows.report_data.StoreData` (the same numbers from SQL aggregates and bootstrap cells). A run of ``tiny-<m>`` is set
     beside the paper's ``<m>`` but marked not comparable, as is a metric scored in another mode than
     the one the paper's number needs (``metric_modes``: the run's ``metrics`` config).
     """
     tables = load_paper_tables() if tables is None else tables
     cells = paper_cells(tables)
     modes = dict(metric_modes or {})
-    # One pass over the rows: group by (set-kind, λ, model, preset, lora, metric).
     wanted = {(c["ip_adapter_scale"], c["metric"]) for c in cells}
-    groups: dict[tuple, list[dict]] = {}
-    for r in analysis._rows(rows):
-        scale = float(r["ip_adapter_scale"])
-        if not any(math.isclose(scale, s) and r["metric"] == m for s, m in wanted):
-            continue
-        key = (r.get("prompt_kind"), round(scale, 6), _model_key(r["model"]), r["preset"], float(r["lora_scale"]),
-               r["metric"])
-        groups.setdefault(key, []).append(r)
-    tiny_models = {r["model"] for g in groups.values() for r in g if r["model"].startswith("tiny-")}
+    # rows, or the report's aggregated source (flows.report_data.StoreData: SQL, no rows in Python)
+    data = report_data(rows)
+    tiny_models = {m for m in data.paper_models(wanted) if m.startswith("tiny-")}
 
-    def rows_for(c: Mapping, preset: str) -> list[dict]:
-        out: list[dict] = []
-        for kind in analysis.PROMPT_SETS[c["set"]]:
-            out += groups.get((kind, round(c["ip_adapter_scale"], 6), c["model"], preset, c["lora_scale"], c["metric"]), [])
-        return out
+    def stats(c: Mapping, preset: str, bootstrap: bool) -> dict | None:
+        return data.paper_stats(analysis.PROMPT_SETS[c["set"]], c["ip_adapter_scale"], c["model"], preset,
+                                c["lora_scale"], c["metric"], bootstrap=bootstrap, samples=samples,
+                                confidence=confidence, seed=seed)
 
     published = {(c["table"], c["model"], c["preset"], c["lora_scale"], c["metric"]): c["paper"] for c in cells}
     out = []
     for c in cells:
-        ours = rows_for(c, c["preset"])
+        aggregate = analysis.metric_aggregations([c["metric"]])[c["metric"]]
+        ours = stats(c, c["preset"], aggregate != "sum")
         result = {**c, "ours": None, "low": None, "high": None, "difference": None, "n": 0, "verdict": "no data",
                   "comparable": True, "note": ""}
         notes = []
-        if any(r["model"].startswith("tiny-") for r in ours) or (not ours and tiny_models):
+        if (ours and any(m.startswith("tiny-") for m in ours["models"])) or (not ours and tiny_models):
             result["comparable"] = False
             notes.append("tiny random weights: not comparable")
         if c["metric"] in AUTHORS_MODES:
@@ -131,17 +122,15 @@ def paper_comparison(
             elif modes[field] != mode:
                 result["comparable"] = False
                 notes.append(f"{field}={modes[field]!r}, the paper's number needs {mode!r}")
-        aggregate = analysis.metric_aggregations([c["metric"]])[c["metric"]]
         if ours:
             if aggregate == "sum":  # a count of failures: compare rates, reported as counts over the paper's images
-                values = [float(r["value"]) for r in ours if r["value"] is not None]
-                n, k = len(values), int(round(sum(values)))
+                n, k = ours["n"], int(round(ours["sum"]))
                 scale_to = float(c["images"] or n)
                 low, high = wilson_interval(k, n, confidence)
                 result.update(ours=k / n * scale_to if n else None, low=low * scale_to, high=high * scale_to, n=n,
                               ours_count=k)
             else:
-                ci = analysis.bootstrap_mean_ci(ours, samples=samples, confidence=confidence, seed=seed)
+                ci = ours["ci"]
                 result.update(ours=ci["mean"], low=ci["low"], high=ci["high"], n=ci["n"])
             if result["ours"] is not None and result["low"] is not None:
                 result["difference"] = result["ours"] - c["paper"]
@@ -150,9 +139,8 @@ def paper_comparison(
         if c["table"] == "table2" and c["preset"] != baseline:
             base = published.get((c["table"], c["model"], baseline, c["lora_scale"], c["metric"]))
             result["paper_change"] = None if not base else (c["paper"] - base) / abs(base)
-            base_rows = rows_for(c, baseline)
-            base_values = [float(r["value"]) for r in base_rows if r["value"] is not None]
-            ours_base = sum(base_values) / len(base_values) if base_values else None
+            base_stats = stats(c, baseline, False)
+            ours_base = base_stats["sum"] / base_stats["n"] if base_stats and base_stats["n"] else None
             result["ours_change"] = (None if not ours_base or result["ours"] is None
                                      else (result["ours"] - ours_base) / abs(ours_base))
         result["note"] = "; ".join(notes)

@@ -1,7 +1,9 @@
 """The report: the paper's tables, λ-curves, bootstrap intervals, paired differences, image grids, calibration.
 
-:func:`build_report` reads the store through the DuckDB catalog, aggregates with
-:mod:`flows.analysis`, and writes under ``<root>/reports/<run>/``: ``report.html``
+:func:`build_report` reads the store through the DuckDB catalog: the aggregates, bootstrap cells
+and paired differences come from SQL (:class:`flows.report_data.StoreData`, the same numbers as the
+pure-Python reference :mod:`flows.analysis`), the image grids and identity photos from point queries
+bounded by what is shown, so no metric row of the run becomes a Python row. It writes under ``<root>/reports/<run>/``: ``report.html``
 (tables, plots and image grids embedded as base64), ``summary.md``, ``table.csv``,
 ``paired.csv``, ``calibration.csv`` and ``lambda_<set>_<metric>.png``. The Prefect flow
 ``report`` wraps it and publishes the tables and the summary as artifacts.
@@ -15,12 +17,13 @@ import html
 import io
 import json
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from fastface.presets import table_ip_adapter_scale
 from flows import analysis, paper
+from flows.report_data import StoreData, report_data
 from storage import Catalog, Store
 
 CURVE_METRICS = ("clip", "ae", "ir")
@@ -29,7 +32,8 @@ TABLE_METRICS = ("id", "clip", "ae", "ir", "fsc", "face_size", "ffc")
 
 # -- reading --------------------------------------------------------------------------------------
 def metric_rows(catalog: Catalog, run_id: str) -> list[dict]:
-    """``metrics`` ⋈ ``examples`` of one run: the input of :mod:`flows.analysis` (errored rows left out)."""
+    """``metrics`` ⋈ ``examples`` of one run as Python rows: the input of :mod:`flows.analysis` (errored rows left
+    out). For tests and small runs only: :func:`build_report` reads :class:`flows.report_data.StoreData` instead."""
     return catalog.rows(
         "SELECT m.example_id, e.identity_id, e.prompt_id, e.prompt_kind, e.model, e.preset, e.lora_scale, "
         "e.ip_adapter_scale, e.seed, m.metric, m.value "
@@ -69,18 +73,20 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:+.1f}%"
 
 
-def main_table(rows: list[dict], *, scale: float, baseline: str, metrics: Sequence[str], boot: dict) -> list[dict]:
-    """Per set and (model, preset, lora_scale) at ``scale``: values, ID CI, change vs baseline, paired ΔID."""
+def main_table(rows: Any, *, scale: float, baseline: str, metrics: Sequence[str], boot: dict) -> list[dict]:
+    """Per set and (model, preset, lora_scale) at ``scale``: values, ID CI, change vs baseline, paired ΔID.
+
+    ``rows``: analysis rows, or a :mod:`flows.report_data` source (the report's SQL aggregates)."""
     out = []
-    at_scale = [r for r in rows if math.isclose(float(r["ip_adapter_scale"]), scale)]
+    data = report_data(rows)
     for prompt_set in analysis.PROMPT_SETS:
-        table = analysis.relative_change(analysis.aggregate(at_scale, prompt_set=prompt_set), baseline=baseline)
+        table = analysis.relative_change(data.aggregate(prompt_set=prompt_set, scale=scale), baseline=baseline)
         if not table:
             continue
         ci = {(r["model"], r["preset"], r["lora_scale"]): r
-              for r in analysis.config_intervals(at_scale, "id", prompt_set=prompt_set, **boot)}
+              for r in data.config_intervals("id", prompt_set=prompt_set, scale=scale, **boot)}
         paired = {(r["model"], r["preset"], r["lora_scale"]): r
-                  for r in analysis.paired_differences(at_scale, "id", baseline=baseline, prompt_set=prompt_set, **boot)}
+                  for r in data.paired_differences("id", baseline=baseline, prompt_set=prompt_set, scale=scale, **boot)}
         configs: dict[tuple, dict] = {}
         for r in table:
             key = (r["model"], r["preset"], r["lora_scale"])
@@ -124,14 +130,16 @@ def table_markdown(table: list[dict], metrics: Sequence[str], baseline: str) -> 
 
 
 # -- plots --------------------------------------------------------------------------------------
-def plot_lambda_curves(rows: list[dict], prompt_set: str, y_metric: str) -> bytes | None:
-    """PNG of ID against ``y_metric`` traced by ip_adapter_scale, one panel per model, one line per preset × lora."""
+def plot_lambda_curves(rows: Any, prompt_set: str, y_metric: str) -> bytes | None:
+    """PNG of ID against ``y_metric`` traced by ip_adapter_scale, one panel per model, one line per preset × lora.
+
+    ``rows``: analysis rows or a :mod:`flows.report_data` source."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    table = analysis.aggregate(rows, prompt_set=prompt_set)
+    table = report_data(rows).aggregate(prompt_set=prompt_set)
     curves = analysis.lambda_curves(table, x="id", y=y_metric)
     id_defined = bool(curves)
     if not id_defined:
@@ -180,32 +188,24 @@ def _metric_by_scale(table: Sequence[dict], metric: str) -> dict[tuple, list[dic
     return {k: sorted(v, key=lambda p: p["ip_adapter_scale"]) for k, v in out.items()}
 
 
-def _values(rows: Sequence[dict], metric: str) -> dict[tuple, list[float | None]]:
-    out: dict[tuple, list[float | None]] = {}
-    for r in rows:
-        if r["metric"] == metric:
-            out.setdefault((r["model"], r["preset"], r["lora_scale"]), []).append(r["value"])
-    return out
-
-
-def face_size_bins(rows: Sequence[dict], *, bins: int = 6) -> list[dict]:
+def face_size_bins(rows: Any, *, bins: int = 6, pairs: Mapping[tuple, np.ndarray] | None = None) -> list[dict]:
     """Mean ID per face-size bin (equal-count bins over all images with both values), per model × preset × lora.
 
     The paper's Fig. 18 (right): identity similarity rises with the face's share of the image, so a
-    preset that changes face size changes ID for that reason alone.
+    preset that changes face size changes ID for that reason alone. ``pairs``: ``(model, preset, lora)
+    → [n, 2]`` arrays of (face size, ID), as :meth:`flows.report_data.StoreData.fig18` gives them
+    (then ``rows`` is not read).
     """
-    ids = {(r["example_id"]): r["value"] for r in rows if r["metric"] == "id" and r["value"] is not None}
-    pairs: dict[tuple, list[tuple[float, float]]] = {}
-    for r in rows:
-        if r["metric"] == "face_size" and r["value"] is not None and r["example_id"] in ids:
-            pairs.setdefault((r["model"], r["preset"], r["lora_scale"]), []).append((float(r["value"]), float(ids[r["example_id"]])))
-    everything = sorted(v for ps in pairs.values() for v, _ in ps)
-    if not everything:
+    if pairs is None:
+        pairs = report_data(rows).fig18(None)["pairs"]
+    pairs = {k: v for k, v in pairs.items() if len(v)}
+    if not pairs:
         return []
+    everything = np.sort(np.concatenate([v[:, 0] for v in pairs.values()]))
     edges = np.unique(np.quantile(everything, np.linspace(0, 1, bins + 1)))
     out = []
     for key, ps in sorted(pairs.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        sizes, sims = np.array([p[0] for p in ps]), np.array([p[1] for p in ps])
+        sizes, sims = ps[:, 0], ps[:, 1]
         which = np.clip(np.searchsorted(edges, sizes, side="right") - 1, 0, max(len(edges) - 2, 0))
         for b in range(max(len(edges) - 1, 1)):
             mask = which == b
@@ -217,38 +217,47 @@ def face_size_bins(rows: Sequence[dict], *, bins: int = 6) -> list[dict]:
     return out
 
 
-def plot_fig18(rows: Sequence[dict], *, scale: float) -> bytes | None:
-    """The paper's Fig. 18 at one λ: distributions of ID and face size per model × preset, and ID binned by face size."""
+SCATTER_POINTS = 2000  # per box of Fig. 18: the boxes use every value, the jittered dots a sample of this many
+
+
+def plot_fig18(rows: Any, *, scale: float, data: Mapping | None = None) -> bytes | None:
+    """The paper's Fig. 18 at one λ: distributions of ID and face size per model × preset, and ID binned by face size.
+
+    ``data``: :meth:`flows.report_data.StoreData.fig18` at ``scale`` (then ``rows`` is not read)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if math.isclose(float(r["ip_adapter_scale"]), scale)]
-    ids, sizes = _values(rows, "id"), _values(rows, "face_size")
+    data = report_data(rows).fig18(scale) if data is None else data
+    ids, sizes = data["id"], data["face_size"]
     if not ids and not sizes:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     for ax, values, name in ((axes[0], ids, "ID similarity"), (axes[1], sizes, "face size (box area / image area)")):
         keys = sorted(values, key=lambda k: tuple(map(str, k)))
-        present = [[float(v) for v in values[k] if v is not None] for k in keys]
+        present = [values[k][~np.isnan(values[k])] for k in keys]
         labels = [f"{m}\n{p} (lora {lo:g})" for m, p, lo in keys]
         missing = sum(len(values[k]) for k in keys) - sum(map(len, present))
-        if any(present):
-            parts = [p if p else [np.nan] for p in present]
+        if any(p.size for p in present):
+            parts = [p if p.size else [np.nan] for p in present]
             ax.boxplot(parts, showfliers=True)
             for i, p in enumerate(present, start=1):
-                if p:
-                    jitter = np.random.default_rng(i).uniform(-0.15, 0.15, len(p))
+                if p.size:
+                    rng = np.random.default_rng(i)
+                    if p.size > SCATTER_POINTS:
+                        p = rng.choice(p, SCATTER_POINTS, replace=False)
+                    jitter = rng.uniform(-0.15, 0.15, len(p))
                     ax.scatter(i + jitter, p, s=6, alpha=0.4)
             ax.set_xticks(range(1, len(keys) + 1), labels, fontsize=7)
         else:
             ax.text(0.5, 0.5, f"undefined: no face found\nin {missing} images", ha="center", va="center",
                     transform=ax.transAxes, fontsize=11, color="#a00")
             ax.set_xticks([])
-        ax.set_title(f"{name}" + (f" — {missing} images without a face" if missing and any(present) else ""), fontsize=9)
+        ax.set_title(f"{name}" + (f" — {missing} images without a face" if missing and any(p.size for p in present) else ""),
+                     fontsize=9)
         ax.grid(alpha=0.3)
-    binned = face_size_bins(rows)
+    binned = face_size_bins(None, pairs=data["pairs"])
     ax = axes[2]
     if binned:
         for key in sorted({(b["model"], b["preset"], b["lora_scale"]) for b in binned}, key=lambda k: tuple(map(str, k))):
@@ -327,39 +336,63 @@ def image_grids(store: Store, catalog: Catalog, run_id: str, *, max_identities: 
 
     Every cell of a row shares the identity, prompt and seed (seeds depend on those only), so a row
     shows what the preset and λ change.
+
+    Bounded by what is shown: per model and prompt kind one GROUP BY picks the prompt and lora scale,
+    then one query returns at most ``max_identities`` identities × (preset, λ) cells (the lowest seed
+    where several show the same cell), and the identity photos are looked up by their hashes.
     """
-    examples = catalog.rows(
-        "SELECT e.*, g.image_uri FROM examples e JOIN generations g ON e.example_id = g.example_id "
-        "AND e.run_id = g.run_id WHERE e.run_id = ? AND g.status = 'ok'", [run_id])
-    if not examples:
+    ok = ("FROM examples e JOIN generations g ON e.example_id = g.example_id AND e.run_id = g.run_id "
+          "WHERE e.run_id = ? AND g.status = 'ok' AND e.prompt_kind IN ('realistic', 'stylistic')")
+    chosen = catalog.query(f"SELECT e.model, e.prompt_kind, min(e.prompt) AS prompt, max(e.lora_scale) AS lora {ok} "
+                           "GROUP BY ALL ORDER BY ALL", [run_id])
+    if not chosen.num_rows:
         return []
-    identities = {r["content_hash"]: r for r in catalog.rows("SELECT * FROM identities")}
+    # The images of the shown prompt and lora scale only (identities × presets × λ × seeds per model and kind).
+    catalog.con.register("grid_chosen", chosen)
+    try:
+        catalog.query("CREATE OR REPLACE TEMP TABLE grid_rows AS SELECT e.model, e.prompt_kind, e.identity_id, "
+                      "e.identity_hash, e.preset, e.ip_adapter_scale, e.seed, e.example_id, g.image_uri "
+                      "FROM examples e JOIN generations g ON e.example_id = g.example_id AND e.run_id = g.run_id "
+                      "JOIN grid_chosen c ON e.model = c.model AND e.prompt_kind = c.prompt_kind "
+                      "AND e.prompt IS NOT DISTINCT FROM c.prompt AND e.lora_scale IS NOT DISTINCT FROM c.lora "
+                      "WHERE e.run_id = ? AND g.status = 'ok'", [run_id])
+    finally:
+        catalog.con.unregister("grid_chosen")
     grids = []
-    for model in sorted({e["model"] for e in examples}):
-        for kind in ("realistic", "stylistic"):
-            chosen = [e for e in examples if e["model"] == model and e["prompt_kind"] == kind]
-            if not chosen:
-                continue
-            prompt = sorted({e["prompt"] for e in chosen})[0]
-            lora = max(e["lora_scale"] for e in chosen)
-            chosen = [e for e in chosen if e["prompt"] == prompt and e["lora_scale"] == lora]
-            columns = sorted({(e["preset"], e["ip_adapter_scale"]) for e in chosen},
-                             key=lambda c: (c[0] != baseline, c[0], c[1]))
-            people = sorted({(e["identity_id"], e["identity_hash"]) for e in chosen})[:max_identities]
-            cell = {(e["identity_id"], e["preset"], e["ip_adapter_scale"]): e for e in chosen}
-            head = "".join(f"<th>{html.escape(p)}<br>λ={s:g}</th>" for p, s in columns)
-            body = []
-            for identity_id, digest in people:
-                photo = identities.get(digest, {}).get("image_uri")
-                cells = [f"<td><img src='data:image/png;base64,{thumbnail_b64(store.read_bytes(photo))}'><br>"
-                         f"{html.escape(identity_id)}</td>" if photo else f"<td>{html.escape(identity_id)}</td>"]
-                for preset, scale in columns:
-                    e = cell.get((identity_id, preset, scale))
-                    cells.append(f"<td><img src='data:image/png;base64,{thumbnail_b64(store.read_bytes(e['image_uri']))}'></td>"
-                                 if e else "<td>–</td>")
-                body.append("<tr>" + "".join(cells) + "</tr>")
-            grids.append(f"<h3>{html.escape(model)} — {kind}: “{html.escape(prompt)}” (lora {lora:g})</h3>"
-                         f"<table class='grid'><tr><th>identity</th>{head}</tr>{''.join(body)}</table>")
+    for choice in chosen.to_pylist():
+        model, kind, prompt, lora = choice["model"], choice["prompt_kind"], choice["prompt"], choice["lora"]
+        where = "FROM grid_rows e WHERE e.model = ? AND e.prompt_kind = ?"
+        params = [model, kind]
+        columns = sorted({(r["preset"], r["ip_adapter_scale"]) for r in catalog.query(
+            f"SELECT DISTINCT e.preset, e.ip_adapter_scale {where}", params).to_pylist()},
+            key=lambda c: (c[0] != baseline, c[0], c[1]))
+        people = [(r["identity_id"], r["identity_hash"]) for r in catalog.query(
+            f"SELECT DISTINCT e.identity_id, e.identity_hash {where} ORDER BY ALL LIMIT ?",
+            params + [max_identities]).to_pylist()]
+        shown = catalog.query(
+            f"SELECT e.identity_id, e.preset, e.ip_adapter_scale, e.image_uri {where} AND e.identity_id IN "
+            f"(SELECT DISTINCT e.identity_id {where} ORDER BY 1 LIMIT ?) QUALIFY row_number() OVER (PARTITION BY "
+            "e.identity_id, e.preset, e.ip_adapter_scale ORDER BY e.seed, e.example_id) = 1",
+            params + params + [max_identities]).to_pylist()
+        cell = {(e["identity_id"], e["preset"], e["ip_adapter_scale"]): e for e in shown}
+        digests = sorted({d for _, d in people if d is not None})
+        identities = {r["content_hash"]: r for r in catalog.query(
+            "SELECT content_hash, image_uri FROM identities WHERE content_hash IN (SELECT unnest(?::VARCHAR[]))",
+            [digests]).to_pylist()} if digests else {}
+        head = "".join(f"<th>{html.escape(p)}<br>λ={s:g}</th>" for p, s in columns)
+        body = []
+        for identity_id, digest in people:
+            photo = identities.get(digest, {}).get("image_uri")
+            cells = [f"<td><img src='data:image/png;base64,{thumbnail_b64(store.read_bytes(photo))}'><br>"
+                     f"{html.escape(identity_id)}</td>" if photo else f"<td>{html.escape(identity_id)}</td>"]
+            for preset, scale in columns:
+                e = cell.get((identity_id, preset, scale))
+                cells.append(f"<td><img src='data:image/png;base64,{thumbnail_b64(store.read_bytes(e['image_uri']))}'></td>"
+                             if e else "<td>–</td>")
+            body.append("<tr>" + "".join(cells) + "</tr>")
+        grids.append(f"<h3>{html.escape(model)} — {kind}: “{html.escape(prompt)}” (lora {lora:g})</h3>"
+                     f"<table class='grid'><tr><th>identity</th>{head}</tr>{''.join(body)}</table>")
+    catalog.query("DROP TABLE IF EXISTS grid_rows")
     return grids
 
 
@@ -415,8 +448,9 @@ def _calibrate(store: Store, catalog: Catalog, max_identities: int) -> tuple[lis
     from fastface.faces import load_image_rgb
     from fastface.faces import get_face_backend
 
-    identities = catalog.rows("SELECT identity_id, image_uri, face_backend FROM identities ORDER BY identity_id")
-    identities = [r for r in identities if r["image_uri"]][:max_identities]
+    identities = catalog.rows("SELECT identity_id, image_uri, face_backend FROM identities "
+                              "WHERE image_uri IS NOT NULL AND image_uri <> '' ORDER BY identity_id LIMIT ?",
+                              [max_identities])
     if not identities:
         return [], [], "no identities with photos"
     backend_name = identities[0]["face_backend"] or "dlib"
@@ -472,23 +506,23 @@ def build_report(
             run_id = runs[0]
         elif run_id not in runs:
             raise ValueError(f"no examples of run {run_id!r} in {root}; runs: {runs}")
-        presets = [r["preset"] for r in catalog.rows(
-            "SELECT DISTINCT preset FROM examples WHERE run_id = ? ORDER BY preset", [run_id])]
+        data = StoreData(catalog, run_id)  # SQL aggregates and bootstrap cells: no metric row becomes a Python row
+        presets = sorted({c["preset"] for c in data.configs})
         if baseline not in presets:
             raise ValueError(f"--baseline {baseline!r} is not a preset of run {run_id!r}; its presets: "
                              f"{', '.join(presets)}")
-        rows = metric_rows(catalog, run_id)
-        models = sorted({r["model"] for r in catalog.rows("SELECT DISTINCT model FROM examples WHERE run_id = ?", [run_id])})
-        scales = sorted({float(r["ip_adapter_scale"]) for r in rows})
+        models = sorted({c["model"] for c in data.configs})
+        scales = data.scales()
         if ip_adapter_scale is None:
             ip_adapter_scale = table_ip_adapter_scale(scales)
         elif scales and not any(math.isclose(ip_adapter_scale, s) for s in scales):
             raise ValueError(f"--ip-adapter-scale {ip_adapter_scale} was not swept in run {run_id!r}; swept: {scales}")
-        metrics = [m for m in TABLE_METRICS if any(r["metric"] == m for r in rows)]
+        metrics = [m for m in TABLE_METRICS if m in data.metrics]
         boot = {"samples": bootstrap_samples, "confidence": confidence, "seed": seed}
-        table = main_table(rows, scale=ip_adapter_scale, baseline=baseline, metrics=metrics, boot=boot)
-        paired = [p for s in analysis.PROMPT_SETS for m in metrics if m not in ("ffc",)
-                  for p in analysis.paired_differences(rows, m, baseline=baseline, prompt_set=s, **boot)]
+        table = main_table(data, scale=ip_adapter_scale, baseline=baseline, metrics=metrics, boot=boot)
+        paired = {(s, m): data.paired_differences(m, baseline=baseline, prompt_set=s, **boot)
+                  for m in metrics if m not in ("ffc",) for s in analysis.PROMPT_SETS}  # one metric's cells at a time
+        paired = [p for s in analysis.PROMPT_SETS for m in metrics if m not in ("ffc",) for p in paired[(s, m)]]
         prefix = f"reports/{run_id}"
         written = {"table": _write_csv(store, f"{prefix}/table.csv", table),
                    "paired": _write_csv(store, f"{prefix}/paired.csv", paired)}
@@ -496,22 +530,26 @@ def build_report(
         for prompt_set in analysis.PROMPT_SETS:
             for y in CURVE_METRICS:
                 if y in metrics:
-                    png = plot_lambda_curves(rows, prompt_set, y)
+                    png = plot_lambda_curves(data, prompt_set, y)
                     if png:
                         plots[f"{prompt_set}-{y}"] = png
                         written[f"lambda_{prompt_set}_{y}"] = store.write_bytes(f"{prefix}/lambda_{prompt_set}_{y}.png", png)
         grids = image_grids(store, catalog, run_id, max_identities=grid_identities, baseline=baseline)
         tables = paper.load_paper_tables() if paper_tables is None else paper_tables
-        comparison = paper.paper_comparison(rows, tables, baseline=baseline, metric_modes=run_metric_modes(catalog, run_id),
+        comparison = paper.paper_comparison(data, tables, baseline=baseline, metric_modes=run_metric_modes(catalog, run_id),
                                             **boot)
         written["paper"] = _write_csv(store, f"{prefix}/paper.csv", comparison)
-        fig18 = plot_fig18(rows, scale=ip_adapter_scale)
-        fig18_bins = face_size_bins([r for r in rows if math.isclose(float(r["ip_adapter_scale"]), ip_adapter_scale)])
+        fig18_data = data.fig18(ip_adapter_scale)
+        fig18 = plot_fig18(None, scale=ip_adapter_scale, data=fig18_data)
+        fig18_bins = face_size_bins(None, pairs=fig18_data["pairs"])
+        del fig18_data
         if fig18:
             written["fig18"] = store.write_bytes(f"{prefix}/fig18.png", fig18)
         if attention_maps_png:
             written["attention_maps"] = store.write_bytes(f"{prefix}/attention_maps.png", attention_maps_png)
         pairs, cal_summary, cal_note = _calibrate(store, catalog, grid_identities) if calibration else ([], [], "off")
+        report_counts = data.counts()
+        data.close()
         if pairs:
             written["calibration"] = _write_csv(store, f"{prefix}/calibration.csv", pairs)
 
@@ -520,8 +558,7 @@ def build_report(
     warning = (f"**These images came from tiny random-weight models ({', '.join(tiny)}): they are noise, not faces.** "
                "The numbers exercise the metric and report machinery; they say nothing about FastFace. "
                "ID is undefined (NULL) wherever no face is found, and FFC counts those images.") if tiny else ""
-    counts = {"rows": len(rows), "examples": len({r["example_id"] for r in rows}), "models": models,
-              "ip_adapter_scale": ip_adapter_scale}
+    counts = {**report_counts, "models": models, "ip_adapter_scale": ip_adapter_scale}
     summary_md = "\n\n".join(filter(None, [
         f"# FastFace evaluation: run `{run_id}`",
         warning,

@@ -2,7 +2,8 @@
 
 - local: a root to read must be a folder that holds tables (a read never creates one);
   a root to write must be a folder that exists or can be created.
-- ``s3://``: credentials must be found (the message names the variables), the endpoint
+- ``s3://``: credentials must be found by the standard AWS chain (:mod:`storage.credentials`;
+  the message names the variables), the endpoint
   must answer (a refused or silent endpoint fails in about :data:`CONNECT_TIMEOUT_S`
   seconds, naming it), and the bucket must exist.
 
@@ -14,11 +15,11 @@ from __future__ import annotations
 
 import os
 
+from storage.credentials import CHAIN_HINT, CredentialsError, resolve_s3_credentials
 from storage.schemas import TABLES
 from storage.store import CATALOG_FILE, CONNECT_TIMEOUT_S, DATA_DIR, endpoint_unreachable, s3_endpoint
 
 S3_CLIENT_CONFIG = {"connect_timeout": CONNECT_TIMEOUT_S, "retries": {"max_attempts": 2, "mode": "standard"}}
-CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
 
 class StoreRootError(ValueError):
@@ -38,11 +39,11 @@ def s3_fs_options(storage_options=None, endpoint: str | None = None) -> dict:
 
 
 def _check_s3_credentials(root: str) -> None:
-    import botocore.session
-
-    if botocore.session.Session().get_credentials() is None:
-        raise StoreRootError(f"no S3 credentials for {root}: set {' and '.join(CREDENTIAL_VARS)} "
-                             "(or AWS_PROFILE) in the environment")
+    """The one credential rule (:func:`storage.credentials.resolve_s3_credentials`), as a store-root error."""
+    try:
+        resolve_s3_credentials(root)
+    except CredentialsError as exc:
+        raise StoreRootError(str(exc)) from None
 
 
 def _check_endpoint_answers(root: str, endpoint: str) -> None:
@@ -57,7 +58,7 @@ def _s3_call_error(root: str, exc: Exception) -> StoreRootError:
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
     if isinstance(exc, NoCredentialsError):
-        return StoreRootError(f"no S3 credentials for {root}: set {' and '.join(CREDENTIAL_VARS)}")
+        return StoreRootError(f"no S3 credentials for {root}: {CHAIN_HINT}")
     if isinstance(exc, EndpointConnectionError):
         return StoreRootError(f"cannot reach the S3 endpoint for {root}: {exc}")
     if isinstance(exc, PermissionError) or (isinstance(exc, ClientError) and "AccessDenied" in str(exc)):

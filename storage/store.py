@@ -46,6 +46,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from storage.credentials import duckdb_secret_fields, resolve_s3_credentials
 from storage.duck import StorageError, connect, load_extensions, quote_identifier as _q, quote_literal as _lit
 from storage.schemas import KEYS, SCHEMA_VERSION, TABLES, SchemaError, conform, schema
 
@@ -139,21 +140,9 @@ def s3_endpoint() -> str | None:
     return next((os.environ[v] for v in ENDPOINT_ENV_VARS if os.environ.get(v)), None)
 
 
-def _s3_settings() -> dict[str, str]:
-    """The S3 secret's fields, from the environment only; fails naming what is missing."""
-    missing = [v for v in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if not os.environ.get(v)]
-    if missing:
-        raise StorageError(
-            f"an s3:// root needs credentials in the environment: set {' and '.join(missing)}"
-            + (" (and AWS_SESSION_TOKEN for temporary credentials)" if len(missing) == 2 else "")
-        )
-    out = {
-        "KEY_ID": os.environ["AWS_ACCESS_KEY_ID"],
-        "SECRET": os.environ["AWS_SECRET_ACCESS_KEY"],
-        "REGION": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-    }
-    if os.environ.get("AWS_SESSION_TOKEN"):
-        out["SESSION_TOKEN"] = os.environ["AWS_SESSION_TOKEN"]
+def _s3_endpoint_settings() -> dict[str, str]:
+    """The endpoint fields of DuckDB's S3 secret (none for AWS itself), from ``FASTFACE_S3_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL``."""
+    out: dict[str, str] = {}
     endpoint = s3_endpoint()
     if endpoint:
         url = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
@@ -198,9 +187,9 @@ class Store:
     ``catalog``: where the table catalog lives (default ``$FASTFACE_CATALOG``, else the
     SQLite file ``<root>/catalog.sqlite``); see :func:`catalog_attach_string`.
     ``storage_options`` go to the fsspec filesystem used for images. For ``s3://``,
-    credentials come from the environment only (``AWS_ACCESS_KEY_ID``,
-    ``AWS_SECRET_ACCESS_KEY``, optional ``AWS_SESSION_TOKEN``, ``AWS_REGION``); the endpoint
-    from ``$FASTFACE_S3_ENDPOINT_URL`` or ``$AWS_ENDPOINT_URL`` when set.
+    credentials come from the standard AWS chain (:mod:`storage.credentials`: environment,
+    ``AWS_PROFILE`` and the shared files, web identity); the endpoint from
+    ``$FASTFACE_S3_ENDPOINT_URL`` or ``$AWS_ENDPOINT_URL`` when set.
     A Store pickles as its (root, storage_options, catalog), so it can be handed to Ray workers.
     """
 
@@ -218,7 +207,8 @@ class Store:
                                f"not {protocol}://")
         options = dict(self.storage_options)
         if self.is_s3:
-            self._s3 = _s3_settings()
+            resolve_s3_credentials(root)  # fail now, in one line, when the chain finds none
+            self._s3 = _s3_endpoint_settings()
             endpoint = s3_endpoint()
             if endpoint:
                 _check_endpoint_reachable(endpoint)
@@ -328,7 +318,9 @@ class Store:
         load_extensions(con, needed)
         con.execute("SET TimeZone='UTC'")
         if self.is_s3:
-            fields = ", ".join(f"{k} {_lit(v)}" if k not in ("USE_SSL",) else f"{k} {v}" for k, v in self._s3.items())
+            # Resolved at each attach: temporary credentials (a role, a web identity) are refreshed.
+            settings = {**duckdb_secret_fields(resolve_s3_credentials(self.uri(self.root))), **self._s3}
+            fields = ", ".join(f"{k} {_lit(v)}" if k not in ("USE_SSL",) else f"{k} {v}" for k, v in settings.items())
             bucket = self.root.split("/", 1)[0]
             con.execute(f"CREATE OR REPLACE SECRET fastface_s3 (TYPE s3, {fields}, SCOPE {_lit('s3://' + bucket)})")
         # Concurrent appends race for the next snapshot id; DuckLake retries them itself.

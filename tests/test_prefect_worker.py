@@ -1,9 +1,12 @@
 """Prefect for real: a server, a process work pool, `evaluate` deployed from prefect.yaml (with its schedule),
 runs executed by `prefect worker start`.
 
-- Two runs of configs/ci.yaml triggered together: both complete, every example is generated once
-  (counted over all generations rows, failed included: the run lock of flows/run_lock.py), and the
-  run's artifacts are read back by key through the Prefect client.
+- A run started through the API with the config given as values (its content, not a file path) is
+  named after the config; a second run of the deployment triggered while the first works is
+  cancelled by the deployment's concurrency limit (prefect.yaml: CANCEL_NEW) without the worker
+  starting a process for it; the first completes with every example generated once, and the run's
+  artifacts are read back by key through the Prefect client.
+- A run that fails posts to the failure webhook (FASTFACE_FAILURE_WEBHOOK), served on 127.0.0.1.
 - The worker is SIGKILLed (with its flow-run process) during generation; a new worker runs the
   deployment again and the store ends with exactly the planned rows, none twice.
 
@@ -12,13 +15,17 @@ The flow runs join this session's Ray (RAY_ADDRESS) so no Ray is started per run
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+
+import yaml
 
 import pytest
 from conftest import wait_for_stored_rows
@@ -42,10 +49,10 @@ def prefect_cli(server, *args: str, check: bool = True) -> subprocess.CompletedP
 class Worker:
     """`prefect worker start` of the process pool, in its own process group (killed whole, flow runs included)."""
 
-    def __init__(self, server, ray_address: str, log: Path, limit: int = 2) -> None:
+    def __init__(self, server, ray_address: str, log: Path, limit: int = 2, **extra_env: str) -> None:
         env = dict(os.environ, PREFECT_API_URL=server["url"], PREFECT_HOME=str(server["home"]), PYTHONPATH=str(REPO),
                    FASTFACE_REPO=str(REPO), RAY_ADDRESS=ray_address, PREFECT_WORKER_QUERY_SECONDS="1",
-                   PREFECT_WORKER_PREFETCH_SECONDS="1")
+                   PREFECT_WORKER_PREFETCH_SECONDS="1", **extra_env)
         self.log = open(log, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "prefect", "worker", "start", "--pool", "fastface-process", "--limit", str(limit)],
@@ -76,12 +83,59 @@ def deployed(prefect_server):  # noqa: F811
     return prefect_server
 
 
-def trigger(root: Path, cache_dir: str, **overrides) -> str:
+def trigger(root: Path, cache_dir: str, *, config: str | dict = "configs/ci.yaml", **overrides) -> str:
     from prefect.deployments import run_deployment
 
-    params = {"config": "configs/ci.yaml", "root": str(root),
+    params = {"config": config, "root": str(root),
               "overrides": {"execution.cache_dir": cache_dir, **overrides}}
     return str(run_deployment(DEPLOYMENT, parameters=params, timeout=0).id)
+
+
+class Webhook:
+    """A JSON webhook on 127.0.0.1 that keeps what it receives."""
+
+    def __init__(self) -> None:
+        received = self.received = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def wait_while_running(run_id: str, timeout: float = 120) -> None:
+    """Until the run is RUNNING (its process started) or final."""
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            state = client.read_flow_run(run_id).state
+            if state is not None and (state.is_running() or state.is_final()):
+                return
+            time.sleep(1)
+    pytest.fail(f"flow run {run_id} did not start in {timeout:.0f} s")
+
+
+def release_killed_run(run_id: str) -> None:
+    """A SIGKILLed flow run stays RUNNING on the server; mark it crashed (what an operator or Prefect's
+    zombie detection does) so the deployment's concurrency slot is free for the resumed run."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(run_id, Crashed(message="worker killed by the test"), force=True)
 
 
 def wait_for_runs(run_ids: list[str], timeout: float, log: Path) -> list:
@@ -109,26 +163,45 @@ def test_worker_runs_the_deployment_and_resumes_after_being_killed(deployed, ray
     ray_address = ray_cluster.get_runtime_context().gcs_address
     cache = str(fastface_cache)
 
-    # Two runs of one config at once: both complete, each example is generated once.
-    worker = Worker(deployed, ray_address, tmp_path / "worker-1.log")
+    # A run with the config given as values; a second one while it works is cancelled, never started.
+    webhook = Webhook()
+    worker = Worker(deployed, ray_address, tmp_path / "worker-1.log", FASTFACE_FAILURE_WEBHOOK=webhook.url)
     try:
         root = tmp_path / "together"
-        runs = wait_for_runs([trigger(root, cache), trigger(root, cache)], 400, tmp_path / "worker-1.log")
-        assert all(run.state.is_completed() for run in runs), [run.state for run in runs]
+        values = yaml.safe_load((REPO / "configs" / "ci.yaml").read_text())
+        first = trigger(root, cache, config=values)
+        wait_while_running(first)
+        second = trigger(root, cache, config=values)
+        runs = wait_for_runs([first, second], 400, tmp_path / "worker-1.log")
+        assert runs[0].state.is_completed() and runs[0].name.startswith("ci-"), (runs[0].name, runs[0].state)
+        assert runs[1].state.is_cancelled() and runs[1].infrastructure_pid is None, runs[1].state
         counts = raw_counts(str(root))
         assert counts["generations"] == (8, 8) and counts["metrics"] == (32, 32) and counts["examples"] == (8, 8)
-        with get_client(sync_client=True) as client:  # artifacts by key: one run made the 8 images, the other none
+        with get_client(sync_client=True) as client:  # artifacts by key
             tables = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["ci-generation"])))
-        assert sorted(json.loads(t.data)[0]["ok"] for t in tables) == [0, 8]
+        assert [json.loads(t.data)[0]["ok"] for t in tables] == [8]
         assert Artifact.get("ci-summary").type == "markdown" and Artifact.get("ci-table").type == "table"
+
+        # A run that fails (its root cannot be written) posts to the webhook.
+        (failed,) = wait_for_runs([trigger(Path("/proc/fastface-not-writable"), cache, config=values)], 200,
+                                  tmp_path / "worker-1.log")
+        assert failed.state.is_failed(), failed.state
+        deadline = time.monotonic() + 30
+        while not webhook.received and time.monotonic() < deadline:
+            time.sleep(0.5)
+        (posted,) = webhook.received
+        assert posted["flow_run_id"] == str(failed.id) and posted["state"] == "Failed" and posted["run"] == "ci"
+        assert posted["flow_run"] == failed.name and "failed" in posted["text"]
 
         # Killed during generation (worker and flow-run process, SIGKILL) ...
         root = tmp_path / "killed"
         overrides = {"execution.batch_size": 1, "sweep.ip_adapter_scales": [0.5, 0.8]}
-        trigger(root, cache, **overrides)
+        killed = trigger(root, cache, **overrides)
         wait_for_stored_rows(root, "generations", 1, timeout=300)  # generation has started: a row is committed
     finally:
         worker.kill()
+        webhook.close()
+    release_killed_run(killed)
     killed_rows = raw_counts(str(root))["generations"][0]
     planned = 16
     assert 1 <= killed_rows < planned, (tmp_path / "worker-1.log").read_text()[-3000:]

@@ -61,10 +61,15 @@ def test_postgres_catalog_two_writers_and_a_reader(postgres, tmp_path, monkeypat
         Store(str(tmp_path / "third"), catalog="postgres:" + postgres.replace("dbname=fastface", "dbname=nope"))
 
 
-def _evaluate(env: dict, root: str, cache: str) -> subprocess.CompletedProcess:
+def _evaluate(env: dict, root: str, cache: str, *extra: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "fastface.cli", "evaluate", "--config", str(REPO / "configs" / "ci.yaml"),
-               "--root", root, "--set", f"execution.cache_dir={cache}"]
+               "--root", root, "--set", f"execution.cache_dir={cache}", *extra]
     return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+
+
+def _fastface(env: dict, *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fastface.cli", *argv], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
 
 
 def test_evaluate_ci_config_on_postgres_catalog_and_s3(postgres, endpoint, prefect_server, tmp_path, tmp_path_factory,
@@ -72,16 +77,27 @@ def test_evaluate_ci_config_on_postgres_catalog_and_s3(postgres, endpoint, prefe
     postgres = postgres("fastface_ci")
     root = f"s3://{BUCKET}/{uuid.uuid4().hex[:8]}/ci"
     cache = str(tmp_path_factory.mktemp("fastface-cache"))
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "RAY_ADDRESS", "AWS_PROFILE")}
-    env.update(FAKE_AWS_ENV, PYTHONPATH=str(REPO), FASTFACE_S3_ENDPOINT_URL=endpoint,
+    # Credentials only in a shared-credentials file selected by AWS_PROFILE (the one credential rule,
+    # storage/credentials.py): the check, the flow, its Ray actors, sql and report all find them there.
+    credentials = tmp_path / "aws-credentials"
+    secret = f"fastface-secret-{uuid.uuid4().hex}"  # moto accepts any keys; this one is findable
+    credentials.write_text(f"[fastface-ci]\naws_access_key_id = testing\naws_secret_access_key = {secret}\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "RAY_ADDRESS") and not k.startswith("AWS_")}
+    env.update(AWS_PROFILE="fastface-ci", AWS_SHARED_CREDENTIALS_FILE=str(credentials),
+               AWS_CONFIG_FILE=str(tmp_path / "no-aws-config"), AWS_EC2_METADATA_DISABLED="true",
+               AWS_DEFAULT_REGION="us-east-1", PYTHONPATH=str(REPO), FASTFACE_S3_ENDPOINT_URL=endpoint,
                PREFECT_API_URL=prefect_server["url"], PREFECT_HOME=str(prefect_server["home"]),
                # its own local Ray (not one another process left in /tmp/ray), patient on 2 busy cores
                RAY_ADDRESS="local", RAY_raylet_start_wait_time_s="300",
                **{CATALOG_ENV: f"postgres:{postgres}"})
+    check = _evaluate(env, root, cache, "--check")
+    assert check.returncode == 0, check.stdout[-3000:] + check.stderr[-3000:]
     first = _evaluate(env, root, cache)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    for key in FAKE_AWS_ENV:
+        monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
-        if key in FAKE_AWS_ENV or key in ("FASTFACE_S3_ENDPOINT_URL", CATALOG_ENV):
+        if key.startswith("AWS_") or key in ("FASTFACE_S3_ENDPOINT_URL", CATALOG_ENV):
             monkeypatch.setenv(key, value)
     store = Store(root)
 
@@ -99,3 +115,16 @@ def test_evaluate_ci_config_on_postgres_catalog_and_s3(postgres, endpoint, prefe
     second = _evaluate(env, root, cache)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert counts() == before
+    sql = _fastface(env, "sql", "--root", root, "SELECT count(*) AS n FROM generations")
+    assert sql.returncode == 0 and "8" in sql.stdout.split(), sql.stdout + sql.stderr
+    report = _fastface(env, "report", "--root", root)
+    assert report.returncode == 0, report.stdout[-3000:] + report.stderr[-3000:]
+    assert store.exists("reports/ci/report.html")
+    # the secret is in no stored row, no report file and nothing the commands printed
+    printed = "".join(p.stdout + p.stderr for p in (check, first, second, sql, report))
+    assert secret not in printed
+    with Catalog(store) as cat:
+        for table in ("runs", "identities", "prompts", "examples", "generations", "metrics"):
+            assert not cat.rows(f"SELECT 1 FROM {table}_raw t WHERE CAST(t AS VARCHAR) LIKE ?", [f"%{secret}%"])
+    reports = store.fs.find(f"{store.root}/reports")
+    assert reports and all(secret.encode() not in store.fs.cat_file(path) for path in reports)
