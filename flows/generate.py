@@ -6,6 +6,11 @@ models load once per actor for the whole run. A shard is a list of examples
 (``execution.shard_size``, grouped by model): the unit of retry and of progress in the
 Prefect UI. The flow plans once against the store; a shard's retry re-checks only its own
 examples, so it does only what is still missing and never writes a row twice.
+
+The plan stays in Arrow (the sweep's examples, the images and scores missing, computed in
+DuckDB); a shard becomes Python rows only when it runs (:class:`TableShards`), so the driver
+never holds the run's 1.45 M examples as rows. ``weights: rehearsal`` runs the same flows on
+model-free workers (:func:`worker_classes`, :mod:`actors.rehearsal`).
 """
 
 from __future__ import annotations
