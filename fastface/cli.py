@@ -438,6 +438,9 @@ def build_parser(with_arguments_of: str | None = None) -> argparse.ArgumentParse
     """The parser; only the named subcommand gets its arguments (its handlers may import heavy modules)."""
     parser = _OneLineErrorParser(prog="fastface", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    from fastface import __version__
+
+    parser.add_argument("--version", action="version", version=f"fastface {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
         sub_parser = sub.add_parser(name, help=command.help, description=command.help)

@@ -7,6 +7,8 @@ Added to the ``fastface`` command through the ``fastface.commands`` entry point
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import sys
 
@@ -36,7 +38,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plan", action="store_true",
                         help="print what a run would do (examples, images and scores missing per model × preset × "
                              "prompt set, pipeline loads, GPU hours) and exit; starts nothing, writes nothing")
-    parser.add_argument("--json", action="store_true", help="with --plan: the plan as JSON")
+    parser.add_argument("--json", action="store_true",
+                        help="print the run's summary as JSON alone on stdout (every log line goes to stderr); "
+                             "with --plan: the plan as JSON")
     parser.add_argument("--seconds-per-image", type=float, default=None, metavar="S",
                         help="with --plan: GPU seconds per image for the estimate (default: the median that earlier "
                              "runs of each model stored)")
@@ -69,14 +73,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     problems = check_photos(config, detect_faces=args.check)
     if problems:
         raise ValueError(f"invalid evaluation config {args.config}: " + "; ".join(problems))
-    if (args.json or args.seconds_per_image is not None) and not args.plan:
-        raise ValueError("--json and --seconds-per-image go with --plan (e.g. fastface evaluate --config C --root R "
-                         "--plan --json)")
+    if args.seconds_per_image is not None and not args.plan:
+        raise ValueError("--seconds-per-image goes with --plan (e.g. fastface evaluate --config C --root R --plan "
+                         "--seconds-per-image 2.5)")
     if args.seconds_per_image is not None and not args.seconds_per_image > 0:
         raise ValueError(f"--seconds-per-image must be a positive number, got {args.seconds_per_image}")
     if args.plan:
-        import json
-
         from flows.plan import evaluation_plan, format_plan
 
         plan = evaluation_plan(config, args.root, seconds_per_image=args.seconds_per_image)
@@ -97,13 +99,35 @@ def run_evaluate(args: argparse.Namespace) -> int:
                       f"run `{command}` again to resume (finished rows are kept, none is made twice)")
     _quiet_prefect_tracebacks(args.debug)
     try:
-        summary = evaluate_flow(config=str(args.config), root=args.root, overrides=overrides or None)
+        with _stdout_to_stderr(getattr(args, "json", False)):
+            summary = evaluate_flow(config=str(args.config), root=args.root, overrides=overrides or None)
     except Exception as exc:  # a stage failed: one line (Prefect has logged the details)
         if args.debug:
             raise
         print(f"error: evaluation {config.name!r} failed: {_one_line(exc)}", file=sys.stderr)
         return 1
-    return _report_failures(args.root, config.name, summary)
+    status = _report_failures(args.root, config.name, summary)
+    if getattr(args, "json", False):
+        print(json.dumps(summary, indent=2, default=str), flush=True)
+    return status
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr(enabled: bool):
+    """While the flow runs, everything written to stdout (Prefect, Ray, subprocesses) goes to stderr."""
+    if not enabled:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -250,6 +274,8 @@ def register_commands(register) -> None:
     register("evaluate", "run an evaluation config end to end (Prefect)", add_evaluate_arguments, run_evaluate)
     register("sql", "query the result tables with DuckDB", add_sql_arguments, run_sql)
     register("report", "write the evaluation report of a run", add_report_arguments, run_report)
+    register("app", "a local web app: fronts, galleries, presets side by side, generation",
+             "app.cli:add_app_arguments", "app.cli:run_app")
     register("compact", "flush, merge and expire the store's tables (DuckLake maintenance)",
              "storage.commands:add_compact_arguments", "storage.commands:run_compact")
     register("migrate-store", "convert a store of the one-file-per-batch layout to DuckLake",

@@ -75,10 +75,23 @@ def report_flow(config: EvaluationConfig, root: str, ip_adapter_scale: float | N
                               description="ID similarity of same-person vs different-person pairs of real photos")
     create_markdown_artifact(key=artifact_key(config.name, "summary"), markdown=report["summary_markdown"],
                              description=f"FastFace evaluation report of run {config.name}")
-    html_uri = report["files"]["html"]
-    create_link_artifact(key=artifact_key(config.name, "report"),
-                         link=html_uri if "://" in html_uri else f"file://{html_uri}", link_text="report.html")
+    create_link_artifact(key=artifact_key(config.name, "report"), link=report_link(config.name, report["files"]["html"]),
+                         link_text="report.html")
     return {k: v for k, v in report.items() if k in ("run_id", "files", "counts", "tiny_models")}
+
+
+APP_URL_ENV = "FASTFACE_APP_URL"
+
+
+def report_link(run: str, html_uri: str, app_url: str | None = None) -> str:
+    """Where the report artifact points: ``fastface app``'s ``/report`` page when ``$FASTFACE_APP_URL`` names
+    the app serving this store (a browser opens it from the Prefect UI), else the file's own URI."""
+    from urllib.parse import quote
+
+    app_url = app_url if app_url is not None else os.environ.get(APP_URL_ENV, "")
+    if app_url.strip():
+        return f"{app_url.strip().rstrip('/')}/report?run={quote(run)}"
+    return html_uri if "://" in html_uri else f"file://{html_uri}"
 
 
 @task(cache_policy=NONE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=5)
@@ -176,4 +189,4 @@ def evaluate_flow(config: EvaluationConfig | str, root: str, overrides: dict[str
 
 
 __all__ = ["FAILURE_WEBHOOK_ENV", "as_config", "compact_task", "evaluate_flow", "evaluate_run_name",
-           "failure_payload", "notify_failure", "record_run", "report_flow"]
+           "failure_payload", "notify_failure", "record_run", "report_flow", "report_link"]

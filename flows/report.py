@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from fastface.presets import table_ip_adapter_scale
-from flows import analysis, paper
+from flows import analysis, paper, pareto
 from flows.report_data import StoreData, report_data
 from storage import Catalog, Store
 
@@ -534,6 +534,10 @@ def build_report(
                     if png:
                         plots[f"{prompt_set}-{y}"] = png
                         written[f"lambda_{prompt_set}_{y}"] = store.write_bytes(f"{prefix}/lambda_{prompt_set}_{y}.png", png)
+        fronts_html, fronts = pareto.report_section(
+            {s: data.aggregate(prompt_set=s) for s in analysis.PROMPT_SETS})
+        for prompt_set, png in fronts.items():
+            written[f"pareto_{prompt_set}"] = store.write_bytes(f"{prefix}/pareto_{prompt_set}.png", png)
         grids = image_grids(store, catalog, run_id, max_identities=grid_identities, baseline=baseline)
         tables = paper.load_paper_tables() if paper_tables is None else paper_tables
         comparison = paper.paper_comparison(data, tables, baseline=baseline, metric_modes=run_metric_modes(catalog, run_id),
@@ -585,6 +589,7 @@ def build_report(
         "<h2>λ-curves: ID against CLIP / AE / IR, traced by ip_adapter_scale</h2>",
         "".join(f"<h3>{html.escape(k)}</h3><img src='data:image/png;base64,{base64.b64encode(v).decode()}'>"
                 for k, v in plots.items()) or "<p>(need ID and CLIP/AE/IR scores)</p>",
+        fronts_html,
         paper_html,
         f"<h2 id='fig18'>Fig. 18: ID similarity and face size (λ = {ip_adapter_scale:g})</h2>",
         "<p>Distributions per model × preset over all identities and prompts at this λ (configs/fig18.yaml: one "

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # System services the integration tests start (PostgreSQL for the DuckLake catalog, Chromium for
-# the report's browser test). Installs what is missing with apt-get; does nothing when present.
+# the report's and the app's browser tests, driven over DevTools: no chromedriver). Installs what
+# is missing with apt-get; does nothing when present.
 set -uo pipefail
 need=()
 command -v pg_ctl >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || need+=(postgresql)

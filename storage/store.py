@@ -416,6 +416,20 @@ class Store:
                 if have[name] != type_:
                     raise SchemaError(f"table {table!r} in {self.uri(self.root)}: column {name!r} is stored as "
                                       f"{have[name]}, expected {schema(table).field(name).type} ({type_})")
+        self._ensure_views(con)
+
+    def _ensure_views(self, con) -> None:
+        """The deduplicated views stock DuckDB reads (:mod:`storage.views`); another writer may be adding them."""
+        from storage.views import ensure_views
+
+        for attempt in range(_WRITE_ATTEMPTS):
+            try:
+                ensure_views(con, LAKE)
+                return
+            except duckdb.Error as exc:
+                if attempt == _WRITE_ATTEMPTS - 1 or not _retryable(exc) and "already exists" not in str(exc):
+                    raise StorageError(f"cannot create the views of {self.uri(self.root)}: {exc}") from None
+                time.sleep(0.05 + random.random() * 0.2)
 
     def _add_new_nullable_columns(self, con, expected, found, version: int) -> None:
         """Schema evolution: tables of an older schema version get the nullable columns added since

@@ -1,7 +1,7 @@
-"""A minimal headless-Chromium driver over the DevTools protocol (for the report's browser test).
+"""A minimal headless-Chromium driver over the DevTools protocol (the report's and the app's browser tests).
 
-Starts Debian's ``chromium`` with a fresh profile and no network services, opens one page,
-evaluates JavaScript and takes screenshots. Uses the ``websockets`` package (already a
+Starts Debian's ``chromium`` with a fresh profile and no network services, opens pages,
+clicks, chooses files, evaluates JavaScript and takes screenshots. Uses the ``websockets`` package (already a
 dependency of the stack) and nothing else.
 """
 
@@ -107,6 +107,29 @@ class Chromium:
         self.events = []
         self.call("Page.navigate", url=Path(path).resolve().as_uri())
         self.wait_for("Page.loadEventFired")
+
+    def navigate(self, url: str) -> None:
+        """Open ``url`` (http://...) and wait for its load event."""
+        self.events = []
+        self.call("Page.navigate", url=url)
+        self.wait_for("Page.loadEventFired")
+
+    def click(self, selector: str, *, wait_for_load: bool = True) -> None:
+        """A real mouse click (pressed and released) at the centre of the element ``selector`` (CSS)."""
+        self.evaluate(f"document.querySelector({json.dumps(selector)}).scrollIntoView({{block: 'center'}})")
+        box = self.evaluate(f"(() => {{ const r = document.querySelector({json.dumps(selector)}).getBoundingClientRect();"
+                            " return [r.left + r.width / 2, r.top + r.height / 2]; })()")
+        self.events = []
+        for kind in ("mousePressed", "mouseReleased"):
+            self.call("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left", clickCount=1)
+        if wait_for_load:
+            self.wait_for("Page.loadEventFired")
+
+    def set_files(self, selector: str, paths: list[str]) -> None:
+        """Choose ``paths`` in the file input ``selector`` (what a user does in the file dialog)."""
+        root = self.call("DOM.getDocument")["root"]["nodeId"]
+        node = self.call("DOM.querySelector", nodeId=root, selector=selector)["nodeId"]
+        self.call("DOM.setFileInputFiles", nodeId=node, files=[str(p) for p in paths])
 
     def evaluate(self, expression: str):
         result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)

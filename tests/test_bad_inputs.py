@@ -574,8 +574,13 @@ def test_ctrl_c_stops_within_10_s_and_the_rerun_completes_exactly_the_planned_ro
 
     killed_rows = Store(str(root)).read("generations").num_rows
     assert 1 <= killed_rows < planned
-    rerun = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    # --json: the summary alone on stdout (Prefect's and Ray's logs on stderr), what `| python -m json.tool` reads
+    rerun = subprocess.run(command + ["--json"], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-3000:]
+    pretty = subprocess.run([sys.executable, "-m", "json.tool"], input=rerun.stdout, capture_output=True, text=True)
+    assert pretty.returncode == 0, rerun.stdout[-3000:]
+    summary = json.loads(pretty.stdout)
+    assert summary["run"] == "ci" and summary["generation"]["ok"] == planned - killed_rows, summary
     with Catalog(Store(str(root))) as catalog:
         raw = catalog.query("SELECT count(*) FROM generations_raw").column(0)[0].as_py()
         ok = catalog.query("SELECT count(*) FROM generations WHERE status = 'ok'").column(0)[0].as_py()
