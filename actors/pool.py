@@ -105,19 +105,28 @@ def _verbose() -> bool:
     return os.environ.get("FASTFACE_VERBOSE", "") not in ("", "0") or logging.getLogger().isEnabledFor(logging.DEBUG)
 
 
-def pool_shape(num_workers: int | None = None, *, cpus_per_worker: float = 1.0, use_gpus: bool = True) -> tuple[int, float]:
+def pool_shape(num_workers: int | None = None, *, cpus_per_worker: float = 1.0, use_gpus: bool = True,
+               gpus_per_worker: float | None = None) -> tuple[int, float]:
     """``(workers, GPUs per worker)`` for the GPUs Ray sees; ``(n, 0.0)`` on a cluster without GPUs.
 
     By default one worker per whole GPU. More workers than GPUs share them in equal fractions.
     Without GPUs, one worker per ``cpus_per_worker`` CPUs (at least one). Never more workers
     than the cluster's CPUs can place at ``cpus_per_worker`` each (each actor reserves that many).
     ``use_gpus=False`` shapes a CPU-only pool on any cluster.
+
+    ``gpus_per_worker``: the pool's own request, whatever the cluster holds now — ``num_workers``
+    actors (default: as many as the GPUs present fit, at least one) of that many GPUs each. Actors
+    the cluster cannot place yet wait as pending demand, which an autoscaler turns into nodes
+    (:meth:`ActorPool._ask_for_gpus`), so no cap by the CPUs present either.
     """
     resources = ray.cluster_resources()
     gpus = float(resources.get("GPU", 0.0)) if use_gpus else 0.0
     cpus = float(resources.get("CPU", 1.0))
     if num_workers is not None and int(num_workers) < 1:
         raise ValueError(f"num_workers must be at least 1, got {num_workers}")
+    if use_gpus and gpus_per_worker:
+        workers = int(num_workers) if num_workers is not None else max(1, int(gpus // gpus_per_worker))
+        return workers, float(gpus_per_worker)
     # Actors beyond what the CPUs can place would wait forever with batches queued on them.
     cpu_cap = max(1, int(cpus // cpus_per_worker)) if cpus_per_worker > 0 else None
     if gpus > 0:
@@ -129,6 +138,33 @@ def pool_shape(num_workers: int | None = None, *, cpus_per_worker: float = 1.0, 
     if gpus <= 0:
         return workers, 0.0
     return workers, (1.0 if workers <= gpus else gpus / workers)
+
+
+class NoGpuError(RuntimeError):
+    """A pool that needs GPUs (real weights) found none in the cluster; the message names the setting."""
+
+
+def ask_for_gpus(workers: int, gpus_each: float, cpus_each: float, *, kind: str = "generator",
+                 wait_s: float | None = None) -> None:
+    """Ask the cluster's autoscaler for ``workers`` bundles of ``gpus_each`` GPUs (Ray's
+    ``request_resources``: the autoscaler adds nodes for them even before the actors exist) and,
+    with ``wait_s``, wait that long for the first GPU: none → :class:`NoGpuError` (request withdrawn).
+    Withdraw with ``request_resources(bundles=[])`` when the work is done."""
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[{"GPU": gpus_each, "CPU": cpus_each}] * workers)
+    log.info("%s pool: asked the cluster for %d workers with %g GPU each", kind, workers, gpus_each)
+    if wait_s is None:
+        return
+    deadline = time.monotonic() + max(0.0, wait_s)
+    while float(ray.cluster_resources().get("GPU", 0.0)) <= 0:
+        if time.monotonic() >= deadline:
+            request_resources(bundles=[])
+            raise NoGpuError(
+                f"no GPU in the Ray cluster after {wait_s:g} s (the {kind} pool asks for {workers} workers with "
+                f"{gpus_each:g} GPU each): give the cluster GPU nodes or an autoscaler with a GPU node type, "
+                "or set execution.device: cpu to run real weights on CPUs")
+        time.sleep(1.0)
 
 
 # -- the actor -------------------------------------------------------------------------------------
@@ -189,6 +225,13 @@ class PoolOptions:
     cpus_per_worker: float = 1.0
     max_retries: int = 2  # re-runs of a batch whose actor died
     use_gpus: bool = True  # False: CPU actors even where GPUs are (face analysis next to a generator pool)
+    # GPUs each actor asks for, whatever the cluster holds now (pending actors make an autoscaler add
+    # GPU nodes; see pool_shape). None: one actor per GPU present (CPU actors where there is none).
+    gpus_per_worker: float | None = None
+    # Real weights: a pool that finds no GPU within gpu_wait_s (nodes an autoscaler starts included)
+    # fails naming execution.device, instead of running SDXL on CPUs.
+    require_gpus: bool = False
+    gpu_wait_s: float = 600.0
     verbose: bool | None = None  # model-loading bars in the actors; default from FASTFACE_VERBOSE / debug logging
     # The driver appends the rows of the batches that finished within this many seconds in one
     # transaction (one file per run) and keeps the actors fed meanwhile: an append costs about the
@@ -259,6 +302,7 @@ class ActorPool:
         self._remote = ray.remote(actor_class)
         # The driver's store settings, credentials and weight locations, for actors on any node.
         self._runtime_env = actor_runtime_env()
+        self._requested = False  # an autoscaler request of this pool is open (withdrawn in close())
         self._pool_id = uuid.uuid4().hex[:8]
         self._actors: dict[int, Any] = {}  # slot -> handle
         self._restarts: dict[int, int] = {}
@@ -274,10 +318,20 @@ class ActorPool:
 
     def _shape(self) -> int:
         if self._capacity is None:
+            gpus_each = self.options.gpus_per_worker or (1.0 if self.options.require_gpus else None)
             self._capacity, self._gpus_each = pool_shape(self.options.num_workers,
                                                          cpus_per_worker=self.options.cpus_per_worker,
-                                                         use_gpus=self.options.use_gpus)
+                                                         use_gpus=self.options.use_gpus, gpus_per_worker=gpus_each)
+            if self._gpus_each > 0 and self.options.use_gpus and gpus_each:
+                self._ask_for_gpus()
         return self._capacity
+
+    def _ask_for_gpus(self) -> None:
+        """Tell the autoscaler what the pool needs and, when GPUs are required, wait for the first GPU
+        node (:func:`ask_for_gpus`); the request is withdrawn in :meth:`close`, so nodes scale down."""
+        self._requested = True
+        ask_for_gpus(self._capacity, self._gpus_each, self.options.cpus_per_worker, kind=self.kind,
+                     wait_s=self.options.gpu_wait_s if self.options.require_gpus else None)
 
     def _start(self, slot: int) -> Any:
         restart = self._restarts.setdefault(slot, 0)
@@ -305,6 +359,14 @@ class ActorPool:
             except Exception:  # already dead, or Ray is shutting down
                 pass
         self._actors.clear()
+        if self._requested:
+            self._requested = False
+            try:
+                from ray.autoscaler.sdk import request_resources
+
+                request_resources(bundles=[])  # the nodes it brought may go once idle
+            except Exception:  # Ray is shutting down
+                pass
         self.closed = True
 
     def __enter__(self) -> "ActorPool":
@@ -706,6 +768,6 @@ def run_scoring(
 
 
 __all__ = [
-    "NAMESPACE", "ActorPool", "GeneratorPools", "MetricPool", "PoolOptions", "PoolStats", "WorkerSpec",
+    "NAMESPACE", "ActorPool", "GeneratorPools", "MetricPool", "NoGpuError", "ask_for_gpus", "PoolOptions", "PoolStats", "WorkerSpec",
     "connect_ray", "describe_ray", "missing_metric_work", "pool_shape", "run_generation", "run_scoring",
 ]

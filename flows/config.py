@@ -144,6 +144,11 @@ class ExecutionConfig(_Model):
     shard_size: int = Field(default=256, ge=1)  # examples per Prefect task (one pool per shard)
     num_workers: int | None = Field(default=None, ge=1)
     cpus_per_worker: float = Field(default=1.0, gt=0)
+    # GPUs each pool actor asks for, whatever the cluster holds when the pool starts: num_workers
+    # actors of this many GPUs make an autoscaler add GPU nodes. None: 1 with real weights (unless
+    # device: cpu), else one actor per GPU present (CPU actors where there is none).
+    gpus_per_worker: float | None = Field(default=None, gt=0)
+    gpu_wait_s: float = Field(default=600.0, ge=0)  # real weights: fail when no GPU node came by then
     ray_address: str | None = None
     cache_dir: str | None = None  # fused checkpoints, tiny models, identity cache; default $FASTFACE_CACHE
     device: str | None = None

@@ -36,7 +36,7 @@ from prefect.cache_policies import NONE
 from fastface.provenance import package_versions
 from flows.build_dataset import build_dataset_flow
 from flows.config import EvaluationConfig, config_from_dict, load_config
-from flows.generate import artifact_key, generate_flow, score_flow
+from flows.generate import artifact_key, check_gpus, generate_flow, score_flow
 from flows.report import build_report
 from flows.retries import retry_transient
 from flows.run_lock import run_lock
@@ -174,6 +174,7 @@ def evaluate_flow(config: EvaluationConfig | str, root: str, overrides: dict[str
     """
     started = time.perf_counter()
     cfg = as_config(config, overrides)
+    check_gpus(cfg)  # real weights and no GPU anywhere: fail now, not after the dataset
     with run_lock(cfg.name, root):  # an overlapping run of this config waits, then finds its work done
         written = record_run(cfg, root)
         dataset = build_dataset_flow(cfg, root)

@@ -289,8 +289,34 @@ def scoring_work(store: Store, config: EvaluationConfig) -> tuple[int, pa.Table]
 
 
 def pool_options(config: EvaluationConfig) -> PoolOptions:
+    """Pools sized from the config: real weights ask for GPUs (one per actor unless
+    ``execution.gpus_per_worker`` says otherwise) and fail when none comes, unless ``device: cpu``."""
     ex = config.execution
-    return PoolOptions(num_workers=ex.num_workers, cpus_per_worker=ex.cpus_per_worker)
+    on_gpus = config.weights == "real" and (ex.device or "cuda").split(":")[0] != "cpu"
+    return PoolOptions(num_workers=ex.num_workers, cpus_per_worker=ex.cpus_per_worker,
+                       gpus_per_worker=ex.gpus_per_worker or (1.0 if on_gpus else None),
+                       require_gpus=on_gpus, gpu_wait_s=ex.gpu_wait_s)
+
+
+@task(cache_policy=NONE)
+def check_gpus(config: EvaluationConfig) -> str:
+    """Before any work: a run on real weights finds its GPUs (nodes an autoscaler adds within
+    ``execution.gpu_wait_s`` included) or fails in one line naming ``execution.device``."""
+    from actors.pool import ask_for_gpus, connect_ray, describe_ray, pool_shape
+
+    options = pool_options(config)
+    if not options.require_gpus:
+        return "no GPUs required"
+    connect_ray(config.execution.ray_address)
+    workers, gpus_each = pool_shape(options.num_workers, cpus_per_worker=options.cpus_per_worker,
+                                    gpus_per_worker=options.gpus_per_worker)
+    from ray.autoscaler.sdk import request_resources
+
+    try:
+        ask_for_gpus(workers, gpus_each, options.cpus_per_worker, wait_s=options.gpu_wait_s)
+    finally:
+        request_resources(bundles=[])  # the pools ask again, for themselves
+    return describe_ray()
 
 
 def _is_retry() -> bool:

@@ -45,6 +45,7 @@ INTEGRATION = (
     "tests/test_actors.py::test_pools_live_for_the_run_and_load_once_per_actor",
     "tests/test_rehearsal.py::test_rehearsal_runs_every_step_with_exact_rows",
     "tests/test_rehearsal.py::test_plan_says_what_the_run_did",
+    "tests/test_autoscaling.py::",
 )
 # The longest of them (4–8 minutes each on 2 cores: several `fastface evaluate` runs apiece);
 # FASTFACE_LONG=0 skips them for a quicker local run. CI runs them (the suite ~27 min on 2 cores).
@@ -57,8 +58,9 @@ LONG = (
 # The longest files first: with `pytest -n 2 --dist loadfile` (scripts/test.sh) a file runs whole on
 # one worker, so a long one started last would leave the other worker idle at the end.
 LONGEST_FIRST = ("tests/test_prefect_worker.py", "tests/test_bad_inputs.py", "tests/test_flows_chain.py",
-                 "tests/test_cluster_ray.py", "tests/test_actors.py", "tests/test_storage_postgres.py",
-                 "tests/test_pipeline.py", "tests/test_flows_dataset.py", "tests/test_rehearsal.py", "tests/test_cli.py")
+                 "tests/test_cluster_ray.py", "tests/test_autoscaling.py", "tests/test_actors.py",
+                 "tests/test_storage_postgres.py", "tests/test_pipeline.py", "tests/test_flows_dataset.py",
+                 "tests/test_rehearsal.py", "tests/test_cli.py")
 
 
 def pytest_collection_modifyitems(config, items):
