@@ -7,10 +7,9 @@ deduplication of :mod:`storage.catalog`'s views, done on the few rows shown inst
 whole table. Fronts aggregate through the catalog's deduplicated views, once per run and
 filter (cached: a store's finished run does not change).
 
-:func:`open_store` opens the store without creating one (a missing root or a folder without
-tables is an :class:`AppError` on the page, and opening is retried on the next request). For
-now it opens it as :class:`storage.Store` does, which adds missing tables and views to an
-existing store; storage's read-only opener takes its place when it lands.
+:func:`open_store` opens the store read-only, as ``fastface sql`` does (:mod:`storage.readonly`:
+nothing is created or changed, external access is off); a missing root or a folder without
+tables is an :class:`AppError` on the page, and opening is retried on the next request.
 """
 
 from __future__ import annotations
@@ -34,13 +33,15 @@ class AppError(ValueError):
 
 
 def open_store(root: str):
-    """``(Store, Catalog)`` of an existing store; nothing is created. (Replaced by storage's read-only opener.)"""
-    from storage import Catalog, Store
+    """``(Store, Catalog)`` of an existing store, read-only (:mod:`storage.readonly`: the lake attached
+    READ_ONLY, external access off, nothing created); the same rule as ``fastface sql``."""
+    from storage import Catalog
     from storage.checks import check_store_root
+    from storage.readonly import readonly_store
 
     check_store_root(root, for_reading=True)
-    store = Store(root)
-    return store, Catalog(store)
+    store = readonly_store(root)
+    return store, Catalog.readonly(store)
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from fastface.attention import AM1, AM2, AM2_NO_ADAIN, AMConfig
-from fastface.guidance import DCG_PRESET, DCGConfig, constant_guidance
+from fastface.attention import AM1, AM2, AM2_NO_ADAIN, AMConfig, PartValues
+from fastface.guidance import DCG_PRESET, DCGConfig, TimestepSchedule, constant_guidance
 from fastface.registry import Registry
 
 
@@ -47,6 +47,64 @@ for _p in (
     Preset("ff-am2", DCG_PRESET, AM2, "FastFace: DCG + AM2 with AdaIN"),
 ):
     PRESETS.register(_p.name, _p)
+
+
+# -- the paper's ablations (configs/ablations/, the report's ablation sections) ---------------------------
+# All at the `dcg` preset's strengths where not varied: α = 1.5, β = 3.0 in the guided steps, φ = 0.75,
+# variant `id`; AM1 at its values (method-spec §3). Each group lists its presets in the figure's order.
+_GUIDED_A, _GUIDED_B = 1.5, 3.0
+
+
+def _steps(guided: tuple[int, ...], value: float) -> tuple[float, ...]:
+    return tuple(value if i in guided else 1.0 for i in range(4))
+
+
+#: Fig. 3: DCG's scheduling regimes: which of the 4 steps are guided (the `dcg` preset: steps 1-2 only;
+#: the figure shows that also guiding the first or the last step alters the image), and a timestep schedule
+#: (:data:`fastface.guidance.TIMESTEP_SCHEDULES`, the authors' cfg_schedulers) in place of per-step lists.
+FIG3_SCHEDULES: tuple[Preset, ...] = (
+    Preset("dcg-sched-first", DCGConfig(alpha=_steps((0, 1, 2), _GUIDED_A), beta=_steps((0, 1, 2), _GUIDED_B),
+                                        rescale=0.75), None, "Fig. 3: DCG in steps 0-2 (the first step too)"),
+    Preset("dcg-sched-last", DCGConfig(alpha=_steps((1, 2, 3), _GUIDED_A), beta=_steps((1, 2, 3), _GUIDED_B),
+                                       rescale=0.75), None, "Fig. 3: DCG in steps 1-3 (the last step too)"),
+    Preset("dcg-sched-all", DCGConfig(alpha=_steps((0, 1, 2, 3), _GUIDED_A), beta=_steps((0, 1, 2, 3), _GUIDED_B),
+                                      rescale=0.75), None, "Fig. 3: DCG in all four steps"),
+    Preset("dcg-sched-linear", DCGConfig(alpha=_GUIDED_A, beta=_GUIDED_B, rescale=0.75,
+                                         alpha_schedule=TimestepSchedule("clamped_linear", {"c": 1.0}),
+                                         beta_schedule=TimestepSchedule("clamped_linear", {"c": 1.0})), None,
+           "Fig. 3: DCG weighted by timestep, max(1, w·(1 − t/T)), at every step"),
+)
+#: Fig. 15: the DCG variants (Eq. 16-18) over an α × β grid, guided in steps 1-2 as the `dcg` preset
+#: (α = 1.5, β = 3 is the preset itself for the `id` variant).
+FIG15_VARIANTS = ("id", "text", "independent")
+FIG15_ALPHAS = (1.0, 1.5, 2.0)
+FIG15_BETAS = (1.5, 3.0, 4.5)
+
+
+def fig15_preset_name(variant: str, alpha: float, beta: float) -> str:
+    return f"dcg-{variant}-a{alpha:g}-b{beta:g}"
+
+
+FIG15_GRID: tuple[Preset, ...] = tuple(
+    Preset(fig15_preset_name(v, a, b), DCGConfig(alpha=_steps((1, 2), a), beta=_steps((1, 2), b), rescale=0.75,
+                                                 variant=v), None,
+           f"Fig. 15: DCG variant {v!r}, α = {a:g}, β = {b:g} in steps 1-2")
+    for v in FIG15_VARIANTS for a in FIG15_ALPHAS for b in FIG15_BETAS)
+#: Fig. 16: AM1's two components apart (scale only: p = 1; power only: s = 1) and together (`am1`).
+FIG16_COMPONENTS: tuple[Preset, ...] = (
+    Preset("am1-scale-only", None, replace(AM1, power=PartValues.same(1.0), name="AM1-scale-only"),
+           "Fig. 16: AM1 with its scale s only (p = 1)"),
+    Preset("am1-power-only", None, replace(AM1, scale=PartValues.same(1.0), name="AM1-power-only"),
+           "Fig. 16: AM1 with its power p only (s = 1)"),
+)
+for _p in FIG3_SCHEDULES + FIG15_GRID + FIG16_COMPONENTS:
+    PRESETS.register(_p.name, _p)
+#: Per figure, the presets it compares, in its order (each against `baseline`).
+ABLATION_PRESETS: dict[str, tuple[str, ...]] = {
+    "fig3": ("dcg", *(p.name for p in FIG3_SCHEDULES)),
+    "fig15": tuple(p.name for p in FIG15_GRID),
+    "fig16": ("am1-scale-only", "am1-power-only", "am1"),
+}
 
 
 def get_preset(name: str) -> Preset:

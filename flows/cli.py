@@ -1,4 +1,4 @@
-"""``fastface evaluate``, ``sql``, ``report``, ``compact`` and ``migrate-store``.
+"""``fastface evaluate``, ``sql``, ``report``, ``snapshots``, ``restore``, ``compact`` and ``migrate-store``.
 
 Added to the ``fastface`` command through the ``fastface.commands`` entry point
 (:func:`register_commands`), so the library does not import this layer.
@@ -202,28 +202,65 @@ def _report_failures(root: str, run: str, summary: dict) -> int:
 
 def add_sql_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", required=True, help="store root: a folder or s3://bucket/prefix")
-    parser.add_argument("--max-rows", type=int, default=50)
-    parser.add_argument("query", help='SQL over the views runs, identities, prompts, examples, generations, metrics '
-                                      '(deduplicated) and <table>_raw, e.g. "SELECT preset, metric, avg(value) FROM '
-                                      'metrics JOIN examples USING (example_id) GROUP BY ALL"')
+    parser.add_argument("--max-rows", type=int, default=50, help="rows shown by --format table (default %(default)s)")
+    parser.add_argument("--format", default="table", choices=("table", "csv", "json", "parquet"),
+                        help="table (aligned text, first --max-rows rows), or every row as csv, json (an array of "
+                             "objects) or parquet (needs --out)")
+    parser.add_argument("--out", default=None, metavar="FILE", help="write the result to FILE (default: stdout)")
+    parser.add_argument("-f", "--file", default=None, metavar="QUERY.sql", help="read the query from a file")
+    parser.add_argument("query", nargs="?", default=None,
+                        help='SQL over the views runs, identities, prompts, examples, generations, metrics '
+                             '(deduplicated) and <table>_raw, e.g. "SELECT preset, metric, avg(value) FROM '
+                             'metrics JOIN examples USING (example_id) GROUP BY ALL". Read-only: statements that '
+                             'change anything, and files outside the store, are refused')
 
 
 def run_sql(args: argparse.Namespace) -> int:
+    """Queries only: the lake attached read-only, external access off (storage.readonly)."""
     import duckdb
 
     from fastface.validation import positive_int
-    from storage import Catalog, Store
+    from storage.catalog import write_result
     from storage.checks import check_store_root
+    from storage.readonly import check_read_only_sql, readonly_catalog
 
-    if not args.query.strip().rstrip(";").strip():
+    query = args.query
+    if args.file is not None:
+        if query is not None:
+            raise ValueError("give the query either as an argument or with -f FILE, not both")
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                query = f.read()
+        except OSError as exc:
+            raise ValueError(f"-f {args.file}: cannot read the query file ({exc.strerror or exc})") from None
+    if not (query or "").strip().rstrip(";").strip():
         raise ValueError('the query is empty; e.g. fastface sql --root ROOT "SELECT * FROM runs"')
     positive_int("--max-rows", args.max_rows)
+    if args.format == "parquet" and not args.out:
+        raise ValueError("--format parquet writes a file: give --out FILE.parquet")
+    if args.out:
+        folder = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(folder):
+            raise ValueError(f"--out {args.out}: the folder {folder} does not exist")
     check_store_root(args.root, for_reading=True)
-    with Catalog(Store(args.root)) as catalog:
+    check_read_only_sql(query)
+    with readonly_catalog(args.root) as catalog:
+        tmp = None if not args.out else os.path.join(os.path.dirname(os.path.abspath(args.out)),
+                                                     f".tmp-{os.getpid()}-{os.path.basename(args.out)}")
         try:
-            print(catalog.sql_table(args.query, max_rows=args.max_rows))
+            with catalog.store.catalog_lock(exclusive=False):
+                reader = catalog.con.execute(query).fetch_record_batch(8192)
+                write_result(reader, args.format, tmp, max_rows=args.max_rows)
+            if tmp:
+                os.replace(tmp, args.out)  # the file appears whole or not at all
+        except duckdb.PermissionException as exc:
+            raise ValueError(f"refused: {str(exc).splitlines()[0]}; fastface sql reads only the store's own "
+                             "tables") from None
         except duckdb.Error as exc:
             raise ValueError(f"query failed: {str(exc).splitlines()[0]}") from None
+        finally:
+            if tmp and os.path.exists(tmp):
+                os.remove(tmp)
     return 0
 
 
@@ -269,11 +306,98 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_snapshots_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", required=True, help="store root: a folder or s3://bucket/prefix")
+    parser.add_argument("--limit", type=int, default=30, help="show the latest N snapshots (default %(default)s)")
+
+
+def run_snapshots(args: argparse.Namespace) -> int:
+    from fastface.validation import positive_int
+    from storage.checks import check_store_root
+    from storage.readonly import readonly_store
+
+    positive_int("--limit", args.limit)
+    check_store_root(args.root, for_reading=True)
+    with readonly_store(args.root) as store:
+        rows, total = store.snapshots(args.limit)
+    print(f"{'snapshot':>8} | {'time (UTC)':<19} | what changed")
+    for row in rows:
+        what = row["changes"] + (f" ({row['message']})" if row["message"] else "")
+        print(f"{row['snapshot_id']:>8} | {row['time']:%Y-%m-%d %H:%M:%S} | {what}")
+    print(f"({total} snapshots" + (f", latest {len(rows)} shown)" if total > len(rows) else ")"))
+    return 0
+
+
+def add_restore_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", required=True, help="store root: a folder or s3://bucket/prefix")
+    when = parser.add_mutually_exclusive_group(required=True)
+    when.add_argument("--snapshot", type=int, help="bring the tables back to this snapshot (see fastface snapshots)")
+    when.add_argument("--before", metavar="TIME",
+                      help="bring the tables back to the last snapshot before TIME (ISO 8601; UTC unless it says)")
+    parser.add_argument("--wait", type=float, default=10.0,
+                        help="seconds to wait for a run evaluating into the store to finish (default %(default)s)")
+
+
+@contextlib.contextmanager
+def _runs_locked(root: str, runs: list[str], wait_s: float):
+    """Hold the run lock (flows.run_lock) of every run in the store, or fail naming the one in progress."""
+    from flows.run_lock import RunLockTimeout, file_lock, lock_name
+
+    with contextlib.ExitStack() as stack:
+        for run in runs:
+            try:
+                if os.environ.get("PREFECT_API_URL"):
+                    from flows.run_lock import run_lock
+
+                    stack.enter_context(run_lock(run, root, timeout_seconds=wait_s))
+                else:  # what `fastface evaluate` on a temporary server takes (flows.run_lock)
+                    from pathlib import Path
+
+                    home = Path(os.path.expanduser(os.environ.get("PREFECT_HOME") or "~/.prefect"))
+                    stack.enter_context(file_lock(home / "run-locks" / f"{lock_name(run, root)}.lock",
+                                                  timeout_seconds=wait_s))
+            except (RunLockTimeout, TimeoutError):
+                raise ValueError(f"run {run!r} is being evaluated into {root}; restore when it has finished "
+                                 f"(or raise --wait)") from None
+        yield
+
+
+def run_restore(args: argparse.Namespace) -> int:
+    from datetime import datetime, timezone
+
+    from storage import Store
+    from storage.checks import check_store_root
+
+    if args.before is not None:
+        try:
+            when = datetime.fromisoformat(args.before)
+        except ValueError:
+            raise ValueError(f"--before {args.before!r} is not an ISO 8601 time (e.g. 2026-12-07T01:30:00)") from None
+        when = when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+    check_store_root(args.root, for_reading=True)
+    with Store(args.root) as store:
+        runs = store.run_ids("runs")
+        snapshot = args.snapshot if args.before is None else store.snapshot_before(when)
+        with _runs_locked(args.root, runs, args.wait):
+            restored = store.restore(snapshot)
+    if not restored:
+        print(f"{args.root} already holds the contents of snapshot {snapshot}: nothing to restore")
+    else:
+        tables = ", ".join(f"{t} {n} rows" for t, n in restored.items())
+        print(f"restored {args.root} to snapshot {snapshot} (a new snapshot; undo with fastface restore "
+              f"again): {tables}")
+    return 0
+
+
 def register_commands(register) -> None:
     """Entry point of the ``fastface.commands`` group: one line per subcommand."""
     register("evaluate", "run an evaluation config end to end (Prefect)", add_evaluate_arguments, run_evaluate)
-    register("sql", "query the result tables with DuckDB", add_sql_arguments, run_sql)
+    register("sql", "query the result tables with DuckDB (read-only)", add_sql_arguments, run_sql)
     register("report", "write the evaluation report of a run", add_report_arguments, run_report)
+    register("snapshots", "list the store's snapshots (what each commit changed)", add_snapshots_arguments,
+             run_snapshots)
+    register("restore", "bring the store's tables back to an earlier snapshot (undo)", add_restore_arguments,
+             run_restore)
     register("app", "a local web app: fronts, galleries, presets side by side, generation",
              "app.cli:add_app_arguments", "app.cli:run_app")
     register("compact", "flush, merge and expire the store's tables (DuckLake maintenance)",

@@ -77,7 +77,8 @@ def report_flow(config: EvaluationConfig, root: str, ip_adapter_scale: float | N
                              description=f"FastFace evaluation report of run {config.name}")
     create_link_artifact(key=artifact_key(config.name, "report"), link=report_link(config.name, report["files"]["html"]),
                          link_text="report.html")
-    return {k: v for k, v in report.items() if k in ("run_id", "files", "counts", "tiny_models")}
+    return {**{k: v for k, v in report.items() if k in ("run_id", "files", "counts", "tiny_models")},
+            "claims": report.get("claims_summary", {})}
 
 
 APP_URL_ENV = "FASTFACE_APP_URL"
@@ -183,7 +184,8 @@ def evaluate_flow(config: EvaluationConfig | str, root: str, overrides: dict[str
         report = report_flow(cfg, root)
         compaction = compact_task(root) if cfg.execution.compact else None
     summary = {"run": cfg.name, "root": root, "run_row_written": written, "dataset": dataset,
-               "generation": generation, "scoring": scoring, "report": report["files"], "compaction": compaction,
+               "generation": generation, "scoring": scoring, "report": report["files"],
+               "claims": report.get("claims", {}), "compaction": compaction,
                "seconds": round(time.perf_counter() - started, 1)}
     print(json.dumps(summary, indent=2, default=str))
     return summary

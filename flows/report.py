@@ -5,8 +5,11 @@ and paired differences come from SQL (:class:`flows.report_data.StoreData`, the 
 pure-Python reference :mod:`flows.analysis`), the image grids and identity photos from point queries
 bounded by what is shown, so no metric row of the run becomes a Python row. It writes under ``<root>/reports/<run>/``: ``report.html``
 (tables, plots and image grids embedded as base64), ``summary.md``, ``table.csv``,
-``paired.csv``, ``calibration.csv`` and ``lambda_<set>_<metric>.png``. The Prefect flow
-``report`` wraps it and publishes the tables and the summary as artifacts.
+``paired.csv``, ``calibration.csv``, ``paper.csv`` (every published value beside this run:
+:mod:`flows.paper`), ``claims.csv`` (the paper's claims as verdicts: :mod:`flows.claims`) and
+``lambda_<set>_<metric>.png``; the paper's ablation figures a run holds and the failure gallery come
+from :mod:`flows.ablations`. The Prefect flow ``report`` wraps it and publishes the tables and the
+summary as artifacts.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from fastface.presets import table_ip_adapter_scale
-from flows import analysis, paper, pareto
+from flows import ablations, analysis, claims, paper, pareto
 from flows.report_data import StoreData, report_data
 from storage import Catalog, Store
 
@@ -282,24 +285,27 @@ def plot_fig18(rows: Any, *, scale: float, data: Mapping | None = None) -> bytes
 
 
 def paper_section(comparison: list[dict], tables: dict, *, tiny: list[str]) -> tuple[str, str]:
-    """HTML and markdown of "paper vs this run"."""
+    """HTML and markdown of "paper vs this run": every published cell (the markdown lists the cells this run
+    lacks by row, not one line each)."""
     from flows import paper
 
-    intro = ("Each value the paper published (its table, row and column), beside this run's mean for the same "
-             "model × preset × lora_scale on the table's prompt set and λ, with our 95 % interval (two-way bootstrap; "
-             "FFC: Wilson interval of the failure rate, scaled to the paper's number of images), the difference, "
-             "and whether the paper's value lies inside our interval.")
+    intro = ("Each value the paper published (Tables 1-3 of arXiv 2505.21144: table, row and the column as printed), "
+             "beside this run's mean for the same model × preset × lora_scale on the table's prompt set and λ, with "
+             "our 95 % interval (two-way bootstrap; FFC: Wilson interval of the failure rate, scaled to the paper's "
+             "number of images), the difference, and whether the paper's value lies inside our interval. "
+             "'not run': this run has no examples of that configuration on that prompt set; 'no data': it has, "
+             "but the metric was not scored.")
     warnings = []
     if tiny:
         warnings.append(f"This run used tiny random-weight models ({', '.join(tiny)}): its numbers are NOT comparable "
                         "with the paper's. The paper's values are shown for reference.")
     missing = paper.missing_tables(tables)
     if missing:
-        warnings.append(f"No published values were available for {', '.join(missing)} (see flows/data/paper_tables.yaml: "
-                        "the paper could not be read from this network; only the Table 1 rows restated in the method "
-                        "specification are stored). Nothing there is estimated.")
-    columns = ["table", "set", "ip_adapter_scale", "row", "column", "model", "preset", "lora_scale", "paper", "ours",
-               "low", "high", "difference", "verdict", "n", "note"]
+        warnings.append(f"The paper tables file holds no rows for {', '.join(missing)}.")
+    counts = paper.coverage(comparison)
+    overview = [{"table": t, **c} for t, c in counts.items()]
+    columns = ["table", "set", "ip_adapter_scale", "row", "column", "metric", "model", "preset", "lora_scale", "paper",
+               "ours", "low", "high", "difference", "verdict", "n", "note"]
     if any("paper_change" in c for c in comparison):
         columns += ["paper_change", "ours_change"]
     shown = [{k: c.get(k) for k in columns} for c in comparison]
@@ -310,9 +316,19 @@ def paper_section(comparison: list[dict], tables: dict, *, tiny: list[str]) -> t
                   if shown else "<p>(no published values stored)</p>")
     html_doc = ("<section id='paper-vs-run'><h2>Paper vs this run</h2>"
                 + "".join(f"<p class='warn'>{html.escape(w)}</p>" for w in warnings)
-                + f"<p>{html.escape(intro)}</p>{table_html}</section>")
-    md = "\n\n".join(["## Paper vs this run", *[f"**{w}**" for w in warnings], intro,
-                        table_markdown_simple(shown) if shown else "_no published values stored_"])
+                + f"<p>{html.escape(intro)}</p>" + _html_table(overview) + f"{table_html}</section>")
+    compared = [r for r in shown if r["verdict"] != "not run"]
+    not_run: dict[tuple, list[str]] = {}
+    for c in comparison:
+        if c["verdict"] == "not run":
+            not_run.setdefault((c["table"], c["row"], c["lora_scale"]), []).append(c["column"])
+    not_run_md = ("Not run here (" + str(sum(map(len, not_run.values()))) + " cells): "
+                  + "; ".join(f"{t} {row} (lora {lora:g}): {', '.join(cols)}" for (t, row, lora), cols in not_run.items())
+                  if not_run else "")
+    md = "\n\n".join(filter(None, ["## Paper vs this run", *[f"**{w}**" for w in warnings], intro,
+                                   table_markdown_simple(overview) if overview else "",
+                                   table_markdown_simple(compared) if compared else "_no published cell compared_",
+                                   not_run_md]))
     return html_doc, md
 
 
@@ -520,9 +536,10 @@ def build_report(
         metrics = [m for m in TABLE_METRICS if m in data.metrics]
         boot = {"samples": bootstrap_samples, "confidence": confidence, "seed": seed}
         table = main_table(data, scale=ip_adapter_scale, baseline=baseline, metrics=metrics, boot=boot)
+        # FFC too: its paired difference is the change in the face-fail rate (the paper's claims need it).
         paired = {(s, m): data.paired_differences(m, baseline=baseline, prompt_set=s, **boot)
-                  for m in metrics if m not in ("ffc",) for s in analysis.PROMPT_SETS}  # one metric's cells at a time
-        paired = [p for s in analysis.PROMPT_SETS for m in metrics if m not in ("ffc",) for p in paired[(s, m)]]
+                  for m in metrics for s in analysis.PROMPT_SETS}  # one metric's cells at a time
+        paired = [p for s in analysis.PROMPT_SETS for m in metrics for p in paired[(s, m)]]
         prefix = f"reports/{run_id}"
         written = {"table": _write_csv(store, f"{prefix}/table.csv", table),
                    "paired": _write_csv(store, f"{prefix}/paired.csv", paired)}
@@ -539,10 +556,15 @@ def build_report(
         for prompt_set, png in fronts.items():
             written[f"pareto_{prompt_set}"] = store.write_bytes(f"{prefix}/pareto_{prompt_set}.png", png)
         grids = image_grids(store, catalog, run_id, max_identities=grid_identities, baseline=baseline)
+        ablation_html, ablation_md, ablation_tables = ablations.ablation_sections(
+            catalog, store, run_id, presets, table, scale=ip_adapter_scale, baseline=baseline)
+        failures_html, failures_md, failure_rows = ablations.failure_gallery(catalog, store, run_id, scale=ip_adapter_scale)
         tables = paper.load_paper_tables() if paper_tables is None else paper_tables
         comparison = paper.paper_comparison(data, tables, baseline=baseline, metric_modes=run_metric_modes(catalog, run_id),
                                             **boot)
         written["paper"] = _write_csv(store, f"{prefix}/paper.csv", comparison)
+        claim_rows = claims.claim_verdicts(paired, tables, baseline=baseline)
+        written["claims"] = _write_csv(store, f"{prefix}/claims.csv", claim_rows)
         fig18_data = data.fig18(ip_adapter_scale)
         fig18 = plot_fig18(None, scale=ip_adapter_scale, data=fig18_data)
         fig18_bins = face_size_bins(None, pairs=fig18_data["pairs"])
@@ -559,6 +581,7 @@ def build_report(
 
     tiny = [m for m in models if m.startswith("tiny-")]
     paper_html, paper_md = paper_section(comparison, tables, tiny=tiny)
+    claims_html, claims_md = claims.claims_section(claim_rows, tiny=tiny)
     warning = (f"**These images came from tiny random-weight models ({', '.join(tiny)}): they are noise, not faces.** "
                "The numbers exercise the metric and report machinery; they say nothing about FastFace. "
                "ID is undefined (NULL) wherever no face is found, and FFC counts those images.") if tiny else ""
@@ -572,6 +595,9 @@ def build_report(
         "ID excludes images without a face (counted in FFC).",
         table_markdown(table, metrics, baseline) if table else "_no scored examples yet_",
         paper_md,
+        claims_md,
+        ablation_md,
+        failures_md,
         "## Calibration of the ID metric on real photos (" + cal_note + ")\n\n"
         + (table_markdown_simple(cal_summary) if cal_summary else "_not available_"),
     ]))
@@ -580,7 +606,7 @@ def build_report(
         "<style>body{font-family:sans-serif;margin:2em} table{border-collapse:collapse;margin:1em 0} "
         "td,th{border:1px solid #ccc;padding:3px 6px;font-size:12px;text-align:center} .warn{background:#fee;"
         "padding:1em;border:1px solid #c00} img{display:block;margin:auto;max-width:100%;height:auto} tr.inside{background:#efe} "
-        "tr.outside{background:#fdd}</style></head><body>",
+        "tr.outside{background:#fdd} tr.holds{background:#efe} tr.contradicted{background:#fdd}</style></head><body>",
         f"<h1>FastFace evaluation: run {html.escape(run_id)}</h1>",
         f"<p class='warn'>{html.escape(warning.replace('**', ''))}</p>" if warning else "",
         f"<p>{html.escape(json.dumps(counts))}</p>",
@@ -591,6 +617,7 @@ def build_report(
                 for k, v in plots.items()) or "<p>(need ID and CLIP/AE/IR scores)</p>",
         fronts_html,
         paper_html,
+        claims_html,
         f"<h2 id='fig18'>Fig. 18: ID similarity and face size (λ = {ip_adapter_scale:g})</h2>",
         "<p>Distributions per model × preset over all identities and prompts at this λ (configs/fig18.yaml: one "
         "identity, one neutral prompt, many seeds, as in the paper), and mean ID per face-size bin.</p>",
@@ -600,6 +627,8 @@ def build_report(
          f"<img alt='attention maps' src='data:image/png;base64,{base64.b64encode(attention_maps_png).decode()}'>"
          if attention_maps_png else ""),
         "<h2>Image grids</h2>", "".join(grids) or "<p>(no images)</p>",
+        ablation_html,
+        failures_html,
         f"<h2>Calibration of the ID metric on real photos ({html.escape(cal_note)})</h2>",
         "<p>Same person: each identity photo against a mirrored, rescaled, rotated and cropped copy. "
         "Different people: identity photos against each other. A working metric puts the first above the "
@@ -610,7 +639,8 @@ def build_report(
     written["html"] = store.write_bytes(f"{prefix}/report.html", html_doc.encode())
     written["summary"] = store.write_bytes(f"{prefix}/summary.md", summary_md.encode())
     return {"run_id": run_id, "files": written, "table": table, "paired": paired, "calibration": cal_summary,
-            "paper": comparison, "fig18_bins": fig18_bins,
+            "paper": comparison, "claims": claim_rows, "claims_summary": claims.claim_summary(claim_rows),
+            "fig18_bins": fig18_bins, "ablations": ablation_tables, "failures": failure_rows,
             "summary_markdown": summary_md, "counts": counts, "tiny_models": tiny}
 
 

@@ -23,6 +23,9 @@ Layout under a root (a local folder, or any fsspec URL such as ``s3://bucket/pre
   deduplicated, ``<table>_raw`` all rows), offline for ``s3://`` through the Store's
   fsspec filesystem.
 
+:mod:`storage.readonly` opens a store for queries only (``fastface sql``, the app):
+``open_readonly(root)`` — the lake read-only, the views defined, external access off.
+
 This layer imports pyarrow, duckdb and fsspec (s3fs for ``s3://``), never Ray or Prefect.
 """
 

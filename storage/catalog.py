@@ -48,6 +48,8 @@ class Catalog:
 
     def close(self) -> None:
         self.con.close()
+        if self.store.read_only:
+            self.store.close()  # the read-only store is the Catalog's own (Catalog.readonly)
 
     def __enter__(self) -> "Catalog":
         return self
@@ -55,18 +57,20 @@ class Catalog:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @classmethod
+    def readonly(cls, store: Store) -> "Catalog":
+        """A Catalog on :func:`storage.readonly.open_readonly`'s connection: lake read-only, external access off."""
+        from storage.readonly import open_readonly
+
+        self = cls.__new__(cls)
+        self.store = store
+        self.con = open_readonly(store)
+        return self
+
     def refresh(self, force: bool = False) -> None:
         """(Re)create the views (cheap: they name the tables, not files)."""
         with self.store.catalog_lock(exclusive=False):
-            self._create_views()
-
-    def _create_views(self) -> None:
-        for table in TABLES:
-            columns = ", ".join(_quote(n) for n in schema(table).names)
-            keys = ", ".join(_quote(k) for k in KEYS[table])
-            source = f"{LAKE}.main.{_quote(table)}"
-            self.con.execute(f"CREATE OR REPLACE TEMP VIEW {_quote(table + '_raw')} AS SELECT {columns} FROM {source}")
-            self.con.execute(f"CREATE OR REPLACE TEMP VIEW {_quote(table)} AS {latest_rows_sql(source, columns, keys)}")
+            create_views(self.con)
 
     # -- queries ---------------------------------------------------------------
 
@@ -92,6 +96,16 @@ class Catalog:
         return format_table(self.query(sql, params), max_rows=max_rows)
 
 
+def create_views(con) -> None:
+    """The temporary views ``<table>`` (deduplicated) and ``<table>_raw`` on ``con`` (lake attached as LAKE)."""
+    for table in TABLES:
+        columns = ", ".join(_quote(n) for n in schema(table).names)
+        keys = ", ".join(_quote(k) for k in KEYS[table])
+        source = f"{LAKE}.main.{_quote(table)}"
+        con.execute(f"CREATE OR REPLACE TEMP VIEW {_quote(table + '_raw')} AS SELECT {columns} FROM {source}")
+        con.execute(f"CREATE OR REPLACE TEMP VIEW {_quote(table)} AS {latest_rows_sql(source, columns, keys)}")
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "NULL"
@@ -102,17 +116,100 @@ def _cell(value: Any) -> str:
 
 def format_table(table: pa.Table, max_rows: int = 50) -> str:
     """An aligned plain-text rendering of ``table`` (first ``max_rows`` rows, then a count)."""
-    names = table.column_names
-    shown = table.slice(0, max_rows).to_pylist()
+    return _format_rows(table.schema, table.slice(0, max_rows), table.num_rows)
+
+
+def _format_rows(fields: pa.Schema, shown_table: pa.Table, total: int) -> str:
+    names = fields.names
+    shown = shown_table.to_pylist() if names else []
     cells = [[_cell(row[n]) for n in names] for row in shown]
     widths = [max([len(n)] + [len(r[i]) for r in cells]) for i, n in enumerate(names)]
-    numeric = [pa.types.is_integer(f.type) or pa.types.is_floating(f.type) for f in table.schema]
+    numeric = [pa.types.is_integer(f.type) or pa.types.is_floating(f.type) for f in fields]
 
     def line(values: list[str]) -> str:
         return " | ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
 
-    out = [line(names), "-+-".join("-" * w for w in widths)]
+    out = [line(names), "-+-".join("-" * w for w in widths)] if names else []
     out += [line(r) for r in cells]
-    more = table.num_rows - len(shown)
-    out.append(f"({table.num_rows} row{'s' if table.num_rows != 1 else ''}" + (f", {more} not shown)" if more else ")"))
+    more = max(0, total - len(shown))
+    out.append(f"({total} row{'s' if total != 1 else ''}" + (f", {more} not shown)" if more else ")"))
     return "\n".join(out)
+
+
+FORMATS = ("table", "csv", "json", "parquet")
+
+
+def write_result(reader: pa.RecordBatchReader, fmt: str = "table", out=None, max_rows: int = 50) -> int:
+    """Write a query's result, batch by batch (never the whole result in memory); returns its row count.
+
+    ``table``: the aligned text of the first ``max_rows`` rows and the count (the rest is counted,
+    not kept). ``csv`` (header, RFC 4180), ``json`` (one JSON array of objects; timestamps as
+    ISO 8601 text) and ``parquet``: every row, to ``out`` (a path; csv/json also to stdout when
+    ``out`` is None).
+    """
+    import sys
+
+    if fmt not in FORMATS:
+        raise ValueError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    fields = reader.schema
+    total = 0
+    if fmt == "table":
+        kept: list[pa.RecordBatch] = []
+        for batch in reader:
+            room = max_rows - sum(b.num_rows for b in kept)
+            if room > 0:
+                kept.append(batch.slice(0, room))
+            total += batch.num_rows
+        shown = pa.Table.from_batches(kept, schema=fields)
+        text = _format_rows(fields, shown, total)
+        if out is None:
+            print(text)
+        else:
+            with open(out, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+        return total
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        if out is None:
+            raise ValueError("--format parquet writes a file: give --out FILE.parquet")
+        with pq.ParquetWriter(out, fields) as writer:
+            for batch in reader:
+                writer.write_batch(batch)
+                total += batch.num_rows
+        return total
+    if fmt == "csv":
+        import pyarrow.csv as pcsv
+
+        if out is None:
+            sys.stdout.flush()
+        with pcsv.CSVWriter(sys.stdout.buffer if out is None else out, fields) as writer:
+            for batch in reader:
+                writer.write_batch(batch)
+                total += batch.num_rows
+        if out is None:
+            sys.stdout.buffer.flush()
+        return total
+    import json
+
+    stream = sys.stdout if out is None else open(out, "w", encoding="utf-8")
+    try:
+        stream.write("[")
+        for batch in reader:
+            for row in batch.to_pylist():
+                stream.write(("," if total else "") + "\n" + json.dumps(row, default=_json_value))
+                total += 1
+        stream.write("\n]\n" if total else "]\n")
+        stream.flush()
+    finally:
+        if out is not None:
+            stream.close()
+    return total
+
+
+def _json_value(value: Any):
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.hex()
+    return str(value)

@@ -23,6 +23,15 @@ one machine may write), or PostgreSQL for drivers on several machines (``catalog
   the later insert).
 - Images are written atomically through fsspec (local: hidden ``.tmp-*`` name +
   ``os.replace``; S3: one PUT).
+- A store opens where it is: every attach passes this root's data path
+  (``OVERRIDE_DATA_PATH``), a writer records a new location in the catalog, and
+  :meth:`Store.resolve` reads files whose recorded address is that of an earlier location.
+- ``read_only=True`` attaches the lake ``READ_ONLY`` and creates nothing (``fastface sql``,
+  :mod:`storage.readonly`).
+- :meth:`Store.snapshots` and :meth:`Store.restore` list DuckLake snapshots and bring the
+  tables back to one (``fastface snapshots`` / ``fastface restore``).
+- An unreachable S3 endpoint or catalog database is waited out for :func:`retry_seconds`
+  (``$FASTFACE_STORAGE_RETRY_S``), then one line; a full disk is one line at once.
 """
 
 from __future__ import annotations
@@ -74,6 +83,8 @@ PAUSE_AT_ENV = "FASTFACE_STORAGE_PAUSE_AT"
 committed) at which the writer touches the file named by ``FASTFACE_STORAGE_PAUSE_MARKER``
 and sleeps for ``FASTFACE_STORAGE_PAUSE_S`` seconds (default an hour), so a test can kill it there."""
 
+_STORE_KEY = re.compile(r"(?:^|/)((?:images|reports)/[A-Za-z0-9][A-Za-z0-9._-]*/[^/]+|identity_photos/[^/]+)$")
+"""The part of a stored file's address that is relative to its store (images, reports, identity photos)."""
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _S3_PROTOCOLS = ("s3", "s3a")
 _MAX_SINGLE_PUT = 5 * 2**30  # S3's limit for one PUT
@@ -181,6 +192,47 @@ def _retryable(exc: BaseException) -> bool:
     return any(s in text for s in ("conflict", "locked", "busy", "could not serialize", "retry"))
 
 
+RETRY_ENV = "FASTFACE_STORAGE_RETRY_S"
+"""Seconds a write keeps retrying while the S3 endpoint or the catalog database is unreachable
+(default :data:`DEFAULT_RETRY_S`); then it fails with one line and nothing of it is stored."""
+DEFAULT_RETRY_S = 120.0
+_UNREACHABLE = ("could not connect", "connection refused", "could not establish", "connection reset",
+                "connection aborted", "timed out", "timeout", "server closed the connection",
+                "connection to server", "terminating connection", "no connection to the server", "broken pipe",
+                "connection not open", "connection is closed", "connection has been closed", "service unavailable",
+                "slow down", "internal server error", "http 500", "http 502", "http 503", "http 504",
+                "endpoint url", "name or service not known", "temporary failure in name resolution")
+_NO_SPACE = ("no space left on device", "database or disk is full", "disk full", "enospc")
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """A fault of a service under the store (S3 endpoint, catalog database) that may pass: worth waiting for."""
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError
+        if isinstance(exc, (BotoConnectionError, HTTPClientError)):
+            return True
+    except ImportError:
+        pass
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    text = str(exc).lower()
+    permanent = ("does not exist", "authentication failed", "password", "permission denied", "access denied")
+    return any(s in text for s in _UNREACHABLE) and not any(s in text for s in permanent) and not _no_space(exc)
+
+
+def _no_space(exc: BaseException) -> bool:
+    import errno
+
+    return getattr(exc, "errno", None) == errno.ENOSPC or any(s in str(exc).lower() for s in _NO_SPACE)
+
+
+def retry_seconds() -> float:
+    try:
+        return max(0.0, float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_S)))
+    except ValueError:
+        raise StorageError(f"${RETRY_ENV} must be a number of seconds, got {os.environ[RETRY_ENV]!r}") from None
+
+
 class Store:
     """DuckLake tables and image files under ``root`` (a local folder or ``s3://bucket/prefix``).
 
@@ -194,7 +246,7 @@ class Store:
     """
 
     def __init__(self, root: str, storage_options: Mapping[str, Any] | None = None, *,
-                 catalog: str | None = None) -> None:
+                 catalog: str | None = None, read_only: bool = False) -> None:
         if not root:
             raise ValueError("Store root is empty: pass a local folder or a URL such as s3://bucket/prefix")
         self._root_arg = root
@@ -218,9 +270,14 @@ class Store:
         self.fs, path = fsspec.core.url_to_fs(root, **options)
         # DuckDB knows s3fs by its first protocol name, so URIs always say s3://.
         self.protocol = "file" if self.is_local else "s3"
+        self.read_only = read_only
         if self.is_local:
             path = os.path.abspath(path)
-            os.makedirs(path, exist_ok=True)
+            if read_only:
+                if not os.path.isdir(path):
+                    raise StorageError(f"no store at {path}: the folder does not exist")
+            else:
+                os.makedirs(path, exist_ok=True)
         self.root = path.rstrip("/")
         self._check_not_old_layout()
         self.catalog = catalog or os.environ.get(CATALOG_ENV) or (
@@ -239,10 +296,11 @@ class Store:
         self._appended_files = {t: 0 for t in TABLES}
         self._con: duckdb.DuckDBPyConnection | None = None
         self._pid = None
-        self._connection()  # fail now, not at the first write
+        if not read_only:
+            self._connection()  # fail now, not at the first write (read-only opens check on first use)
 
     def __reduce__(self):
-        return (_restore_store, (self._root_arg, self.storage_options, self.catalog))
+        return (_restore_store, (self._root_arg, self.storage_options, self.catalog, self.read_only))
 
     def __repr__(self) -> str:
         return f"Store({self.uri(self.root)!r}, catalog={_redact(self.catalog)!r})"
@@ -255,6 +313,8 @@ class Store:
             if self._lock_file is not None:
                 self._lock_file.close()
                 self._lock_file = None
+            if self.read_only and self._catalog_extension == "sqlite":
+                _tidy_sqlite_reader_files(self._attach.split(":", 2)[2])
 
     @contextlib.contextmanager
     def catalog_lock(self, exclusive: bool):
@@ -276,7 +336,18 @@ class Store:
             if self._lock_file is None or self._pid != os.getpid():
                 path = (self._attach.split(":", 2)[2] if self._catalog_extension == "sqlite"
                         else self._attach[len("ducklake:"):]) + ".lock"
-                self._lock_file = open(path, "a+b")
+                try:
+                    self._lock_file = open(path, "a+b")
+                except OSError:
+                    if not self.read_only:
+                        raise
+                    # A store on a read-only medium (an archive): nothing can commit there, so no lock is needed.
+                    self._lock_depth += 1
+                    try:
+                        yield
+                    finally:
+                        self._lock_depth -= 1
+                    return
             fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             self._lock_depth += 1
             try:
@@ -310,8 +381,15 @@ class Store:
                 f"convert it once with: {MIGRATE_COMMAND} {self.uri(self.root)} NEW_ROOT"
             )
 
-    def attach(self, con: duckdb.DuckDBPyConnection) -> None:
-        """Attach this store's DuckLake to ``con`` as :data:`LAKE` (extensions, S3 secret, retries)."""
+    def attach(self, con: duckdb.DuckDBPyConnection, read_only: bool | None = None) -> None:
+        """Attach this store's DuckLake to ``con`` as :data:`LAKE` (extensions, S3 secret, retries).
+
+        Always with this root's data path (``OVERRIDE_DATA_PATH``): the catalog records the data
+        path it was created with, and a store that was moved, copied or synced elsewhere keeps its
+        files where it now is (DuckLake's paths below the data path are relative).
+        ``read_only`` (default: the Store's) attaches the lake ``READ_ONLY``: DuckDB refuses every write.
+        """
+        read_only = self.read_only if read_only is None else read_only
         needed = ["ducklake"] + ([self._catalog_extension] if self._catalog_extension else [])
         if self.is_s3:
             needed.append("httpfs")
@@ -327,16 +405,19 @@ class Store:
         con.execute("SET ducklake_max_retry_count = 50")
         con.execute("SET ducklake_retry_wait_ms = 20")
         con.execute("SET ducklake_retry_backoff = 1.5")
-        if self._catalog_extension == "sqlite":
+        if self._catalog_extension == "sqlite" and not read_only:
             _sqlite_wal(self._attach.split(":", 2)[2])
+        options = f"DATA_PATH {_lit(self.data_path)}, OVERRIDE_DATA_PATH true" + (", READ_ONLY" if read_only else "")
         try:
-            con.execute(f"ATTACH {_lit(self._attach)} AS {LAKE} (DATA_PATH {_lit(self.data_path)})")
+            con.execute(f"ATTACH {_lit(self._attach)} AS {LAKE} ({options})")
         except duckdb.Error as exc:
             raise StorageError(f"cannot open the table catalog {_redact(self.catalog)} of {self.uri(self.root)}: "
                                f"{str(exc).splitlines()[0]}") from None
 
     def connect(self, database: str = ":memory:", read_only: bool = False) -> duckdb.DuckDBPyConnection:
-        """A new DuckDB connection with this store's lake attached as :data:`LAKE`."""
+        """A new DuckDB connection with this store's lake attached as :data:`LAKE`.
+
+        ``read_only`` opens ``database`` read-only; the lake is attached read-only when the Store is."""
         if database == ":memory:":
             con = connect(())
         else:
@@ -349,11 +430,101 @@ class Store:
         if self._con is None or self._pid != os.getpid():
             if self._pid != os.getpid():
                 self._lock_file = None  # a forked child needs its own lock file description
-            with self.catalog_lock(exclusive=True):
+            with self.catalog_lock(exclusive=not self.read_only):
                 con = self.connect()
-                self._ensure_tables(con)
+                if self.read_only:
+                    self._check_readable(con)
+                else:
+                    self._ensure_tables(con)
             self._con, self._pid = con, os.getpid()
         return self._con
+
+    def _drop_connection(self) -> None:
+        """Forget a connection a service fault may have broken; the next use opens a new one."""
+        with self._lock:
+            if self._con is not None:
+                try:
+                    self._con.close()
+                except duckdb.Error:
+                    pass
+                self._con = None
+
+    def _committed(self, table: str, data: pa.Table) -> bool:
+        """Whether a batch whose COMMIT lost its answer is in the table (its first row's key and time)."""
+        try:
+            first = data.slice(0, 1).to_pylist()[0]
+            keys = [k for k in KEYS[table]] + ["created_at"]
+            where = " AND ".join(f"{_q(k)} = ?" for k in keys)
+            con = self._connection()
+            with self.catalog_lock(exclusive=False):
+                return bool(con.execute(f"SELECT count(*) FROM {LAKE}.{table} WHERE {where}",
+                                        [first[k] for k in keys]).fetchone()[0])
+        except (duckdb.Error, StorageError, OSError):
+            return False  # still unreachable: the retry finds out
+
+    def _check_readable(self, con) -> None:
+        """A read-only open creates nothing: the tables must exist, in a schema version this code reads."""
+        found = self._columns(con)
+        if META_TABLE not in found or any(t not in found for t in TABLES):
+            raise StorageError(f"{self.uri(self.root)} is not a FastFace store: its catalog {_redact(self.catalog)} "
+                               "has no FastFace tables (give the --root an evaluation wrote)")
+        self._check_root(con, update=False)
+        meta = dict(con.execute(f"SELECT key, value FROM {LAKE}.{META_TABLE}").fetchall())
+        version = int(meta.get("schema_version", "0"))
+        if version > SCHEMA_VERSION:
+            raise SchemaError(f"the tables of {self.uri(self.root)} have schema version {version}, newer than this "
+                              f"code's version {SCHEMA_VERSION}; upgrade fastface to read them")
+
+    def _check_root(self, con, *, update: bool) -> None:
+        """The catalog's data path is this root's, or the store was moved/copied here (its files are here).
+
+        A catalog shared by two roots is refused (each root needs its own); a store whose files were
+        moved, copied or synced to this root opens here, and a writer records the new root and data
+        path in the catalog, so stock DuckDB attaching it without a DATA_PATH finds the files too.
+        Checked before any table is read (a table's files are looked for under this root)."""
+        row = con.execute(f"SELECT value FROM __ducklake_metadata_{LAKE}.ducklake_metadata "
+                          "WHERE key = 'data_path'").fetchone()
+        recorded = row[0] if row else None
+        if recorded in (None, self.data_path):
+            return
+        own_file = self.catalog == f"sqlite:{os.path.join(self.root, CATALOG_FILE)}"  # moves with the folder
+        if not own_file and not self._holds_catalog_files(con):
+            old_root = recorded[: -len(DATA_DIR) - 2] if recorded.endswith(f"/{DATA_DIR}/") else recorded
+            raise StorageError(f"catalog {_redact(self.catalog)} belongs to the store {old_root}, not "
+                               f"{self.uri(self.root)}; give each root its own catalog (database or file)")
+        if update:
+            self._record_location(con)
+
+    def _holds_catalog_files(self, con) -> bool:
+        """Whether this root holds the data file of the catalog's meta table (a copy of the store is here)."""
+        try:
+            files = con.execute(f"SELECT data_file FROM ducklake_list_files({_lit(LAKE)}, {_lit(META_TABLE)})"
+                                ).fetchall()
+        except duckdb.Error:
+            return False
+        if not files:
+            return False
+        path = files[0][0]
+        try:
+            return path.startswith(self.data_path) and self.fs.exists(self.fs._strip_protocol(path) if not self.is_local
+                                                                       else path)
+        except OSError:
+            return False
+
+    def _record_location(self, con) -> None:
+        """Write this root into the catalog (meta table and DuckLake's ``data_path``) after a move or copy."""
+        try:
+            con.execute("BEGIN TRANSACTION")
+            con.execute(f"UPDATE {LAKE}.{META_TABLE} SET value = ? WHERE key = 'root'", [self.uri(self.root)])
+            con.execute("COMMIT")
+        except duckdb.Error as exc:
+            _rollback(con)
+            raise StorageError(f"cannot record the new location {self.uri(self.root)} in the catalog: {exc}") from None
+        try:
+            con.execute(f"UPDATE __ducklake_metadata_{LAKE}.ducklake_metadata SET value = ? WHERE key = 'data_path'",
+                        [self.data_path])
+        except duckdb.Error:
+            pass  # DuckDB's own opens keep working (they pass DATA_PATH); only stock tools would need it
 
     def _columns(self, con) -> dict[str, list[tuple[str, str, bool]]]:
         rows = con.execute(
@@ -395,15 +566,12 @@ class Store:
                 if attempt == _WRITE_ATTEMPTS - 1 or not _retryable(exc) and "already exists" not in str(exc):
                     raise StorageError(f"cannot create the tables of {self.uri(self.root)}: {exc}") from None
                 time.sleep(0.05 + random.random() * 0.2)  # another process is creating them: look again
+        self._check_root(con, update=True)
         meta = dict(con.execute(f"SELECT key, value FROM {LAKE}.{META_TABLE}").fetchall())
         version = int(meta.get("schema_version", "0"))
         if version > SCHEMA_VERSION:
             raise SchemaError(f"the tables of {self.uri(self.root)} have schema version {version}, newer than this "
                               f"code's version {SCHEMA_VERSION}; upgrade fastface to read them")
-        own_file = self.catalog == f"sqlite:{os.path.join(self.root, CATALOG_FILE)}"  # moves with the folder
-        if not own_file and meta.get("root") not in (None, self.uri(self.root)):
-            raise StorageError(f"catalog {_redact(self.catalog)} belongs to the store {meta['root']}, not "
-                               f"{self.uri(self.root)}; give each root its own catalog (database or file)")
         found = found or self._columns(con)
         self._add_new_nullable_columns(con, expected, found, version)
         found = self._columns(con)
@@ -452,9 +620,27 @@ class Store:
                                f"{SCHEMA_VERSION}: {exc}") from None
 
     def _sql(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table:
-        con = self._connection()
-        with self.catalog_lock(exclusive=False):
-            return con.execute(sql, params).to_arrow_table()
+        return self.query(sql, params)
+
+    def _waiting_out_faults(self, work):
+        """``work(con)``, retried on a new connection while a service under the store is unreachable
+        (up to :func:`retry_seconds`); then one line (StorageError)."""
+        waited_since, pause = None, 0.25
+        while True:
+            try:
+                return work(self._connection())
+            except (duckdb.Error, StorageError) as exc:
+                if not _unreachable(exc):
+                    raise
+                self._drop_connection()
+                now = time.monotonic()
+                waited_since = waited_since or now
+                if now - waited_since >= retry_seconds():
+                    raise StorageError(f"reading {self.uri(self.root)} failed: the store was unreachable for "
+                                       f"{now - waited_since:.0f} s ({str(exc).splitlines()[0]}); run again when it "
+                                       f"is back (${RETRY_ENV} sets the wait)") from None
+                time.sleep(pause)
+                pause = min(pause * 2, 5.0)
 
     # -- paths ---------------------------------------------------------------
 
@@ -487,6 +673,40 @@ class Store:
     # -- atomic byte writes (images, reports) ----------------------------------
 
     def _commit_bytes(self, path: str, data: bytes) -> None:
+        """Write ``data`` at ``path`` atomically; waits out an unreachable S3 endpoint (:func:`retry_seconds`);
+        a full disk or an endpoint gone for longer is one line (StorageError), with nothing left half-written."""
+        waited_since, pause = None, 0.25
+        while True:
+            try:
+                return self._commit_bytes_once(path, data)
+            except (OSError, StorageError) as exc:
+                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                if _no_space(exc):
+                    raise StorageError(f"writing {self.uri(path)} failed: no space left on the store's disk; nothing "
+                                       "was half-written: free space and run again to resume") from None
+                if self.is_local or not _unreachable(exc):
+                    raise
+                now = time.monotonic()
+                waited_since = waited_since or now
+                if now - waited_since >= retry_seconds():
+                    raise StorageError(f"writing {self.uri(path)} failed: S3 was unreachable for "
+                                       f"{now - waited_since:.0f} s ({message}); run again when it is back to resume "
+                                       f"(${RETRY_ENV} sets the wait)") from None
+                time.sleep(pause)
+                pause = min(pause * 2, 5.0)
+            except Exception as exc:  # botocore errors that are not OSErrors
+                if self.is_local or not _unreachable(exc):
+                    raise
+                now = time.monotonic()
+                waited_since = waited_since or now
+                if now - waited_since >= retry_seconds():
+                    raise StorageError(f"writing {self.uri(path)} failed: S3 was unreachable for "
+                                       f"{now - waited_since:.0f} s ({str(exc).splitlines()[0]}); run again when it "
+                                       f"is back to resume (${RETRY_ENV} sets the wait)") from None
+                time.sleep(pause)
+                pause = min(pause * 2, 5.0)
+
+    def _commit_bytes_once(self, path: str, data: bytes) -> None:
         if self.is_local:
             directory, name = os.path.split(path)
             os.makedirs(directory, exist_ok=True)
@@ -518,7 +738,27 @@ class Store:
         return self.uri(path)
 
     def read_bytes(self, key: str) -> bytes:
-        return self.fs.cat_file(self._path(key))
+        """The bytes at ``key``: relative to the root, a URI under it, or an address a moved store recorded
+        (:meth:`resolve`)."""
+        return self.fs.cat_file(self.resolve(key))
+
+    def resolve(self, key_or_uri: str) -> str:
+        """The path of a stored file: ``key_or_uri`` relative to the root or under it, or, for a store that
+        was moved, copied or synced here, an address recorded where it was before.
+
+        Tables written before a move hold absolute addresses of the old location
+        (``/old/root/images/<run>/<id>.png``, ``s3://bucket/old/identity_photos/<hash>.png``): the
+        part from the store's own folder on (:data:`_STORE_KEY`) is looked up under this root, and
+        used when the file is here. Anything else outside the root stays a ValueError."""
+        try:
+            return self._path(key_or_uri)
+        except ValueError:
+            match = _STORE_KEY.search(key_or_uri)
+            if match:
+                path = f"{self.root}/{match.group(1)}"
+                if self.exists(path if self.is_local else self.uri(path)):
+                    return path
+            raise
 
     def exists(self, key: str) -> bool:
         path = self._path(key)
@@ -574,27 +814,60 @@ class Store:
         return data.num_rows
 
     def _insert(self, table: str, data: pa.Table) -> None:
-        """Insert a schema-exact table in one transaction, retrying when another writer won the commit."""
+        """Insert a schema-exact table in one transaction, retrying when another writer won the commit.
+
+        While the S3 endpoint or the catalog database is unreachable it waits and retries (a new
+        connection each time) for up to :func:`retry_seconds`, then fails with one line; a full
+        disk fails at once. Either way nothing of the batch is stored, so a re-run makes it again."""
         schema(table)
-        for attempt in range(_WRITE_ATTEMPTS):
-            con = self._connection()
-            with self.catalog_lock(exclusive=True):
-                con.register("fastface_rows", data)
-                try:
-                    con.execute("BEGIN TRANSACTION")
-                    # By name: a table evolved by ADD COLUMN keeps its older column order.
-                    columns = ", ".join(_q(name) for name in data.column_names)
-                    con.execute(f"INSERT INTO {LAKE}.{table} ({columns}) SELECT {columns} FROM fastface_rows")
-                    _pause_point("in-transaction")
-                    con.execute("COMMIT")
-                    break
-                except duckdb.Error as exc:
-                    _rollback(con)
-                    if attempt == _WRITE_ATTEMPTS - 1 or not _retryable(exc):
-                        raise StorageError(f"append to {table!r} in {self.uri(self.root)} failed: "
-                                           f"{str(exc).splitlines()[0]}") from None
-                finally:
-                    con.unregister("fastface_rows")
+        attempt, waited_since, pause = 0, None, 0.25
+        while True:
+            stage = "connect"
+            try:
+                con = self._connection()
+                with self.catalog_lock(exclusive=True):
+                    con.register("fastface_rows", data)
+                    try:
+                        stage = "insert"
+                        con.execute("BEGIN TRANSACTION")
+                        # By name: a table evolved by ADD COLUMN keeps its older column order.
+                        columns = ", ".join(_q(name) for name in data.column_names)
+                        con.execute(f"INSERT INTO {LAKE}.{table} ({columns}) SELECT {columns} FROM fastface_rows")
+                        _pause_point("in-transaction")
+                        stage = "commit"
+                        con.execute("COMMIT")
+                        break
+                    except duckdb.Error:
+                        _rollback(con)
+                        raise
+                    finally:
+                        try:
+                            con.unregister("fastface_rows")
+                        except duckdb.Error:
+                            pass
+            except (duckdb.Error, StorageError, OSError) as exc:
+                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                if _no_space(exc):
+                    raise StorageError(f"append to {table!r} in {self.uri(self.root)} failed: no space left on the "
+                                       f"store's disk ({message}); nothing of this batch was stored: free space and "
+                                       "run again to resume") from None
+                if _unreachable(exc):
+                    self._drop_connection()
+                    if stage == "commit" and self._committed(table, data):
+                        break  # the commit reached the catalog; only its answer was lost
+                    now = time.monotonic()
+                    waited_since = waited_since or now
+                    if now - waited_since >= retry_seconds():
+                        raise StorageError(
+                            f"append to {table!r} in {self.uri(self.root)} failed: the store was unreachable for "
+                            f"{now - waited_since:.0f} s ({message}); nothing of this batch was stored: run again "
+                            f"when it is back to resume (${RETRY_ENV} sets the wait)") from None
+                    time.sleep(pause)
+                    pause = min(pause * 2, 5.0)
+                    continue
+                attempt += 1
+                if attempt >= _WRITE_ATTEMPTS or not _retryable(exc):
+                    raise StorageError(f"append to {table!r} in {self.uri(self.root)} failed: {message}") from None
             time.sleep(0.05 * 2**attempt * (0.5 + random.random()))
         self._appended_files[table] += 1
         if self._appended_files[table] >= MERGE_EVERY_FILES:
@@ -648,6 +921,95 @@ class Store:
             after = self._file_count(con)
         return {"rows_flushed": flushed, "files_before": before, "files_after": after,
                 "snapshots_expired": len(expired), "files_deleted": len(cleaned) + len(orphans)}
+
+    # -- snapshots: listing and undo ----------------------------------------------
+
+    def snapshots(self, limit: int | None = 50) -> tuple[list[dict], int]:
+        """The latest ``limit`` DuckLake snapshots, newest first, and how many there are.
+
+        Each: ``snapshot_id``, ``time`` (UTC), ``changes`` (one line: what the commit did, tables
+        by name) and ``message`` (set by :meth:`restore`). One bounded query."""
+        con = self._connection()
+        with self.catalog_lock(exclusive=False):
+            total = con.execute(f"SELECT count(*) FROM {LAKE}.snapshots()").fetchone()[0]
+            rows = con.execute(f"SELECT snapshot_id, snapshot_time, changes, commit_message FROM {LAKE}.snapshots() "
+                               "ORDER BY snapshot_id DESC" + (f" LIMIT {int(limit)}" if limit else "")).fetchall()
+            names = dict(con.execute(f"SELECT DISTINCT table_id::VARCHAR, table_name FROM "
+                                     f"__ducklake_metadata_{LAKE}.ducklake_table").fetchall())
+        out = []
+        for snapshot_id, when, changes, message in rows:
+            parts = []
+            for kind, items in (changes or {}).items():
+                shown = [names.get(str(i), str(i)).removeprefix("main.") for i in items]
+                parts.append(f"{kind.removeprefix('tables_').replace('_', ' ')} {', '.join(shown)}")
+            out.append({"snapshot_id": int(snapshot_id), "time": when, "changes": "; ".join(parts),
+                        "message": message})
+        return out, int(total)
+
+    def snapshot_before(self, when: datetime) -> int:
+        """The id of the latest snapshot committed before ``when`` (a timezone-aware time)."""
+        con = self._connection()
+        with self.catalog_lock(exclusive=False):
+            row = con.execute(f"SELECT max(snapshot_id) FROM {LAKE}.snapshots() WHERE snapshot_time < ?",
+                              [when]).fetchone()
+        if row[0] is None:
+            raise ValueError(f"the store {self.uri(self.root)} has no snapshot before {when.isoformat()}")
+        return int(row[0])
+
+    def restore(self, snapshot_id: int) -> dict[str, int]:
+        """Bring every table back to its contents at ``snapshot_id`` in one new snapshot (one transaction).
+
+        DuckLake time travel (``AT (VERSION => N)``): each table changed since the snapshot is
+        emptied and refilled with its rows as of then, so the new snapshot's contents equal
+        snapshot N's; later snapshots stay (a restore can itself be undone) until
+        :meth:`compact` expires them. The caller holds the runs' locks (``fastface restore``
+        does). Returns ``{table: rows now}`` of the tables restored."""
+        snapshot_id = int(snapshot_id)
+        con = self._connection()
+        restored: dict[str, int] = {}
+        with self.catalog_lock(exclusive=True):
+            current = con.execute(f"SELECT id FROM {LAKE}.current_snapshot()").fetchone()[0]
+            known = con.execute(f"SELECT count(*) FROM {LAKE}.snapshots() WHERE snapshot_id = ?",
+                                [snapshot_id]).fetchone()[0]
+            if not known:
+                raise ValueError(f"the store {self.uri(self.root)} has no snapshot {snapshot_id} (list them with "
+                                 f"fastface snapshots --root {self.uri(self.root)}; compaction expires old ones)")
+            if snapshot_id >= current:
+                return {}
+            # Rows touched since the snapshot (inserted, deleted or updated), by DuckLake's row ids, and
+            # those rows as they were: read before the transaction (snapshot N never changes), so the
+            # transaction only deletes and inserts. Sized by the change, not by the table.
+            plan = []
+            try:
+                for table in TABLES:
+                    touched, old_rows = f"_restore_touched_{table}", f"_restore_rows_{table}"
+                    con.execute(f"CREATE OR REPLACE TEMP TABLE {touched} AS SELECT DISTINCT rowid AS id FROM "
+                                f"ducklake_table_changes({_lit(LAKE)}, 'main', {_lit(table)}, ?, ?)",
+                                [snapshot_id + 1, current])
+                    if not con.execute(f"SELECT count(*) FROM {touched}").fetchone()[0]:
+                        con.execute(f"DROP TABLE {touched}")
+                        continue
+                    con.execute(f"CREATE OR REPLACE TEMP TABLE {old_rows} AS SELECT * FROM {LAKE}.{table} "
+                                f"AT (VERSION => {snapshot_id}) WHERE rowid IN (SELECT id FROM {touched})")
+                    plan.append((table, touched, old_rows))
+                con.execute("BEGIN TRANSACTION")
+                for table, touched, old_rows in plan:
+                    con.execute(f"DELETE FROM {LAKE}.{table} WHERE rowid IN (SELECT id FROM {touched})")
+                    con.execute(f"INSERT INTO {LAKE}.{table} BY NAME SELECT * FROM {old_rows}")
+                con.execute(f"CALL {LAKE}.set_commit_message('fastface restore', ?)",
+                            [f"restored to snapshot {snapshot_id}"])
+                con.execute("COMMIT")
+                for table, _, _ in plan:
+                    restored[table] = con.execute(f"SELECT count(*) FROM {LAKE}.{table}").fetchone()[0]
+            except duckdb.Error as exc:
+                _rollback(con)
+                raise StorageError(f"restoring {self.uri(self.root)} to snapshot {snapshot_id} failed (nothing "
+                                   f"changed): {str(exc).splitlines()[0]}") from None
+            finally:
+                for _, touched, old_rows in plan:
+                    for name in (touched, old_rows):
+                        con.execute(f"DROP TABLE IF EXISTS {name}")
+        return restored
 
     def _call_retrying(self, con, sql: str, what: str, params: Sequence[Any] | None = None) -> list[tuple]:
         for attempt in range(_WRITE_ATTEMPTS):
@@ -736,19 +1098,25 @@ class Store:
 
         ``tables`` are pyarrow tables made visible to the query under their keyword names.
         """
-        con = self._connection()
-        with self.catalog_lock(exclusive=False):
-            for name, value in tables.items():
-                con.register(name, value)
-            try:
-                return con.execute(sql, params).to_arrow_table()
-            finally:
-                for name in tables:
-                    con.unregister(name)
+        def work(con) -> pa.Table:
+            with self.catalog_lock(exclusive=False):
+                for name, value in tables.items():
+                    con.register(name, value)
+                try:
+                    return con.execute(sql, params).to_arrow_table()
+                finally:
+                    for name in tables:
+                        try:
+                            con.unregister(name)
+                        except duckdb.Error:
+                            pass  # the connection broke: it is dropped and reopened
+
+        return self._waiting_out_faults(work)
 
 
-def _restore_store(root: str, storage_options: Mapping[str, Any], catalog: str | None) -> Store:
-    return Store(root, storage_options, catalog=catalog)
+def _restore_store(root: str, storage_options: Mapping[str, Any], catalog: str | None,
+                   read_only: bool = False) -> Store:
+    return Store(root, storage_options, catalog=catalog, read_only=read_only)
 
 
 def _sqlite_wal(path: str) -> None:
@@ -762,6 +1130,26 @@ def _sqlite_wal(path: str) -> None:
                 db.execute("PRAGMA journal_mode=WAL")
     except sqlite3.Error as exc:
         raise StorageError(f"cannot open the SQLite catalog {path}: {exc}") from None
+
+
+def _tidy_sqlite_reader_files(path: str) -> None:
+    """Remove the empty ``-wal``/``-shm`` files a read-only SQLite reader leaves (it may not delete them).
+
+    Opened read-write for one read and closed: the last connection to a WAL database checkpoints
+    an empty log and deletes both files; with another connection open SQLite leaves them, as it should."""
+    import sqlite3
+
+    wal = path + "-wal"
+    try:
+        if not os.path.exists(wal) or os.path.getsize(wal) != 0:
+            return
+        db = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=0.2)
+        try:
+            db.execute("PRAGMA schema_version").fetchone()
+        finally:
+            db.close()
+    except (OSError, sqlite3.Error):
+        pass  # a read-only medium, or a writer busy: the files stay, harmlessly
 
 
 def _rollback(con) -> None:

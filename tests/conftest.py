@@ -45,6 +45,8 @@ INTEGRATION = (
     "tests/test_actors.py::test_pools_live_for_the_run_and_load_once_per_actor",
     "tests/test_rehearsal.py::test_rehearsal_runs_every_step_with_exact_rows",
     "tests/test_rehearsal.py::test_plan_says_what_the_run_did",
+    "tests/test_store_faults.py::",
+    "tests/test_flows_chain.py::test_a_moved_and_a_copied_store_open_report_and_resume_where_they_are",
     "tests/test_autoscaling.py::",
 )
 # The longest of them (4–8 minutes each on 2 cores: several `fastface evaluate` runs apiece);

@@ -164,6 +164,16 @@ def postgres_server():
             assert created.returncode == 0, created.stderr
             return f"dbname={name} host=127.0.0.1 port={port} user=postgres"
 
+        def pg_ctl(action: str) -> None:
+            """stop / start / restart the server (fault tests): same port, same data."""
+            extra = ["-m", "fast"] if action in ("stop", "restart") else []
+            options = ["-o", f"-p {port} -k {work} -c listen_addresses=127.0.0.1 -c fsync=off"] \
+                if action in ("start", "restart") else []
+            done = run(f"{bindir}/pg_ctl", "-D", data, "-l", os.path.join(work, "server.log"), "-w", "-t", "60",
+                       *extra, *options, action)
+            assert done.returncode == 0, done.stderr
+
+        new_database.pg_ctl = pg_ctl
         yield new_database
     finally:
         if started:

@@ -6,9 +6,13 @@
     ends with exactly the planned rows, none twice.
 (b) A cluster started the way ``ray start`` (and KubeRay) runs it: a head process and a worker
     process, token authentication on (``RAY_AUTH_MODE=token`` and one ``RAY_AUTH_TOKEN`` on
-    every node and driver, Ray's supported way to join nodes). ``fastface evaluate --config
-    configs/ci.yaml`` with ``RAY_ADDRESS`` joins it instead of starting a local Ray; the
-    cluster is stopped afterwards and leaves no process behind.
+    every node and driver, Ray's supported way to join nodes), whose processes have none of the
+    store's or weights' variables (no ``AWS_*``, no ``FASTFACE_*``). ``fastface evaluate --config
+    configs/ci.yaml`` with ``RAY_ADDRESS`` joins it instead of starting a local Ray and writes to an
+    ``s3://`` root (moto) with a PostgreSQL catalog: the actors get the store's settings and
+    credentials from the driver through Ray's runtime_env (actors/worker_env.py), every row is
+    stored, and the secret is in no row, no report file and nothing printed. The cluster is
+    stopped afterwards and leaves no process behind.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from conftest import (
 )
 
 from storage import Catalog, Store
+from storage.store import CATALOG_ENV
 
 ray = pytest.importorskip("ray")
 
@@ -146,7 +151,9 @@ def ray_processes(tmp_path):
     """A head and a worker node as `ray start --block` processes (1 CPU + 1 faked GPU each), token auth on."""
     import psutil
 
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # The nodes' own environment lacks every store and weight setting: the actors get the driver's.
+    env = {k: v for k, v in os.environ.items()
+           if k != "RAY_ADDRESS" and not k.startswith(("AWS_", "FASTFACE_"))}
     # Every node and every driver of the cluster: the same mode and token (here a fresh one, never ~/.ray's).
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0",
                # On SIGTERM a node first asks the GCS to drain it (for Ray Serve) for up to 30 s; with
@@ -173,24 +180,51 @@ def ray_processes(tmp_path):
         assert not alive, f"processes of the stopped cluster still running: {[p.pid for p in alive]}"
 
 
-def test_evaluate_joins_a_cluster_started_with_ray_start(ray_processes, fastface_cache, tmp_path):
-    """`fastface evaluate` through infra/ray-driver.sh (what the Prefect Kubernetes job runs): a driver on the cluster."""
-    root = tmp_path / "root"
+@pytest.fixture(scope="module")
+def postgres():
+    from storage_support import postgres_server
+
+    with postgres_server() as new_database:
+        yield new_database
+
+
+def test_evaluate_joins_a_cluster_started_with_ray_start(ray_processes, postgres, fastface_cache, tmp_path,
+                                                          monkeypatch):
+    """`fastface evaluate` through infra/ray-driver.sh (what the Prefect Kubernetes job runs): a driver on the cluster,
+    writing to S3 with a PostgreSQL catalog from actors on nodes that have neither's settings."""
+    import uuid
+
+    from storage_support import create_bucket, moto_endpoint
+
+    endpoint, bucket = moto_endpoint(), "fastface-cluster"
+    create_bucket(endpoint, bucket)
+    secret = f"fastface-secret-{uuid.uuid4().hex}"  # moto takes any keys; this one is findable
+    store_env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
+                 "FASTFACE_S3_ENDPOINT_URL": endpoint, CATALOG_ENV: f"postgres:{postgres('fastface_cluster')}"}
+    root = f"s3://{bucket}/{uuid.uuid4().hex[:8]}/ci"
     env = dict(ray_processes["env"], RAY_ADDRESS=ray_processes["address"], PYTHONPATH=str(REPO),
                PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PREFECT_HOME=str(tmp_path / "prefect"),
                PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               RAY_DRIVER_NODE_ARGS=" ".join(["--node-ip-address=127.0.0.1", *node_ports()]))
+               RAY_DRIVER_NODE_ARGS=" ".join(["--node-ip-address=127.0.0.1", *node_ports()]), **store_env)
     env.pop("PREFECT_API_URL", None)
     command = ["bash", str(REPO / "infra" / "ray-driver.sh"), sys.executable, "-m", "fastface.cli", "evaluate",
-               "--config", str(REPO / "configs" / "ci.yaml"), "--root", str(root),
+               "--config", str(REPO / "configs" / "ci.yaml"), "--root", root,
                "--set", f"execution.cache_dir={json.dumps(str(fastface_cache))}", "--set", "execution.num_workers=2"]
-    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
     # It joined the running cluster (head, worker and its own resource-less node), no local Ray of its own.
     assert f"joined the cluster at {ray_processes['address']} (3 nodes, 2 CPUs, 2 GPUs)" in output, output[-3000:]
-    store = Store(str(root))
+    for key, value in store_env.items():
+        monkeypatch.setenv(key, value)
+    store = Store(root)
     per_node = sql(store, "SELECT node, count(*) AS n FROM generations GROUP BY node")
     assert len(per_node) == 2 and sum(row["n"] for row in per_node) == 8  # both `ray start` nodes made images
     assert sql(store, "SELECT count(*) AS n FROM metrics_raw")[0]["n"] == 32
+    # the secret reached the actors, and nothing else: no row, no report file, no printed line holds it
+    assert secret not in output
+    for table in ("runs", "identities", "prompts", "examples", "generations", "metrics"):
+        assert not sql(store, f"SELECT 1 FROM {table}_raw t WHERE CAST(t AS VARCHAR) LIKE '%{secret}%'")
+    reports = store.fs.find(f"{store.root}/reports")
+    assert reports and all(secret.encode() not in store.fs.cat_file(path) for path in reports)
     assert all(proc.poll() is None for proc in ray_processes["procs"])  # the cluster outlives its driver

@@ -148,6 +148,9 @@ def test_chain_writes_tables_report_and_artifacts(ci_run, prefect_server):
     assert all(m["value"] is None and m["error"] is None for m in metrics if m["metric"] == "id")
     html = Path(summary["report"]["html"]).read_text()
     assert "tiny random-weight models" in html and "data:image/png;base64," in html
+    # The paper's claims and the failure gallery are in every report; no ablation figure in this one.
+    assert "<section id='claims'>" in html and "<section id='failures'>" in html and "class='ablation'" not in html
+    assert set(summary["claims"]) == {"dcg-stylistic", "am-realistic", "fastface-ffc"}
     table = Path(summary["report"]["table"]).read_text().splitlines()
     assert table[0].startswith("set,model,preset") and len(table) == 1 + 3 * 2  # 3 prompt sets × 2 presets
     with get_client(sync_client=True) as client:
@@ -183,6 +186,32 @@ def test_sql_and_report_commands(ci_run, capsys):
     assert "# FastFace evaluation: run `ci`" in capsys.readouterr().out
     assert main(["report", "--root", root, "--ip-adapter-scale", "0.5"]) == 2
     assert "was not swept" in capsys.readouterr().err
+
+
+def test_a_moved_and_a_copied_store_open_report_and_resume_where_they_are(ci_run, cache_dir, tmp_path, capsys):
+    """A finished run's folder copied elsewhere and moved: `fastface sql`, `fastface report` and a resumed
+    evaluation work there (images found where the store now is), and the evaluation adds nothing."""
+    import shutil
+
+    from fastface.cli import main
+    from flows.evaluate import evaluate_flow
+
+    root, _ = ci_run
+    expected = raw_counts(root)
+    copied = shutil.copytree(root, tmp_path / "copied", ignore=shutil.ignore_patterns("*.lock"))
+    moved = Path(shutil.move(shutil.copytree(root, tmp_path / "before", ignore=shutil.ignore_patterns("*.lock")),
+                             tmp_path / "moved"))
+    for where in (str(copied), str(moved)):
+        assert main(["sql", "--root", where, "SELECT count(*) AS n FROM generations"]) == 0
+        assert capsys.readouterr().out.splitlines()[2].strip() == str(expected["generations"][1])
+    shutil.rmtree(moved / "reports")  # the copied report: made again below, from where the store is now
+    assert main(["report", "--root", str(moved), "--ip-adapter-scale", "0.8", "--bootstrap", "20"]) == 0
+    assert "# FastFace evaluation: run `ci`" in capsys.readouterr().out
+    html = (moved / "reports").rglob("*.html")
+    assert any("data:image/png;base64," in p.read_text() for p in html)  # images read where the store is
+    summary = evaluate_flow(config=CI_CONFIG, root=str(moved), overrides={"execution.cache_dir": cache_dir})
+    assert summary["generation"]["planned"] == 0 and summary["scoring"]["planned"] == 0
+    assert raw_counts(str(moved)) == expected == raw_counts(root)
 
 
 TRACE_SQL = """
@@ -307,3 +336,70 @@ def test_scheduled_deployment_is_registered(prefect_server):
 
     assert all(CronSchedule(cron=d["schedules"][0]["cron"]) for d in project["deployments"])  # valid cron
     assert all(Path(REPO / d["parameters"]["config"]).is_file() for d in project["deployments"])
+
+
+# The paper's ablation configs (configs/ablations/) at their smallest, in ONE evaluate (each evaluate costs
+# minutes of Prefect and Ray overhead on a loaded 2-core box): their sweep sets, exactly as the files give
+# them, on tiny weights, one identity, one prompt per prompt set, 32 px, tiny-hyper only, LoRA 1.0.
+ABLATION_CONFIGS = {"fig3": "fig3-dcg-schedules", "fig15": "fig15-dcg-variants", "fig16": "fig16-am1-components"}
+PROMPT_OF_SET = {"stylistic": "oil painting; person in a library writing in a notebook",
+                 "realistic": "a photo of a person in a park reading a book"}
+
+
+def tiny_ablation_overrides(prompts: list[str], cache_dir: str) -> dict:
+    return {"weights": "tiny", "face_backend": "dlib", "dataset.folder": None, "dataset.max_identities": None,
+            "dataset.max_prompts": None, "dataset.prompts": prompts,
+            "dataset.identities": [{"uri": "package://insightface/data/images/Tom_Hanks_54745.png"}],
+            "sweep.models": ["tiny-hyper"], "sweep.size": 32, "sweep.lora_scales": [1.0],
+            "metrics.names": ["id", "ffc", "clip"], "metrics.fsc_mode": "aligned",
+            "metrics.face_size_mode": "clipped", "execution.batch_size": 8, "execution.num_workers": 1,
+            "execution.compact": False, "execution.cache_dir": cache_dir,
+            "report.bootstrap": {"samples": 50, "seed": 0}}
+
+
+def test_ablation_configs_run_on_tiny_weights_with_their_report_sections(prefect_server, ray_cluster, cache_dir,
+                                                                          tmp_path):
+    import re
+
+    import yaml
+
+    from fastface.presets import ABLATION_PRESETS
+    from flows.config import load_config
+    from flows.evaluate import evaluate_flow
+
+    merged, sets = None, []
+    for figure, name in ABLATION_CONFIGS.items():
+        path = REPO / "configs" / "ablations" / f"{name}.yaml"
+        data = yaml.safe_load(path.read_text())
+        prompts = [PROMPT_OF_SET[s["prompts"]] for s in data["sweep"]["sets"]]
+        config = load_config(path, tiny_ablation_overrides(prompts, cache_dir))  # each file validates at tiny size
+        assert set(config.presets()) == {"baseline", *ABLATION_PRESETS[figure]}  # the figure's presets, all of them
+        assert config.sweep.steps == 4 and config.sweep.ip_adapter_scales == (0.8,)
+        sets += data["sweep"]["sets"]
+        merged = merged or dict(data, name="ablations-tiny")
+    merged["sweep"]["sets"] = sets
+    merged_path = tmp_path / "ablations-tiny.yaml"
+    merged_path.write_text(yaml.safe_dump(merged))
+    root = str(tmp_path / "ablations")
+    summary = evaluate_flow(config=str(merged_path), root=root,
+                            overrides=tiny_ablation_overrides(list(PROMPT_OF_SET.values()), cache_dir))
+    # One identity; the stylistic prompt: baseline + Fig. 3's 5 + Fig. 15's 27 presets; the realistic one:
+    # baseline + Fig. 16's 3.
+    images = (1 + 5 + 27) + (1 + 3)
+    assert summary["generation"]["ok"] == images, summary["generation"]
+    page = Path(summary["report"]["html"]).read_text()
+    for figure in ABLATION_CONFIGS:
+        section = re.search(rf"<section class='ablation' id='ablation-{figure}'>(.*?)</section>", page, re.S)
+        assert section, f"no {figure} section in the report"
+        cells = 1 + len(ABLATION_PRESETS[figure])  # one identity × (baseline + the figure's presets)
+        assert section.group(1).count("<img src='data:image/png;base64,") == cells, figure  # the grid, every cell
+        # The metric table: baseline and each preset of the figure on its prompt set, on tiny-hyper.
+        assert section.group(1).count("<td>tiny-hyper</td>") == cells, figure
+    failures = re.search(r"<section id='failures'>(.*?)</section>", page, re.S).group(1)
+    # Tiny weights make noise: no face anywhere; every image is shown once, as faceless, with its prompt.
+    assert failures.count("<img ") == images and failures.count("no face<br>") == images
+    assert PROMPT_OF_SET["realistic"] in failures
+    summary_md = Path(summary["report"]["summary"]).read_text()
+    for heading in ("## Fig. 3:", "## Fig. 15:", "## Fig. 16:", "## Fig. 17: failure cases", "## The paper's claims"):
+        assert heading in summary_md, heading
+    assert set(summary["claims"]) == {"dcg-stylistic", "am-realistic", "fastface-ffc"}

@@ -19,18 +19,13 @@ SHIFT = {"id": 0.12, "clip": 0.03, "ae": 0.9}
 
 
 def reference_tables() -> dict:
-    """The published Table 1 rows (hyper) plus the same numbers as a TEST-ONLY reference for two more models.
+    """The published tables; the synthetic run draws hyper, lightning and lcm around their Table 1 rows (LoRA 1.0)."""
+    return paper.load_paper_tables()
 
-    Only Hyper's Table 1 rows are stored as published (see flows/data/paper_tables.yaml); the lightning
-    and lcm rows here are not the paper's values, they give the verdicts three models to work on.
-    """
-    tables = copy.deepcopy(paper.load_paper_tables())
-    published = tables["tables"]["table1"]["rows"]
-    assert {(r["model"], r["preset"]) for r in published} == {("hyper", "baseline"), ("hyper", "ff-am1"), ("hyper", "ff-am2")}
-    for model in ("lightning", "lcm"):
-        published += [dict(r, model=model, row=f"{model} (test reference)", source="test only") for r in list(published)
-                      if r["model"] == "hyper"]
-    return tables
+
+def table1_rows(tables: dict) -> list[dict]:
+    return [dict(r, id=r["ID"], clip=r["CLIP"], ae=r["AE"]) for r in tables["tables"]["table1"]["rows"]
+            if r["lora_scale"] == 1.0 and r["model"] in ("hyper", "lightning", "lcm")]
 
 
 def centred(rng, shape, spread):
@@ -43,7 +38,7 @@ def synthetic_run(tables: dict) -> tuple[list[dict], list[dict]]:
     """examples and metrics rows: hyper and lightning drawn around the reference, lcm around shifted values."""
     rng = np.random.default_rng(0)
     examples, metrics = [], []
-    for row in tables["tables"]["table1"]["rows"]:
+    for row in table1_rows(tables):
         model, preset, shifted = row["model"], row["preset"], row["model"] == "lcm"
         no_face = np.zeros((len(IDENTITIES), len(PROMPTS)), bool)
         if shifted:
@@ -77,7 +72,9 @@ def test_report_verdicts_per_cell_on_a_synthetic_run(tmp_path):
                                                                                "face_size_mode": "authors"}})}],
                  "synthetic")
     report = build_report(str(tmp_path), "synthetic", bootstrap_samples=300, calibration=False, paper_tables=tables)
-    cells = {(c["model"], c["preset"], c["metric"]): c for c in report["paper"]}
+    assert len(report["paper"]) == 224  # every published value has a line
+    cells = {(c["model"], c["preset"], c["metric"]): c for c in report["paper"]
+             if c["table"] == "table1" and c["lora_scale"] == 1.0 and c["model"] != "turbo"}
     assert len(cells) == 3 * 3 * 4  # models × presets × (ID, CLIP, AE, FFC)
     for (model, preset, metric), cell in cells.items():
         expected = "outside" if model == "lcm" else "inside"
@@ -91,11 +88,35 @@ def test_report_verdicts_per_cell_on_a_synthetic_run(tmp_path):
     assert cells[("lcm", "baseline", "id")]["difference"] > 0.05
     assert cells[("lcm", "ff-am1", "ffc")]["ours"] > 1000  # ~40 % of the paper's 6480 images
     assert cells[("hyper", "ff-am1", "id")]["row"] == "Hyper + FF_AM1"  # the published row label
+    assert cells[("hyper", "ff-am1", "id")]["column"] == "ID"
+    by = {(c["table"], c["model"], c["preset"], c["lora_scale"], c["metric"]): c for c in report["paper"]}
+    # Configurations the run lacks: turbo, LoRA 0.5, DCG and AM-only presets.
+    for key in (("table1", "turbo", "baseline", 1.0, "id"), ("table1", "hyper", "ff-am1", 0.5, "ffc"),
+                ("table2", "hyper", "dcg", 1.0, "clip"), ("table3", "lcm", "am2", 1.0, "ae")):
+        assert by[key]["verdict"] == "not run" and by[key]["ours"] is None, key
+    # The baseline rows of Tables 2 and 3 are compared on the run's stylistic / realistic prompts;
+    # IR was not scored; Table 2 keeps the paper's column names.
+    assert by[("table2", "hyper", "baseline", 1.0, "clip")]["verdict"] in ("inside", "outside")
+    assert by[("table2", "hyper", "baseline", 1.0, "clip")]["column"] == "CLIP-score"
+    assert by[("table3", "lightning", "baseline", 1.0, "ffc")]["verdict"] in ("inside", "outside")
+    assert by[("table2", "hyper", "baseline", 1.0, "ir")]["verdict"] == "no data"
+    assert by[("table2", "hyper", "baseline", 1.0, "ir")]["column"] == "IR"
     page = (tmp_path / "reports" / "synthetic" / "report.html").read_text()
-    assert "Paper vs this run" in page and page.count("<tr class='outside'>") == 12 and page.count("<tr class='inside'>") == 24
-    assert "table2, table3" in page  # says which tables have no published values
+    verdicts = [c["verdict"] for c in report["paper"]]
+    assert "Paper vs this run" in page
+    for verdict in ("inside", "outside", "not run", "no data"):
+        assert page.count(f"<tr class='{verdict.replace(' ', '-')}'>") == verdicts.count(verdict), verdict
+    assert "could not be read" not in page  # the stale header is gone
     assert "Paper vs this run" in report["summary_markdown"]
+    assert "Not run here" in report["summary_markdown"] and "Turbo base (lora 1): ID, CLIP, AE, FFC" in report["summary_markdown"]
     assert (tmp_path / "reports" / "synthetic" / "paper.csv").is_file()
+    # The claims: Table 1's at LoRA 0.5 was not run (undecided); the synthetic run's ID/CLIP/AE/FFC have no
+    # preset effect, so no cell of the run can hold for the am/dcg claims either (they were not run).
+    assert (tmp_path / "reports" / "synthetic" / "claims.csv").is_file()
+    assert report["claims_summary"]["fastface-ffc"]["verdict"] == "undecided"
+    assert {c["verdict"] for c in report["claims"]} == {"undecided"}
+    assert "The paper's claims" in report["summary_markdown"] and "id='claims'" in page
+    assert any(p["metric"] == "ffc" for p in report["paired"])  # the claims' FFC pairs
 
 
 def test_tiny_runs_and_other_metric_modes_are_marked_not_comparable():
@@ -110,13 +131,19 @@ def test_tiny_runs_and_other_metric_modes_are_marked_not_comparable():
     assert clip["ours"] == pytest.approx(np.mean(values), abs=float64_tolerance(values, ops=2 * (len(values) + 1)))
     assert not clip["comparable"] and "tiny" in clip["note"] and clip["verdict"] == "not comparable"
     assert "outside" in clip["note"]  # the raw verdict stays visible in the note
-    unmeasured = [c for c in comparison if c["metric"] == "id"]
-    assert unmeasured and all(c["verdict"] == "no data" and not c["comparable"] for c in unmeasured)
+    faceless = [dict(r, metric="id", value=None) for r in rows]  # ID scored, but no face in any image
+    noted = {c["set"]: c for c in paper.paper_comparison(rows + faceless, samples=50)
+             if (c["model"], c["preset"], c["lora_scale"], c["metric"]) == ("hyper", "baseline", 1.0, "id")}
+    assert noted["joint"]["verdict"] == "no data" and "undefined on all 12 images (no face found)" in noted["joint"]["note"]
+    unmeasured = [c for c in comparison if c["metric"] == "id" and c["model"] == "hyper" and c["preset"] == "baseline"
+                  and c["lora_scale"] == 1.0 and c["set"] in ("joint", "realistic")]
+    assert len(unmeasured) == 2 and all(c["verdict"] == "no data" and not c["comparable"] for c in unmeasured)
+    assert all(c["verdict"] == "not run" for c in comparison if c["model"] != "hyper" or c["set"] == "stylistic")
     # A Table 2 FSC cell scored in our aligned mode cannot be compared with the paper's.
     tables = copy.deepcopy(paper.load_paper_tables())
     tables["tables"]["table2"]["rows"] = [
-        {"model": "hyper", "preset": p, "lora_scale": 1.0, "row": f"test {p}", "id": 0.5, "clip": 0.2, "ir": 0.1,
-         "fsc": v, "source": "test only"} for p, v in (("baseline", 0.20), ("dcg", 0.22))]
+        {"model": "hyper", "preset": p, "lora_scale": 1.0, "row": f"test {p}", "face_sim": 0.5, "CLIP-score": 0.2,
+         "IR": 0.1, "FCS": v, "source": "test only"} for p, v in (("baseline", 0.20), ("dcg", 0.22))]
     styl = [dict(r, model="hyper", prompt_kind="stylistic", metric="fsc", preset=p, value=v + 0.001 * k)
             for p, v in (("baseline", 0.2), ("dcg", 0.25)) for k, r in enumerate(rows)]
     fsc = {c["preset"]: c for c in paper.paper_comparison(styl, tables, metric_modes={"fsc_mode": "aligned"}, samples=50)

@@ -55,7 +55,7 @@ def test_postgres_catalog_two_writers_and_a_reader(postgres, tmp_path, monkeypat
     a.compact()
     assert a.count("generations") == 11 and len(a.data_files("generations")) == 1
     # one catalog database belongs to one root: another root is refused, naming both
-    with pytest.raises(StorageError, match="other.*does not match existing data path in the catalog .*data"):
+    with pytest.raises(StorageError, match="belongs to the store .*data, not .*other"):
         Store(str(tmp_path / "other"), catalog=f"postgres:{postgres}")
     with pytest.raises(StorageError, match="cannot open the table catalog postgres:dbname=nope"):
         Store(str(tmp_path / "third"), catalog="postgres:" + postgres.replace("dbname=fastface", "dbname=nope"))
