@@ -131,6 +131,15 @@ def identity_index(rows: "Iterable[Mapping[str, Any]] | Mapping[str, Mapping[str
     return out
 
 
+def stored_identity_row(store: Store, identity_hash: str) -> dict | None:
+    """The store's ``identities`` row with this ``content_hash`` (all runs; :func:`identity_index`'s choice
+    among several), by a point query: a worker never reads the whole table."""
+    from storage.store import LAKE
+
+    rows = store.query(f"SELECT * FROM {LAKE}.identities WHERE content_hash = ?", [identity_hash]).to_pylist()
+    return identity_index(rows).get(identity_hash)
+
+
 def identity_photos(row: Mapping[str, Any]) -> list[dict]:
     """``[{uri, content_hash}]`` of an identity imported with several photos (``provenance.photos``), else []."""
     provenance = row.get("provenance")
@@ -252,8 +261,9 @@ class GeneratorWorker:
     def _identity_row(self, identity_hash: str) -> dict | None:
         if identity_hash not in self._identity_rows:
             # Once per unknown hash (its outcome is cached by identity()): identities added since are found.
-            found = identity_index(self.store.read("identities").to_pylist())
-            self._identity_rows = {**found, **self._identity_rows}
+            row = stored_identity_row(self.store, identity_hash)
+            if row is not None:
+                self._identity_rows[identity_hash] = row
         return self._identity_rows.get(identity_hash)
 
     def _photo_path(self, uri: str, identity_hash: str) -> str:

@@ -802,10 +802,12 @@ class GeneratorPools:
     """
 
     def __init__(self, store: Store, *, options: GeneratorOptions | Mapping[str, Any] | None = None,
-                 pool: PoolOptions = PoolOptions(), batch_size: int = 4, identities: Any = None) -> None:
+                 pool: PoolOptions = PoolOptions(), batch_size: int = 4, identities: Any = None,
+                 worker_class: type = GeneratorWorker) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.store, self.batch_size, self.pool_options = store, int(batch_size), pool
+        self.worker_class = worker_class  # actors.rehearsal.RehearsalGenerator for weights: rehearsal
         self.options = options if isinstance(options, GeneratorOptions) else GeneratorOptions.from_mapping(options)
         self._identities = identity_index(identities)
         self._identities_ref = None
@@ -830,7 +832,7 @@ class GeneratorPools:
             self._identities_ref = ray.put(self._identities)
         # Two batches per actor: the next one runs while the previous one's images are stored.
         concurrency = 2 if self.options.upload_threads else 1
-        spec = WorkerSpec(GeneratorWorker, "generate", (self.store, model),
+        spec = WorkerSpec(self.worker_class, "generate", (self.store, model),
                           dict(self.options.worker_kwargs(), steps=steps, identities=self._identities_ref),
                           concurrency=concurrency)
         pool = ActorPool(spec, kind="generator", options=self.pool_options)
@@ -893,9 +895,11 @@ class MetricPool:
     """The metric pool of a flow run: metric models load once per actor; fed with (example, metrics) work shard by shard."""
 
     def __init__(self, store: Store, metrics: Sequence[str], *, options: Mapping[str, Any] | None = None,
-                 pool: PoolOptions = PoolOptions(), batch_size: int = 16, identities: Any = None) -> None:
+                 pool: PoolOptions = PoolOptions(), batch_size: int = 16, identities: Any = None,
+                 worker_class: type = MetricWorker) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.worker_class = worker_class  # actors.rehearsal.RehearsalScorer for weights: rehearsal
         self.metrics = list(dict.fromkeys(metrics))
         if not self.metrics:
             raise ValueError("no metrics given")
@@ -909,7 +913,7 @@ class MetricPool:
     @property
     def pool(self) -> ActorPool:
         if self._pool is None:
-            spec = WorkerSpec(MetricWorker, "score", (self.store, self.metrics),
+            spec = WorkerSpec(self.worker_class, "score", (self.store, self.metrics),
                               dict(self._options, identities=ray.put(self._identities), batch_size=self.batch_size))
             self._pool = ActorPool(spec, kind="scorer", options=self.pool_options)
         return self._pool

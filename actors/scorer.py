@@ -13,8 +13,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from actors.generator import identity_index, read_uri
+from actors.generator import identity_index, read_uri, stored_identity_row
 from fastface.faces import load_image_rgb
+from storage.schemas import json_text
 from storage.store import Store
 
 
@@ -101,7 +102,9 @@ class MetricWorker:
 
     def _identity_row(self, identity_hash: str) -> dict | None:
         if identity_hash not in self._identity_rows:  # once per unknown hash: _source caches the outcome
-            self._identity_rows = {**identity_index(self.store.read("identities").to_pylist()), **self._identity_rows}
+            row = stored_identity_row(self.store, identity_hash)  # a point query, not the whole table
+            if row is not None:
+                self._identity_rows[identity_hash] = row
         return self._identity_rows.get(identity_hash)
 
     def _source(self, identity_hash: str) -> dict:
@@ -172,7 +175,7 @@ class MetricWorker:
                         "run_id": row["run_id"],
                         "metric": metric,
                         "value": result["value"],
-                        "detail": result["detail"],
+                        "detail": None if result["detail"] is None else json_text(result["detail"]),
                         "error": result["error"],
                     }
                 )

@@ -339,10 +339,16 @@ def build_dataset_flow(config: EvaluationConfig, root: str) -> dict:
     """Identities and prompts of ``config.dataset`` into ``root`` (run ``config.dataset_run``)."""
     pools = DatasetPools(config, Store(root))
     try:
-        photos, prompts = gather_photos(config, pools.detect)
-        if config.dataset.synthesise is not None:
-            photos += synthesise_task(config, pools)
-        embeddings = embed_photos(photos, config.face_backend, pools) if photos else []
+        if config.weights == "rehearsal":  # no model: photos read or synthesised, embeddings from their hashes
+            from flows.rehearsal import rehearsal_dataset, rehearsal_embeddings
+
+            photos, prompts = rehearsal_dataset(config)
+            embeddings = rehearsal_embeddings(photos, config.face_backend)
+        else:
+            photos, prompts = gather_photos(config, pools.detect)
+            if config.dataset.synthesise is not None:
+                photos += synthesise_task(config, pools)
+            embeddings = embed_photos(photos, config.face_backend, pools) if photos else []
     finally:
         pools.close()
     identities = import_identities(root, config.dataset_run, photos, embeddings, config.face_backend,

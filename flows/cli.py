@@ -35,8 +35,15 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set sweep.size=32 (repeatable)")
     parser.add_argument("--check", action="store_true", help="validate the config and exit")
+    parser.add_argument("--plan", action="store_true",
+                        help="print what a run would do (examples, images and scores missing per model × preset × "
+                             "prompt set, pipeline loads, GPU hours) and exit; starts nothing, writes nothing")
     parser.add_argument("--json", action="store_true",
-                        help="print the run's summary as JSON alone on stdout (every log line goes to stderr)")
+                        help="print the run's summary as JSON alone on stdout (every log line goes to stderr); "
+                             "with --plan: the plan as JSON")
+    parser.add_argument("--seconds-per-image", type=float, default=None, metavar="S",
+                        help="with --plan: GPU seconds per image for the estimate (default: the median that earlier "
+                             "runs of each model stored)")
 
 
 def _prepare_prefect_environment() -> None:
@@ -66,6 +73,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
     problems = check_photos(config, detect_faces=args.check)
     if problems:
         raise ValueError(f"invalid evaluation config {args.config}: " + "; ".join(problems))
+    if args.seconds_per_image is not None and not args.plan:
+        raise ValueError("--seconds-per-image goes with --plan (e.g. fastface evaluate --config C --root R --plan "
+                         "--seconds-per-image 2.5)")
+    if args.seconds_per_image is not None and not args.seconds_per_image > 0:
+        raise ValueError(f"--seconds-per-image must be a positive number, got {args.seconds_per_image}")
+    if args.plan:
+        from flows.plan import evaluation_plan, format_plan
+
+        plan = evaluation_plan(config, args.root, seconds_per_image=args.seconds_per_image)
+        print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+        return 0
     check_store_root(args.root, for_reading=False)
     if args.check:
         print(f"config {args.config} is valid: run {config.name!r}, {len(config.presets())} presets, "

@@ -21,7 +21,9 @@ from fastface import validation
 
 PACKAGE_SCHEME = "package://"
 PROMPT_SETS = ("realistic", "stylistic", "joint")
-WEIGHTS = ("tiny", "real")
+WEIGHTS = ("tiny", "real", "rehearsal")
+REHEARSAL_SUFFIX = "-rehearsal"
+"""A rehearsal's run (and its dataset run) is named with this suffix, so its rows never count as a real run's."""
 
 
 class ConfigError(ValueError):
@@ -161,6 +163,8 @@ class ExecutionConfig(_Model):
     dtype: str | None = None  # any spelling fastface.dtypes accepts; stored canonical (float16, ...)
     retries: int = Field(default=2, ge=0)
     compact: bool = True  # after the report: merge the store's small files, expire week-old snapshots
+    # weights: rehearsal only: seconds each generator and scorer batch waits, standing in for a GPU's batch time
+    rehearsal_batch_seconds: float = Field(default=0.0, ge=0)
 
     @field_validator("dtype")
     @classmethod
@@ -197,8 +201,12 @@ class ReportConfig(_Model):
 
 
 class EvaluationConfig(_Model):
+    """``weights``: ``real`` (the checkpoints), ``tiny`` (tiny-* random-weight models), or ``rehearsal``:
+    every step of the run with model-free workers (:mod:`actors.rehearsal`) and a dataset made without
+    models (:mod:`flows.rehearsal`), under the run name ``<name>-rehearsal``."""
+
     name: str
-    weights: Literal["tiny", "real"]
+    weights: Literal["tiny", "real", "rehearsal"]
     face_backend: Literal["dlib", "insightface"]
     dataset: DatasetConfig
     sweep: SweepConfig
@@ -206,6 +214,21 @@ class EvaluationConfig(_Model):
     execution: ExecutionConfig = ExecutionConfig()
     report: ReportConfig = ReportConfig()
     source_path: str | None = None  # where the YAML came from (relative paths resolve against its folder)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rehearsal_names(cls, data: Any) -> Any:
+        """A rehearsal writes under ``<name>-rehearsal`` (and its dataset under ``<dataset.name>-rehearsal``)."""
+        if isinstance(data, dict) and data.get("weights") == "rehearsal":
+            data = dict(data)
+            name = data.get("name")
+            if isinstance(name, str) and not name.endswith(REHEARSAL_SUFFIX):
+                data["name"] = name + REHEARSAL_SUFFIX
+            dataset = data.get("dataset")
+            if isinstance(dataset, dict) and isinstance(dataset.get("name"), str) \
+                    and not dataset["name"].endswith(REHEARSAL_SUFFIX):
+                data["dataset"] = dict(dataset, name=dataset["name"] + REHEARSAL_SUFFIX)
+        return data
 
     @field_validator("name")
     @classmethod
@@ -265,7 +288,7 @@ def check_config(config: EvaluationConfig) -> list[str]:
             problems.append(f"sweep.models: unknown model {model!r}; allowed: {', '.join(CHECKPOINTS.names())}")
             continue
         checkpoint = CHECKPOINTS.get(model)
-        if (config.weights == "tiny") != checkpoint.tiny:
+        if config.weights != "rehearsal" and (config.weights == "tiny") != checkpoint.tiny:
             want = "tiny-* models" if config.weights == "tiny" else "real models (not tiny-*)"
             problems.append(f"sweep.models: {model!r} does not fit weights: {config.weights} (use {want})")
         try:
@@ -306,7 +329,7 @@ def check_config(config: EvaluationConfig) -> list[str]:
     base = config.base_dir
     if data.folder is None and not data.identities and data.synthesise is None:
         problems.append("dataset: give folder (the authors' layout), identities (photos) or synthesise")
-    if data.folder is not None:
+    if data.folder is not None and config.weights != "rehearsal":  # a rehearsal stands in for a missing folder
         folder = resolve_uri(data.folder, base)
         if not _exists(folder):
             problems.append(f"dataset.folder: {data.folder} does not exist (resolved to {folder}); "
@@ -328,6 +351,8 @@ def check_config(config: EvaluationConfig) -> list[str]:
     elif data.synthesise is not None:
         problems += _size_problems("dataset.synthesise.size", data.synthesise.size, data.synthesise.model)
     problems += _prompt_problems(config)
+    if config.execution.rehearsal_batch_seconds and config.weights != "rehearsal":
+        problems.append("execution.rehearsal_batch_seconds: only with weights: rehearsal")
     if config.weights == "real":
         for field in ("clip_model", "aesthetic_checkpoint"):
             if getattr(config.metrics, field) == "tiny":
@@ -395,7 +420,9 @@ def check_photos(config: EvaluationConfig, detect_faces: bool = True) -> list[st
     sources: list[tuple[str, int | None, list[Path]]] = []
     data = config.dataset
     try:
-        if data.folder is not None and "://" not in resolve_uri(data.folder, config.base_dir):
+        folder_missing = data.folder is not None and config.weights == "rehearsal" \
+            and not _exists(resolve_uri(data.folder, config.base_dir))  # the rehearsal synthesises its stand-in
+        if data.folder is not None and not folder_missing and "://" not in resolve_uri(data.folder, config.base_dir):
             sources.append(("dataset.folder", None, authors_layout(resolve_uri(data.folder, config.base_dir))[0]))
         for i, source in enumerate(data.identities):
             uri = resolve_uri(source.uri, config.base_dir)
@@ -403,7 +430,7 @@ def check_photos(config: EvaluationConfig, detect_faces: bool = True) -> list[st
                 sources.append((f"dataset.identities[{i}]", source.crop_faces, list_photos(uri)))
     except (FileNotFoundError, OSError) as exc:
         return [f"dataset: {exc}"]
-    backend = get_face_backend(config.face_backend) if detect_faces else None
+    backend = get_face_backend(config.face_backend) if detect_faces and config.weights != "rehearsal" else None
     problems = []
     for field, crop_faces, paths in sources:
         if not paths:

@@ -64,7 +64,8 @@ def report_flow(config: EvaluationConfig, root: str, ip_adapter_scale: float | N
     report = build_report(
         root, config.name, ip_adapter_scale=ip_adapter_scale if ip_adapter_scale is not None else config.report_scale(),
         baseline=r.baseline, bootstrap_samples=r.bootstrap.samples, confidence=r.bootstrap.confidence,
-        seed=r.bootstrap.seed, grid_identities=r.grid_identities, calibration=r.calibration,
+        seed=r.bootstrap.seed, grid_identities=r.grid_identities,
+        calibration=r.calibration and config.weights != "rehearsal",  # calibration runs the face model
     )
     rounded = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()} for row in report["table"]]
     create_table_artifact(key=artifact_key(config.name, "table"), table=rounded or [{"note": "no scored examples"}],

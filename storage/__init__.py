@@ -35,7 +35,9 @@ require("pyarrow", "duckdb", "fsspec", needed_for="the storage layer (tables, SQ
 
 from storage.catalog import Catalog, format_table  # noqa: E402
 from storage.ids import bytes_sha256, canonical_json, config_hash, derive_seed, example_id  # noqa: E402
-from storage.plan import Sweep, plan_missing_examples, plan_missing_generations, plan_missing_metrics  # noqa: E402
+from storage.plan import (  # noqa: E402
+    Sweep, plan_missing_examples, plan_missing_generations, plan_missing_metrics, plan_missing_metrics_table,
+)
 from storage.schemas import KEYS, SCHEMA_VERSION, TABLES, SchemaError, schema  # noqa: E402
 from storage.store import Store, latest_rows  # noqa: E402
 
@@ -57,5 +59,6 @@ __all__ = [
     "plan_missing_examples",
     "plan_missing_generations",
     "plan_missing_metrics",
+    "plan_missing_metrics_table",
     "schema",
 ]

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from storage.duck import quote_literal as _lit
-from storage.ids import config_hash, derive_seed, example_id
+from storage.ids import config_hash, derive_seed, example_id_maker
 from storage.store import LAKE, Store, check_name
 
 
@@ -100,7 +100,7 @@ class Sweep:
 
     def examples(self) -> list[dict]:
         """The ``examples`` rows (without ``created_at``), grouped by model so weights load once."""
-        rows, seen = [], {}
+        rows, seen, seeds = [], {}, {}
         for model in self.models:
             steps = self.steps_for(model)
             for lora_scale in self.lora_scales:
@@ -118,13 +118,15 @@ class Sweep:
                             "code_version": self.code_version,
                         }
                         chash = config_hash(settings)
+                        make_id = example_id_maker(**settings)
                         for run_seed in self.run_seeds:
                             for ident in self.identities:
                                 for prompt in self.prompts:
-                                    seed = derive_seed(run_seed, ident["identity_id"], prompt["prompt_id"])
-                                    eid = example_id(
-                                        identity_hash=ident["content_hash"], prompt=prompt["text"], seed=seed, **settings
-                                    )
+                                    key = (run_seed, ident["identity_id"], prompt["prompt_id"])
+                                    seed = seeds.get(key)
+                                    if seed is None:
+                                        seed = seeds[key] = derive_seed(*key)
+                                    eid = make_id(ident["content_hash"], prompt["text"], seed)
                                     if eid in seen:
                                         raise ValueError(
                                             f"Sweep makes example {eid} twice ({seen[eid]} and "
@@ -182,10 +184,11 @@ def _plan_keys(examples: "Sequence[Mapping] | pa.Table") -> tuple["list[dict] | 
     return rows, keys
 
 
-def _pick(rows: "list[dict] | pa.Table", positions: pa.Array) -> list[dict]:
+def _pick(rows: "list[dict] | pa.Table", positions: pa.Array, as_table: bool = False) -> "list[dict] | pa.Table":
     if isinstance(rows, pa.Table):
-        return rows.take(positions).to_pylist()
-    return [rows[i] for i in positions.to_pylist()]
+        return rows.take(positions) if as_table else rows.take(positions).to_pylist()
+    picked = [rows[i] for i in positions.to_pylist()]
+    return pa.Table.from_pylist(picked) if as_table else picked
 
 
 def _runs_in(keys: pa.Table) -> str:
@@ -231,9 +234,12 @@ def plan_missing_examples(store: Store, examples: "Sequence[Mapping] | pa.Table"
 
 
 def plan_missing_generations(
-    store: Store, examples: "Sequence[Mapping] | pa.Table", *, check_images: bool = False
-) -> list[dict]:
+    store: Store, examples: "Sequence[Mapping] | pa.Table", *, check_images: bool = False, as_table: bool = False
+) -> "list[dict] | pa.Table":
     """Examples whose latest ``generations`` row (per run and example) is not ``status == "ok"``.
+
+    ``as_table``: the missing examples as an Arrow table (the given table's rows, or the rows
+    made into one), so a whole sweep's plan never becomes Python rows.
 
     A failed attempt is planned again. With ``check_images`` an ok row also needs its image
     under ``images/<run>/`` (one listing per run), for stores whose images may be pruned.
@@ -241,7 +247,7 @@ def plan_missing_generations(
     """
     rows, keys = _plan_keys(examples)
     if keys.num_rows == 0:
-        return []
+        return _pick(rows, pa.array([], pa.int64()), as_table) if as_table else []
     tables = {"plan_keys": keys}
     image_test = ""
     if check_images:
@@ -257,7 +263,7 @@ def plan_missing_generations(
         f"WHERE g.status IS DISTINCT FROM 'ok'{image_test} ORDER BY p.pos",
         **tables,
     ).column(0)
-    return _pick(rows, positions)
+    return _pick(rows, positions, as_table)
 
 
 def plan_missing_metrics(
@@ -274,13 +280,41 @@ def plan_missing_metrics(
     ``require_generation`` only examples whose generation is ok are planned: there is
     nothing to score before the image exists. Computed in DuckDB as for generations.
     """
+    found, keys = _missing_metric_pairs(store, examples, metrics, require_generation)
+    if found is None:
+        return []
+    metrics = list(dict.fromkeys(metrics))
+    return list(zip(pc.take(keys.column("example_id"), found.column("pos")).to_pylist(),
+                    [metrics[i] for i in found.column("i").to_pylist()]))
+
+
+def plan_missing_metrics_table(store: Store, examples: pa.Table, metrics: Sequence[str], *,
+                               require_generation: bool = True) -> pa.Table:
+    """The examples with a metric still to score, each with ``metrics`` (list, in the given order): the
+    scoring work of :func:`plan_missing_metrics` as an Arrow table, so a run's plan stays out of Python."""
+    found, _ = _missing_metric_pairs(store, examples, metrics, require_generation)
+    if found is None or found.num_rows == 0:
+        return examples.slice(0, 0).append_column("metrics", pa.array([], pa.list_(pa.string())))
+    metrics = list(dict.fromkeys(metrics))
+    names = pa.array(metrics, pa.string())
+    # found is ordered by (pos, i): one list of metric names per example, in example order
+    grouped = store.query("SELECT pos, list(i ORDER BY i) AS i FROM found GROUP BY pos ORDER BY pos", found=found)
+    lists = grouped.column("i").combine_chunks()
+    wanted = pa.ListArray.from_arrays(lists.offsets, pc.take(names, lists.flatten()))
+    return examples.take(grouped.column("pos")).append_column("metrics", wanted)
+
+
+def _missing_metric_pairs(store: Store, examples: "Sequence[Mapping] | pa.Table", metrics: Sequence[str],
+                          require_generation: bool) -> tuple[pa.Table | None, pa.Table]:
+    """``(pos, i)`` of the missing (example, metric) pairs, in order (None when nothing can be missing),
+    and the examples' keys."""
     rows, keys = _plan_keys(examples)
     runs = pc.unique(keys.column("run_id")).to_pylist()
     if len(runs) > 1:
         raise ValueError(f"plan_missing_metrics takes examples of one run, got runs {sorted(runs)}; call it per run")
     metrics = list(dict.fromkeys(metrics))
     if keys.num_rows == 0 or not metrics:
-        return []
+        return None, keys
     if len(metrics) > 62:
         raise ValueError(f"plan_missing_metrics plans at most 62 metrics at once, got {len(metrics)}")
     wanted = pa.table({"metric": pa.array(metrics, pa.string()), "i": pa.array(range(len(metrics)), pa.int64())})
@@ -296,7 +330,7 @@ def plan_missing_metrics(
     # row, and only those examples are aggregated per (example, metric).
     runs_in, only = _runs_in(keys), _only_planned(keys, "p")
     bit = "CAST(1 AS BIGINT) << w.i"
-    found = store.query(
+    return store.query(
         f"WITH p AS (SELECT * FROM {planned}), "
         f"a AS (SELECT m.example_id, coalesce(bit_or({bit}) FILTER (WHERE m.error IS NULL), 0) AS good, "
         f"coalesce(bit_or({bit}) FILTER (WHERE m.error IS NOT NULL), 0) AS bad "
@@ -312,8 +346,7 @@ def plan_missing_metrics(
         "FROM a LEFT JOIN latest ON latest.example_id = a.example_id), "
         "miss AS (SELECT p.pos, p.example_id, coalesce(s.mask, 0) AS mask FROM p LEFT JOIN s "
         f"ON s.example_id = p.example_id WHERE coalesce(s.mask, 0) <> {(1 << len(metrics)) - 1}) "
-        "SELECT miss.example_id, w.i FROM miss CROSS JOIN plan_metrics w "
+        "SELECT miss.pos, w.i FROM miss CROSS JOIN plan_metrics w "
         "WHERE (miss.mask >> w.i) & 1 = 0 ORDER BY miss.pos, w.i",
         plan_keys=keys, plan_metrics=wanted,
-    )
-    return list(zip(found.column(0).to_pylist(), [metrics[i] for i in found.column(1).to_pylist()]))
+    ), keys

@@ -222,7 +222,29 @@ def _json_text(table: str, column: str, i: int, value):
         except ValueError as exc:
             raise SchemaError(f"table {table!r}: row {i} column {column!r} is not valid JSON: {exc}") from None
         return value
+    return json_text(value)
+
+
+def json_text(value) -> str:
+    """The stored text of a JSON column's value: sorted keys, no spaces, no NaN. Workers that make
+    rows call it themselves, so the driver that writes them only checks texts (a cheap, deduplicated parse)."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _json_texts(table: str, column: str, values: list) -> list:
+    """:func:`_json_text` of each value; a text seen before in this column is not parsed again (the
+    driver writes every row of a run: a worker's ``versions`` is one text, repeated on each row)."""
+    checked: set[str] = set()
+    out = []
+    for i, value in enumerate(values):
+        if isinstance(value, str) and value in checked:
+            out.append(value)
+            continue
+        text = _json_text(table, column, i, value)
+        if isinstance(value, str):
+            checked.add(value)
+        out.append(text)
+    return out
 
 
 def conform(table: str, rows: "Sequence[Mapping] | pa.Table", *, defaults: Mapping | None = None) -> pa.Table:
@@ -263,7 +285,7 @@ def conform(table: str, rows: "Sequence[Mapping] | pa.Table", *, defaults: Mappi
             if field.name in JSON_COLUMNS.get(table, ()) and values is not None:
                 if isinstance(values, pa.ChunkedArray):
                     values = values.to_pylist()
-                values = [_json_text(table, field.name, i, v) for i, v in enumerate(values)]
+                values = _json_texts(table, field.name, values)
             if values is None:
                 array = pa.nulls(n, field.type)
             elif isinstance(values, pa.ChunkedArray):

@@ -43,6 +43,8 @@ INTEGRATION = (
     "tests/test_bad_inputs.py::test_a_failed_stage_exits_1_in_one_line",
     "tests/test_pipeline.py::test_bench_sdxl_shaped_path_runs_scaled_down",
     "tests/test_actors.py::test_pools_live_for_the_run_and_load_once_per_actor",
+    "tests/test_rehearsal.py::test_rehearsal_runs_every_step_with_exact_rows",
+    "tests/test_rehearsal.py::test_plan_says_what_the_run_did",
     "tests/test_store_faults.py::",
     "tests/test_flows_chain.py::test_a_moved_and_a_copied_store_open_report_and_resume_where_they_are",
     "tests/test_autoscaling.py::",
@@ -58,8 +60,9 @@ LONG = (
 # The longest files first: with `pytest -n 2 --dist loadfile` (scripts/test.sh) a file runs whole on
 # one worker, so a long one started last would leave the other worker idle at the end.
 LONGEST_FIRST = ("tests/test_prefect_worker.py", "tests/test_bad_inputs.py", "tests/test_flows_chain.py",
-                 "tests/test_cluster_ray.py", "tests/test_autoscaling.py", "tests/test_actors.py", "tests/test_storage_postgres.py",
-                 "tests/test_pipeline.py", "tests/test_flows_dataset.py", "tests/test_cli.py")
+                 "tests/test_cluster_ray.py", "tests/test_autoscaling.py", "tests/test_actors.py",
+                 "tests/test_storage_postgres.py", "tests/test_pipeline.py", "tests/test_flows_dataset.py",
+                 "tests/test_rehearsal.py", "tests/test_cli.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -109,7 +109,7 @@ def ci_run(prefect_server, ray_cluster, cache_dir, tmp_path_factory):
 
     root = str(tmp_path_factory.mktemp("ci-root"))
     with pytest.MonkeyPatch.context() as patch:  # planning calls of the flows (the shard tasks share the module)
-        for name in ("plan_missing_generations", "missing_metric_work"):
+        for name in ("plan_missing_generations", "plan_missing_metrics_table"):
             patch.setattr(flows.generate, name, counted(name, getattr(flows.generate, name)))
         summary = evaluate_flow(config=CI_CONFIG, root=root, overrides={"execution.cache_dir": cache_dir})
     return root, summary
@@ -129,7 +129,7 @@ def test_chain_writes_tables_report_and_artifacts(ci_run, prefect_server):
     compaction = summary["compaction"]
     assert 0 < compaction["files_after"] <= compaction["files_before"] and compaction["snapshots_expired"] == 0
     # Each flow planned once; its shards (none retried) trusted that plan.
-    assert PLANNING_CALLS == {"plan_missing_generations": 1, "missing_metric_work": 1}
+    assert PLANNING_CALLS == {"plan_missing_generations": 1, "plan_missing_metrics_table": 1}
     # One pool per stage for the run: each model's pipeline and the metric models loaded once (1 actor).
     assert summary["generation"]["pipeline_loads"] == {"tiny-hyper@2": 1}
     assert summary["scoring"]["metric_worker_loads"] == 1
