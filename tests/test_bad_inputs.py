@@ -412,8 +412,11 @@ def test_s3_roots_fail_in_one_line(work, capsys, s3_env, monkeypatch):
 
 
 def test_s3_without_credentials_names_the_variables(work, capsys, no_s3_credentials):
+    """The one credential rule (storage/credentials.py) finds nothing: sql, report, evaluate --check and
+    evaluate itself (before Prefect or Ray start) each say so in one line."""
     for argv in (["sql", "--root", f"s3://{BUCKET}/x", "SELECT 1"], ["report", "--root", f"s3://{BUCKET}/x"],
-                 _check(work, root=f"s3://{BUCKET}/x")):
+                 _check(work, root=f"s3://{BUCKET}/x"),
+                 ["evaluate", "--config", CI_CONFIG, "--root", f"s3://{BUCKET}/x"]):
         assert_one_line_error(*run_main(capsys, argv),
                               r"no S3 credentials for s3://.*: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
 
