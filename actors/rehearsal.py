@@ -29,7 +29,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from actors.generator import GeneratorWorker
-from actors.scorer import MetricWorker
+from actors.scorer import MetricWorker, requested_metrics
 from fastface.faces import load_image_rgb
 from storage.schemas import json_text
 from storage.store import Store
@@ -224,11 +224,7 @@ class RehearsalScorer(MetricWorker):
             time.sleep(self.batch_seconds)
         out = []
         for row in batch:
-            wanted = tuple(row.get("metrics") or self.metrics)
-            unknown = sorted(set(wanted) - set(self.metrics))
-            if unknown:
-                raise ValueError(f"example {row['example_id']} asks for metric(s) {unknown} this worker did not load "
-                                 f"(it has {self.metrics})")
+            wanted = requested_metrics(row, self.metrics)
             uri = row.get("image_uri") or self.store.image_uri(row["run_id"], row["example_id"])
             error = None
             try:

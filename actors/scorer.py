@@ -19,6 +19,16 @@ from storage.schemas import json_text
 from storage.store import Store
 
 
+def requested_metrics(row: Mapping[str, Any], loaded: Sequence[str]) -> tuple[str, ...]:
+    """The metrics a work row asks for (all loaded ones when it names none); unknown ones are a ValueError."""
+    wanted = tuple(row.get("metrics") or loaded)
+    unknown = sorted(set(wanted) - set(loaded))
+    if unknown:
+        raise ValueError(f"example {row['example_id']} asks for metric(s) {unknown} this worker did not load "
+                         f"(it has {list(loaded)})")
+    return wanted
+
+
 class MetricWorker:
     """Scores generated images of the store with ``metrics`` (names of :data:`fastface.metrics.METRICS`).
 
@@ -135,12 +145,7 @@ class MetricWorker:
 
         groups: dict[tuple[str, ...], list[Mapping[str, Any]]] = {}
         for row in batch:
-            wanted = tuple(row.get("metrics") or self.metrics)
-            unknown = sorted(set(wanted) - set(self.metrics))
-            if unknown:
-                raise ValueError(f"example {row['example_id']} asks for metric(s) {unknown} this worker did not load "
-                                 f"(it has {self.metrics})")
-            groups.setdefault(wanted, []).append(row)
+            groups.setdefault(requested_metrics(row, self.metrics), []).append(row)
         out: dict[tuple[str, str], dict] = {}
         for wanted, rows in groups.items():
             inputs, unreadable = [], []

@@ -679,30 +679,19 @@ class Store:
         while True:
             try:
                 return self._commit_bytes_once(path, data)
-            except (OSError, StorageError) as exc:
-                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                if _no_space(exc):
+            except Exception as exc:  # OSErrors, our StorageErrors, and botocore errors that are neither
+                if isinstance(exc, (OSError, StorageError)) and _no_space(exc):
                     raise StorageError(f"writing {self.uri(path)} failed: no space left on the store's disk; nothing "
                                        "was half-written: free space and run again to resume") from None
                 if self.is_local or not _unreachable(exc):
                     raise
+                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 now = time.monotonic()
                 waited_since = waited_since or now
                 if now - waited_since >= retry_seconds():
                     raise StorageError(f"writing {self.uri(path)} failed: S3 was unreachable for "
                                        f"{now - waited_since:.0f} s ({message}); run again when it is back to resume "
                                        f"(${RETRY_ENV} sets the wait)") from None
-                time.sleep(pause)
-                pause = min(pause * 2, 5.0)
-            except Exception as exc:  # botocore errors that are not OSErrors
-                if self.is_local or not _unreachable(exc):
-                    raise
-                now = time.monotonic()
-                waited_since = waited_since or now
-                if now - waited_since >= retry_seconds():
-                    raise StorageError(f"writing {self.uri(path)} failed: S3 was unreachable for "
-                                       f"{now - waited_since:.0f} s ({str(exc).splitlines()[0]}); run again when it "
-                                       f"is back to resume (${RETRY_ENV} sets the wait)") from None
                 time.sleep(pause)
                 pause = min(pause * 2, 5.0)
 
