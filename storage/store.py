@@ -650,6 +650,9 @@ class Store:
 
     def _path(self, key_or_uri: str) -> str:
         """A filesystem path from a key relative to the root or a URI/path under the root."""
+        if not self.is_local and "://" not in key_or_uri and os.path.isabs(key_or_uri):
+            # a local file's address (e.g. recorded by a local store later synced to S3): not a key
+            raise ValueError(f"{key_or_uri!r} is a local path, not under this store's root {self.uri(self.root)!r}")
         if "://" in key_or_uri or (self.is_local and os.path.isabs(key_or_uri)):
             path = self.fs._strip_protocol(key_or_uri) if not self.is_local else os.path.abspath(
                 key_or_uri.split("://", 1)[-1]

@@ -212,6 +212,61 @@ def test_a_moved_and_a_copied_store_open_report_and_resume_where_they_are(ci_run
     summary = evaluate_flow(config=CI_CONFIG, root=str(moved), overrides={"execution.cache_dir": cache_dir})
     assert summary["generation"]["planned"] == 0 and summary["scoring"]["planned"] == 0
     assert raw_counts(str(moved)) == expected == raw_counts(root)
+    # the copied one too: its report reads the images of the copy, and a resumed run adds nothing
+    shutil.rmtree(copied / "reports")
+    assert main(["report", "--root", str(copied), "--ip-adapter-scale", "0.8", "--bootstrap", "20"]) == 0
+    assert "# FastFace evaluation: run `ci`" in capsys.readouterr().out
+    assert any("data:image/png;base64," in p.read_text() for p in (copied / "reports").rglob("*.html"))
+    summary = evaluate_flow(config=CI_CONFIG, root=str(copied), overrides={"execution.cache_dir": cache_dir})
+    assert summary["generation"]["planned"] == 0 and summary["scoring"]["planned"] == 0
+    assert raw_counts(str(copied)) == expected
+
+
+def test_an_s3_store_copied_to_another_prefix_and_to_a_folder_opens_reports_and_resumes(
+        ci_run, cache_dir, tmp_path, capsys, monkeypatch):
+    """The ci run's store synced to an s3:// prefix (moto; its SQLite catalog copied beside), that prefix copied
+    to another prefix and synced back to a local folder: on each copy `fastface sql`, `fastface report` (images
+    read from the copy) and a resumed evaluation (adds nothing) work where the store now is."""
+    import shutil
+    import uuid
+
+    import fsspec
+    from storage_support import create_bucket, moto_endpoint, s3_env
+
+    from fastface.cli import main
+    from flows.evaluate import evaluate_flow
+    from storage.store import CATALOG_ENV
+
+    root, _ = ci_run
+    expected = raw_counts(root)
+    endpoint, bucket = moto_endpoint(), "fastface-relocated"
+    create_bucket(endpoint, bucket)
+    s3_env(monkeypatch, endpoint)
+    fs = fsspec.filesystem("s3", endpoint_url=endpoint)
+    first, second = (f"{bucket}/{uuid.uuid4().hex[:8]}/ci" for _ in range(2))
+    for folder in ("tables", "images", "identity_photos"):  # a local store synced to S3
+        fs.put(f"{root}/{folder}", f"{first}/{folder}", recursive=True)
+    first_catalog = shutil.copy(Path(root) / "catalog.sqlite", tmp_path / "first.sqlite")
+    fs.copy(f"{first}/", f"{second}/", recursive=True)  # that prefix copied to another one, catalog beside it
+    second_catalog = shutil.copy(first_catalog, tmp_path / "second.sqlite")
+    local = tmp_path / "synced"  # and the second prefix synced down to a folder (catalog inside, as a local store)
+    fs.get(f"{second}/", str(local), recursive=True)
+    shutil.copy(second_catalog, local / "catalog.sqlite")
+    for where, catalog in ((f"s3://{first}", first_catalog), (f"s3://{second}", second_catalog), (str(local), None)):
+        if catalog:
+            monkeypatch.setenv(CATALOG_ENV, f"sqlite:{catalog}")
+        else:
+            monkeypatch.delenv(CATALOG_ENV, raising=False)
+        assert main(["sql", "--root", where, "SELECT count(*) AS n FROM generations"]) == 0, where
+        assert capsys.readouterr().out.splitlines()[2].strip() == str(expected["generations"][1]), where
+        assert main(["report", "--root", where, "--ip-adapter-scale", "0.8", "--bootstrap", "20"]) == 0, where
+        assert "# FastFace evaluation: run `ci`" in capsys.readouterr().out
+        store = Store(where)
+        html = store.read_bytes("reports/ci/report.html").decode()
+        assert "data:image/png;base64," in html, where  # the grid's images were read from this copy
+        summary = evaluate_flow(config=CI_CONFIG, root=where, overrides={"execution.cache_dir": cache_dir})
+        assert summary["generation"]["planned"] == 0 and summary["scoring"]["planned"] == 0, where
+        assert raw_counts(where) == expected, where
 
 
 TRACE_SQL = """
