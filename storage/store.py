@@ -46,7 +46,7 @@ import threading
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import urlparse
 
 import duckdb
@@ -231,6 +231,24 @@ def retry_seconds() -> float:
         return max(0.0, float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_S)))
     except ValueError:
         raise StorageError(f"${RETRY_ENV} must be a number of seconds, got {os.environ[RETRY_ENV]!r}") from None
+
+
+class _Outage:
+    """Waiting out an unreachable service (S3, the catalog database): pauses from 0.25 s doubling up to 5 s,
+    for at most :func:`retry_seconds` from the first failure; then one line (StorageError)."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+        self.pause = 0.25
+
+    def wait(self, failure: Callable[[float], str]) -> None:
+        """Sleep before the next try, or raise ``StorageError(failure(seconds waited))`` once the bound is spent."""
+        now = time.monotonic()
+        self.since = self.since or now
+        if now - self.since >= retry_seconds():
+            raise StorageError(failure(now - self.since)) from None
+        time.sleep(self.pause)
+        self.pause = min(self.pause * 2, 5.0)
 
 
 class Store:
@@ -625,7 +643,7 @@ class Store:
     def _waiting_out_faults(self, work):
         """``work(con)``, retried on a new connection while a service under the store is unreachable
         (up to :func:`retry_seconds`); then one line (StorageError)."""
-        waited_since, pause = None, 0.25
+        outage = _Outage()
         while True:
             try:
                 return work(self._connection())
@@ -633,14 +651,9 @@ class Store:
                 if not _unreachable(exc):
                     raise
                 self._drop_connection()
-                now = time.monotonic()
-                waited_since = waited_since or now
-                if now - waited_since >= retry_seconds():
-                    raise StorageError(f"reading {self.uri(self.root)} failed: the store was unreachable for "
-                                       f"{now - waited_since:.0f} s ({str(exc).splitlines()[0]}); run again when it "
-                                       f"is back (${RETRY_ENV} sets the wait)") from None
-                time.sleep(pause)
-                pause = min(pause * 2, 5.0)
+                outage.wait(lambda waited: (
+                    f"reading {self.uri(self.root)} failed: the store was unreachable for {waited:.0f} s "
+                    f"({str(exc).splitlines()[0]}); run again when it is back (${RETRY_ENV} sets the wait)"))
 
     # -- paths ---------------------------------------------------------------
 
@@ -678,7 +691,7 @@ class Store:
     def _commit_bytes(self, path: str, data: bytes) -> None:
         """Write ``data`` at ``path`` atomically; waits out an unreachable S3 endpoint (:func:`retry_seconds`);
         a full disk or an endpoint gone for longer is one line (StorageError), with nothing left half-written."""
-        waited_since, pause = None, 0.25
+        outage = _Outage()
         while True:
             try:
                 return self._commit_bytes_once(path, data)
@@ -689,14 +702,9 @@ class Store:
                 if self.is_local or not _unreachable(exc):
                     raise
                 message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                now = time.monotonic()
-                waited_since = waited_since or now
-                if now - waited_since >= retry_seconds():
-                    raise StorageError(f"writing {self.uri(path)} failed: S3 was unreachable for "
-                                       f"{now - waited_since:.0f} s ({message}); run again when it is back to resume "
-                                       f"(${RETRY_ENV} sets the wait)") from None
-                time.sleep(pause)
-                pause = min(pause * 2, 5.0)
+                outage.wait(lambda waited: (
+                    f"writing {self.uri(path)} failed: S3 was unreachable for {waited:.0f} s ({message}); run "
+                    f"again when it is back to resume (${RETRY_ENV} sets the wait)"))
 
     def _commit_bytes_once(self, path: str, data: bytes) -> None:
         if self.is_local:
@@ -812,7 +820,7 @@ class Store:
         connection each time) for up to :func:`retry_seconds`, then fails with one line; a full
         disk fails at once. Either way nothing of the batch is stored, so a re-run makes it again."""
         schema(table)
-        attempt, waited_since, pause = 0, None, 0.25
+        attempt, outage = 0, _Outage()
         while True:
             stage = "connect"
             try:
@@ -847,15 +855,10 @@ class Store:
                     self._drop_connection()
                     if stage == "commit" and self._committed(table, data):
                         break  # the commit reached the catalog; only its answer was lost
-                    now = time.monotonic()
-                    waited_since = waited_since or now
-                    if now - waited_since >= retry_seconds():
-                        raise StorageError(
-                            f"append to {table!r} in {self.uri(self.root)} failed: the store was unreachable for "
-                            f"{now - waited_since:.0f} s ({message}); nothing of this batch was stored: run again "
-                            f"when it is back to resume (${RETRY_ENV} sets the wait)") from None
-                    time.sleep(pause)
-                    pause = min(pause * 2, 5.0)
+                    outage.wait(lambda waited: (
+                        f"append to {table!r} in {self.uri(self.root)} failed: the store was unreachable for "
+                        f"{waited:.0f} s ({message}); nothing of this batch was stored: run again "
+                        f"when it is back to resume (${RETRY_ENV} sets the wait)"))
                     continue
                 attempt += 1
                 if attempt >= _WRITE_ATTEMPTS or not _retryable(exc):
