@@ -344,35 +344,32 @@ class Store:
         each commit takes it alone for the commit's duration. Re-entrant within a Store.
         """
         with self._lock:
-            if self._catalog_extension not in ("sqlite", None) or self._lock_depth:
-                self._lock_depth += 1
-                try:
-                    yield
-                finally:
-                    self._lock_depth -= 1
-                return
-            if self._lock_file is None or self._pid != os.getpid():
-                path = (self._attach.split(":", 2)[2] if self._catalog_extension == "sqlite"
-                        else self._attach[len("ducklake:"):]) + ".lock"
-                try:
-                    self._lock_file = open(path, "a+b")
-                except OSError:
-                    if not self.read_only:
-                        raise
-                    # A store on a read-only medium (an archive): nothing can commit there, so no lock is needed.
-                    self._lock_depth += 1
-                    try:
-                        yield
-                    finally:
-                        self._lock_depth -= 1
-                    return
-            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            held = None  # the lock file this call flocks (none: PostgreSQL, re-entered, or a read-only medium)
+            if self._catalog_extension in ("sqlite", None) and not self._lock_depth:
+                held = self._catalog_lock_file()
+            if held is not None:
+                fcntl.flock(held.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             self._lock_depth += 1
             try:
                 yield
             finally:
                 self._lock_depth -= 1
-                fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
+                if held is not None:
+                    fcntl.flock(held.fileno(), fcntl.LOCK_UN)
+
+    def _catalog_lock_file(self):
+        """``<catalog>.lock``, opened once per process; None for a read-only store on a read-only medium (an
+        archive: nothing can commit there, so no lock is needed)."""
+        if self._lock_file is None or self._pid != os.getpid():
+            path = (self._attach.split(":", 2)[2] if self._catalog_extension == "sqlite"
+                    else self._attach[len("ducklake:"):]) + ".lock"
+            try:
+                self._lock_file = open(path, "a+b")
+            except OSError:
+                if not self.read_only:
+                    raise
+                return None
+        return self._lock_file
 
     def __enter__(self) -> "Store":
         return self
