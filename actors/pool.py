@@ -959,12 +959,17 @@ def ahead(shards: Sequence[Any], queue: Callable[[Any], Any]) -> Iterable[tuple[
     Each shard's call still claims, writes and reports its own rows (the unit of progress
     and retry stays the shard).
     """
-    for index, shard in enumerate(shards):
+    # Each shard is taken from ``shards`` once: a lazy sequence (flows.generate.TableShards) builds its
+    # rows on every access, and the queued rows and the yielded ones are then the same objects.
+    current = shards[0] if len(shards) else None
+    for index in range(len(shards)):
         if index == 0:
-            queue(shard)
-        if index + 1 < len(shards):
-            queue(shards[index + 1])
-        yield index, shard
+            queue(current)
+        following = shards[index + 1] if index + 1 < len(shards) else None
+        if following is not None:
+            queue(following)
+        yield index, current
+        current = following
 
 
 # -- one-call forms (a pool for one call; flows keep theirs open for the whole run) ----------------
