@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -50,6 +51,14 @@ def tiny_factory(model, *, steps=None, device=None, dtype=None, cache_dir=None, 
     pipe = FastFacePipeline.from_pretrained(models.sdxl, torch_dtype=dtype, default_guidance=1.0)
     load_faceid_adapter(pipe, models.adapter, image_encoder=models.image_encoder)
     return pipe.to(device or "cpu")
+
+
+def slow_tiny_factory(model, **kwargs):
+    """:func:`tiny_factory` whose UNet steps take at least 0.5 s each: a batch then lasts long enough
+    for a test to act (remove a node) while it is in flight."""
+    pipe = tiny_factory(model, **kwargs)
+    pipe.unet.register_forward_pre_hook(lambda module, args: time.sleep(0.5))
+    return pipe
 
 
 def identity_row(identity_id: str, path, run_id: str = "dataset") -> dict:
