@@ -119,7 +119,7 @@ def plot_fronts(table: Sequence[Mapping], *, metrics: Sequence[str] = FRONT_METR
             ax.set_title(f"{model} · LoRA {lora:g}", fontsize=9)
             ax.grid(alpha=0.3)
             if points:
-                ax.legend(fontsize=7)
+                ax.legend(fontsize=7, loc="lower right")
     fig.suptitle((title + " — " if title else "") + "filled, ringed: non-dominated; hollow: dominated; labels: λ",
                  fontsize=10)
     fig.tight_layout()

@@ -174,7 +174,7 @@ def plot_lambda_curves(rows: Any, prompt_set: str, y_metric: str) -> bytes | Non
             ax.set_ylabel(y_metric.upper())
             ax.set_title(f"{model} — {prompt_set}: ID undefined (no faces)", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="lower left")  # "best" scans every point: slow on dense curves
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
@@ -269,7 +269,7 @@ def plot_fig18(rows: Any, *, scale: float, data: Mapping | None = None) -> bytes
                     label=f"{key[0]} {key[1]} (lora {key[2]:g})")
         ax.set_xlabel("face size (bin mean)")
         ax.set_ylabel("mean ID in bin")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="lower right")
     else:
         ax.text(0.5, 0.5, "needs images with a face\n(ID and face size both defined)", ha="center", va="center",
                 transform=ax.transAxes, fontsize=11, color="#a00")
