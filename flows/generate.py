@@ -29,6 +29,7 @@ require('prefect', 'ray', 'pyarrow', 'duckdb', needed_for='the evaluation flows'
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.cache_policies import NONE
+from prefect.utilities.annotations import quote
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -432,7 +433,9 @@ def generate_flow(config: EvaluationConfig, root: str) -> dict:
             # Each shard is queued on the pool before its task runs, behind the shard before it:
             # the actors never drain at a shard boundary (actors.pool.ahead).
             run_shard = _with_timeout(generate_shard, ex.shard_timeout_s)
-            summaries = [run_shard(pools, shard, i, bar) for i, shard in ahead(parts, pools.queue)]
+            # quote(): Prefect would otherwise visit every value of every row of the shard to look
+            # for futures (≈ 0.6 ms of driver CPU per image, more than everything else it does).
+            summaries = [run_shard(pools, quote(shard), i, bar) for i, shard in ahead(parts, pools.queue)]
             loads = {f"{model}@{steps}": n for (model, steps), n in pools.loads.items()}
     total = dict(_total(summaries), examples=len(examples), shards=len(parts), pipeline_loads=loads)
     total["skipped"] += len(examples) - len(todo)
@@ -463,7 +466,7 @@ def score_flow(config: EvaluationConfig, root: str) -> dict:
                         worker_class=worker_classes(config)["scorer"]) as pool, \
                 _bar(planned, "scores", "score") as bar:
             run_shard = _with_timeout(score_shard, ex.shard_timeout_s)
-            summaries = [run_shard(pool, shard, i, bar) for i, shard in ahead(parts, pool.queue)]
+            summaries = [run_shard(pool, quote(shard), i, bar) for i, shard in ahead(parts, pool.queue)]
             loads = pool.pool.stats.actors_started
     total = dict(_total(summaries), examples=examples, shards=len(parts), pairs_missing=planned,
                  metric_worker_loads=loads)
