@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+import duckdb
 import pyarrow as pa
 
 from storage.duck import quote_identifier as _quote
@@ -77,6 +78,11 @@ class Catalog:
     def query(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table:
         """Run ``sql`` against the views and return the result as a pyarrow table."""
         with self.store.catalog_lock(exclusive=False):
+            statements = self.con.extract_statements(sql)
+            if len(statements) == 1 and statements[0].type == duckdb.StatementType.SELECT:
+                # A query runs as one statement: a relation (con.sql) with parameters took 4.9 s to hand
+                # over the 1.1 M rows that this takes 0.4 s for (the report's paired cells at paper size).
+                return self.con.execute(sql, params or []).to_arrow_table()
             relation = self.con.sql(sql, params=params)
             return pa.table({}) if relation is None else relation.to_arrow_table()  # None: a statement (CREATE...)
 
