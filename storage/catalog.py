@@ -29,8 +29,7 @@ class Catalog:
     """DuckDB views over ``store``'s tables. ``database`` is ``":memory:"`` or a DuckDB file.
 
     The file (if any) holds the user's own tables (``CREATE TABLE saved AS ...``); the
-    views are re-created on every open. ``auto_refresh``, ``check_schemas`` are kept for
-    callers of the per-file layout and have no effect: the table format keeps both.
+    views are re-created on every open.
     """
 
     def __init__(
@@ -38,8 +37,6 @@ class Catalog:
         store: Store,
         database: str = ":memory:",
         *,
-        auto_refresh: bool = True,
-        check_schemas: bool = True,
         read_only: bool = False,
     ) -> None:
         self.store = store
@@ -66,7 +63,7 @@ class Catalog:
         self.con = open_readonly(store)
         return self
 
-    def refresh(self, force: bool = False) -> None:
+    def refresh(self) -> None:
         """(Re)create the views (cheap: they name the tables, not files)."""
         with self.store.catalog_lock(exclusive=False):
             create_views(self.con)
