@@ -70,11 +70,6 @@ class BatchKey:
 BATCH_KEY = tuple(f.name for f in fields(BatchKey))
 
 
-def batch_key(row: Mapping[str, Any]) -> BatchKey:
-    """:meth:`BatchKey.of` (kept for callers of the function form)."""
-    return BatchKey.of(row)
-
-
 @dataclass(frozen=True)
 class GeneratorOptions:
     """How each generator actor loads its pipeline (everything but the model and steps, which come from the batches).

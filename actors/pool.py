@@ -794,7 +794,7 @@ class GeneratorPools:
     """One generator pool per (model, steps) for the life of a flow run, fed shard by shard.
 
     Pools of different models would claim the same GPUs, so a shard of a new model closes
-    the previous model's pool first; shards come grouped by model (:func:`flows.generate.shards`),
+    the previous model's pool first; shards come grouped by model (:func:`evaluation.sweep.shards`),
     so each model's pool starts once per run. ``identities``: ``identities`` rows (or
     content_hash → row) shipped to every actor once; hashes not found there are looked up in
     the store by the workers. :meth:`queue` puts the next shard in line on the current
@@ -959,7 +959,7 @@ def ahead(shards: Sequence[Any], queue: Callable[[Any], Any]) -> Iterable[tuple[
     Each shard's call still claims, writes and reports its own rows (the unit of progress
     and retry stays the shard).
     """
-    # Each shard is taken from ``shards`` once: a lazy sequence (flows.generate.TableShards) builds its
+    # Each shard is taken from ``shards`` once: a lazy sequence (evaluation.sweep.TableShards) builds its
     # rows on every access, and the queued rows and the yielded ones are then the same objects.
     current = shards[0] if len(shards) else None
     for index in range(len(shards)):

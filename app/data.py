@@ -146,7 +146,7 @@ class StoreReader:
 
     # -- fronts ---------------------------------------------------------------------------------
     def front_rows(self, run: str, *, prompt_set: str = "joint", identity: str = "", presets: Sequence[str] = ()) -> list[dict]:
-        """Mean of ID/CLIP/AE/IR per config (the rows :mod:`flows.pareto` takes), by one GROUP BY (cached)."""
+        """Mean of ID/CLIP/AE/IR per config (the rows :mod:`evaluation.pareto` takes), by one GROUP BY (cached)."""
         if prompt_set not in PROMPT_SETS:
             raise AppError(f"unknown prompt set {prompt_set!r}; choose {', '.join(PROMPT_SETS)}")
         key = ("fronts", run, prompt_set, identity, tuple(presets))

@@ -1,6 +1,6 @@
 """HTML of the app's tabs (server-rendered, no JavaScript framework): Explore, Compare, Generate, Report.
 
-Fronts are inline SVG drawn from :func:`flows.pareto.front_panels`: one panel per model ×
+Fronts are inline SVG drawn from :func:`evaluation.pareto.front_panels`: one panel per model ×
 LoRA scale, one polyline per preset traced by λ, each point a link to its configuration's
 gallery (filled and ringed: non-dominated; hollow: dominated; the label is λ).
 """
@@ -13,7 +13,7 @@ import math
 from typing import Any, Mapping, Sequence
 from urllib.parse import urlencode
 
-from flows.pareto import front_panels
+from evaluation.pareto import front_panels
 
 COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 TABS = (("explore", "Explore"), ("compare", "Compare"), ("generate", "Generate"), ("report", "Report"))

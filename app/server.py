@@ -28,7 +28,7 @@ from urllib.parse import parse_qs, urlparse
 
 from app import pages
 from app.data import PROMPT_SETS, AppError, Config, StoreReader
-from flows.pareto import FRONT_METRICS  # the x axes: CLIP, AE, IR
+from evaluation.pareto import FRONT_METRICS  # the x axes: CLIP, AE, IR
 
 MAX_UPLOAD_BYTES = 20 * 2**20
 PAGE_SIZE = 12

@@ -106,7 +106,7 @@ def busy_fraction(root: str, run: str) -> list[dict]:
 def rehearse(root: str, overrides: dict, label: str) -> dict:
     """Run the evaluate chain's steps one by one; returns the figures."""
     from flows.build_dataset import build_dataset_flow
-    from flows.config import load_config
+    from evaluation.config import load_config
     from flows.evaluate import compact_task, record_run, report_flow
     from flows.generate import generate_flow, score_flow
 

@@ -354,11 +354,6 @@ def _adain_blend(x: torch.Tensor, ref: torch.Tensor, w: float, dim: int) -> torc
     return torch.addcmul(offset, x, coef)
 
 
-def _adain(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """Match ``x``'s mean/std over the last axis to ``ref``'s (unbiased std, eps 1e-6)."""
-    return _adain_blend(x, ref, 0.0, -1)
-
-
 def manipulated_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, am: AMConfig, part: str, step: int,
     num_images: int = 1, plan: TokenPlan | None = None, on_map=None,

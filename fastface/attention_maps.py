@@ -19,6 +19,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from fastface.presets import TABLE_IP_ADAPTER_SCALE
+
 MAP_PARTS = ("down", "up")
 
 
@@ -122,7 +124,7 @@ def render_grid(maps: dict[str, dict[tuple[str, int], np.ndarray]], *, image: in
 
 def capture_attention_maps(pipe: Any, *, prompt: str, id_embed: np.ndarray, face_crop: np.ndarray,
                            presets: Sequence[str], seed: int = 0, steps: int | None = None, size: int | None = None,
-                           ip_adapter_scale: float = 0.8, lora_scale: float = 1.0) -> dict[str, dict]:
+                           ip_adapter_scale: float = TABLE_IP_ADAPTER_SCALE, lora_scale: float = 1.0) -> dict[str, dict]:
     """Generate once per preset (same seed, so the same noise) and return each preset's recorded maps."""
     height = width = size or pipe.default_sample_size * pipe.vae_scale_factor
     out = {}
@@ -146,7 +148,7 @@ def add_attention_maps_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--size", type=int, default=None, help="image height = width (default: the model's)")
-    parser.add_argument("--ip-adapter-scale", type=float, default=0.8)
+    parser.add_argument("--ip-adapter-scale", type=float, default=TABLE_IP_ADAPTER_SCALE)
     parser.add_argument("--lora-scale", type=float, default=1.0)
     parser.add_argument("--token", type=int, action="append", default=None,
                         help="identity token(s) to show (default: all)")

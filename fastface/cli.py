@@ -56,7 +56,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output PNG (single mode) or output folder (--batch-file)")
     parser.add_argument("--model", default="hyper", help="checkpoint name (`fastface models`; default: %(default)s)")
     parser.add_argument("--preset", default="ff-am2", help="FastFace preset (`fastface presets`; default: %(default)s)")
-    parser.add_argument("--ip-adapter-scale", type=float, default=0.8, help="λ (default: %(default)s)")
+    parser.add_argument("--ip-adapter-scale", type=float, default=None,
+                        help="λ (default: the paper's, fastface.presets.TABLE_IP_ADAPTER_SCALE = 0.8)")
     parser.add_argument("--lora-scale", type=float, default=1.0, help="FaceID LoRA weight (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed for rows without one (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
@@ -150,7 +151,10 @@ def cached_pipeline(model: str, **kwargs: Any):
 def check_generate_numbers(args: argparse.Namespace, checkpoint: Any) -> int:
     """Every number flag of ``generate``, with the rules the evaluation config uses; returns the image size."""
     from fastface import validation
+    from fastface.presets import TABLE_IP_ADAPTER_SCALE
 
+    if args.ip_adapter_scale is None:
+        args.ip_adapter_scale = TABLE_IP_ADAPTER_SCALE
     validation.scale("--ip-adapter-scale", args.ip_adapter_scale)
     validation.scale("--lora-scale", args.lora_scale)
     validation.positive_int("--batch-size", args.batch_size)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from fastface.dtypes import transformers_dtype_kwargs
 from fastface.attention import AMConfig, DenoisingStep, ip_adapter_layers, manipulated_attention_processors
 from fastface.guidance import BRANCH_CONDITIONS, DCGConfig, combine_branches, required_branches
-from fastface.presets import Preset, get_preset
+from fastface.presets import TABLE_IP_ADAPTER_SCALE, Preset, get_preset
 
 FACEID_LORA = "faceid_0"
 #: SDXL's own default guidance, read from diffusers (the base model's α = β).
@@ -171,7 +171,7 @@ class FastFacePipeline(StableDiffusionXLPipeline):
         dcg: DCGConfig | None = None,
         am: AMConfig | None = _UNSET,
         default_guidance: float | None = None,
-        ip_adapter_scale: float = 0.8,
+        ip_adapter_scale: float = TABLE_IP_ADAPTER_SCALE,
         lora_scale: float = 1.0,
         seeds: Sequence[int] | None = None,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,

@@ -60,7 +60,7 @@ def _prepare_prefect_environment() -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from flows.config import ConfigError, check_photos, load_config
+    from evaluation.config import ConfigError, check_photos, load_config
     from storage.checks import check_store_root
 
     overrides = _overrides(args.set)
@@ -79,7 +79,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.seconds_per_image is not None and not args.seconds_per_image > 0:
         raise ValueError(f"--seconds-per-image must be a positive number, got {args.seconds_per_image}")
     if args.plan:
-        from flows.plan import evaluation_plan, format_plan
+        from evaluation.plan import evaluation_plan, format_plan
 
         plan = evaluation_plan(config, args.root, seconds_per_image=args.seconds_per_image)
         print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
@@ -222,7 +222,8 @@ def run_sql(args: argparse.Namespace) -> int:
     from fastface.validation import positive_int
     from storage.catalog import write_result
     from storage.checks import check_store_root
-    from storage.readonly import check_read_only_sql, readonly_catalog
+    from storage.catalog import readonly_catalog
+    from storage.readonly import check_read_only_sql
 
     query = args.query
     if args.file is not None:
@@ -281,7 +282,7 @@ def run_report(args: argparse.Namespace) -> int:
 
     from fastface import validation
     from fastface.presets import PRESETS
-    from flows.report import build_report
+    from evaluation.report import build_report
     from storage.checks import check_store_root
 
     if args.baseline not in PRESETS:

@@ -35,10 +35,10 @@ from prefect.cache_policies import NONE
 
 from fastface.provenance import package_versions
 from flows.build_dataset import build_dataset_flow
-from flows.config import EvaluationConfig, config_from_dict, load_config
+from evaluation.config import EvaluationConfig, config_from_dict, load_config
 from flows.generate import artifact_key, check_gpus, generate_flow, score_flow
-from flows.report import build_report
-from flows.retries import retry_transient
+from evaluation.report import build_report
+from evaluation.retries import retry_transient
 from flows.run_lock import run_lock
 from storage import Store, canonical_json
 

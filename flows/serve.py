@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--name", default=DEPLOYMENT_NAME)
     parser.add_argument("--register-only", action="store_true", help="register the deployment and exit")
     args = parser.parse_args(argv)
-    from flows.config import load_config
+    from evaluation.config import load_config
 
     load_config(args.config)  # fail now, not at 03:00
     if args.register_only:

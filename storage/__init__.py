@@ -1,30 +1,26 @@
-"""FastFace storage layer: Parquet tables, images, a DuckDB catalog, sweep planning.
+"""FastFace storage layer: the result tables as a DuckLake (catalog in SQLite or PostgreSQL, Parquet
+data on a folder or ``s3://``), image files, read-only SQL, sweep planning.
 
-Layout under a root (a local folder, or any fsspec URL such as ``s3://bucket/prefix``)::
+Layout under a root (a local folder, or ``s3://bucket/prefix``)::
 
-    runs/run_id=<run>/part-<uuid>.parquet
-    identities/run_id=<run>/part-<uuid>.parquet
-    prompts/run_id=<run>/part-<uuid>.parquet
-    examples/run_id=<run>/part-<uuid>.parquet
-    generations/run_id=<run>/part-<uuid>.parquet
-    metrics/run_id=<run>/part-<uuid>.parquet
-    images/<run>/<example_id>.png
+    catalog.sqlite                                the DuckLake catalog (local roots, by default)
+    tables/main/<table>/run_id=<run>/*.parquet    table data, written and merged by DuckLake
+    images/<run>/<example_id>.png                 generated images (plain files)
 
-- Schemas (:mod:`storage.schemas`) are declared once as pyarrow schemas; every file
-  carries the schema version and table name in its Parquet metadata, checked on read.
-- Files are only ever added, never rewritten, and every write is atomic (local: hidden
-  ``.tmp-*`` name + ``os.replace``; S3: one PUT). Readers see only ``part-*.parquet``
-  and skip names starting with ``.`` or ``_``.
-- A retried write adds another row with the same key (:data:`storage.schemas.KEYS`);
-  ``Store.latest`` and the catalog's views keep the latest by ``created_at``.
+- :mod:`storage.store` — :class:`Store`: connections, one DuckLake transaction per append
+  (atomic), image bytes (atomic writes), compaction, snapshots, relocation, outages;
+  :mod:`storage.layout` (names of the parts), :mod:`storage.s3` (endpoint, client options),
+  :mod:`storage.credentials` (the standard AWS chain).
+- :mod:`storage.schemas` — the six tables, declared once as pyarrow schemas with their keys.
+- A retried write adds another row with the same key; :mod:`storage.views` defines the
+  deduplicated views (the latest row per key by ``created_at``): ``<table>`` in
+  :class:`storage.catalog.Catalog` and ``fastface sql``, ``latest.<table>`` in the lake for
+  stock DuckDB.
 - ``example_id`` (:mod:`storage.ids`) hashes everything that determines an image, so
-  :mod:`storage.plan` can resume any sweep by diffing planned ids against stored rows.
-- :class:`storage.catalog.Catalog` puts DuckDB views over the tables (``<table>``
-  deduplicated, ``<table>_raw`` all rows), offline for ``s3://`` through the Store's
-  fsspec filesystem.
-
-:mod:`storage.readonly` opens a store for queries only (``fastface sql``, the app):
-``open_readonly(root)`` — the lake read-only, the views defined, external access off.
+  :mod:`storage.plan` resumes any sweep by anti-joining planned ids with stored rows.
+- :mod:`storage.readonly` opens a store for queries only (``fastface sql``, the app): the
+  lake ``READ_ONLY``, the views defined, external access off.
+- :mod:`storage.checks` — a store root is checked before anything opens it (one line).
 
 This layer imports pyarrow, duckdb and fsspec (s3fs for ``s3://``), never Ray or Prefect.
 """

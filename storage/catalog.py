@@ -1,7 +1,7 @@
 """SQL over a Store's tables: one view per table, deduplicated, for ``fastface sql`` and reports.
 
 Views (temporary, per connection), over the store's DuckLake attached as
-:data:`storage.store.LAKE`:
+:data:`storage.layout.LAKE`:
 
 - ``<table>``: one row per key (:data:`storage.schemas.KEYS`), the latest by
   ``created_at`` (ties: the later insert), so a retried write never shows a row twice;
@@ -15,22 +15,22 @@ next query, and a query running during compaction sees each row exactly once.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import duckdb
 import pyarrow as pa
 
-from storage.duck import quote_identifier as _quote
-from storage.schemas import KEYS, TABLES, schema
-from storage.store import LAKE, Store, latest_rows_sql
+from storage.layout import LAKE
+from storage.store import Store
+from storage.readonly import open_readonly, readonly_store
+from storage.views import create_views
 
 
 class Catalog:
     """DuckDB views over ``store``'s tables. ``database`` is ``":memory:"`` or a DuckDB file.
 
     The file (if any) holds the user's own tables (``CREATE TABLE saved AS ...``); the
-    views are re-created on every open. ``auto_refresh``, ``check_schemas`` are kept for
-    callers of the per-file layout and have no effect: the table format keeps both.
+    views are re-created on every open.
     """
 
     def __init__(
@@ -38,8 +38,6 @@ class Catalog:
         store: Store,
         database: str = ":memory:",
         *,
-        auto_refresh: bool = True,
-        check_schemas: bool = True,
         read_only: bool = False,
     ) -> None:
         self.store = store
@@ -61,14 +59,12 @@ class Catalog:
     @classmethod
     def readonly(cls, store: Store) -> "Catalog":
         """A Catalog on :func:`storage.readonly.open_readonly`'s connection: lake read-only, external access off."""
-        from storage.readonly import open_readonly
-
         self = cls.__new__(cls)
         self.store = store
         self.con = open_readonly(store)
         return self
 
-    def refresh(self, force: bool = False) -> None:
+    def refresh(self) -> None:
         """(Re)create the views (cheap: they name the tables, not files)."""
         with self.store.catalog_lock(exclusive=False):
             create_views(self.con)
@@ -100,16 +96,6 @@ class Catalog:
     def sql_table(self, sql: str, params: Sequence[Any] | None = None, max_rows: int = 50) -> str:
         """The result as an aligned text table, for ``fastface sql``."""
         return format_table(self.query(sql, params), max_rows=max_rows)
-
-
-def create_views(con) -> None:
-    """The temporary views ``<table>`` (deduplicated) and ``<table>_raw`` on ``con`` (lake attached as LAKE)."""
-    for table in TABLES:
-        columns = ", ".join(_quote(n) for n in schema(table).names)
-        keys = ", ".join(_quote(k) for k in KEYS[table])
-        source = f"{LAKE}.main.{_quote(table)}"
-        con.execute(f"CREATE OR REPLACE TEMP VIEW {_quote(table + '_raw')} AS SELECT {columns} FROM {source}")
-        con.execute(f"CREATE OR REPLACE TEMP VIEW {_quote(table)} AS {latest_rows_sql(source, columns, keys)}")
 
 
 def _cell(value: Any) -> str:
@@ -219,3 +205,9 @@ def _json_value(value: Any):
     if isinstance(value, bytes):
         return value.hex()
     return str(value)
+
+
+def readonly_catalog(root: str, *, catalog: str | None = None,
+                     storage_options: Mapping[str, Any] | None = None) -> Catalog:
+    """A :class:`Catalog` over :func:`storage.readonly.open_readonly`'s connection (queries hold the catalog lock)."""
+    return Catalog.readonly(readonly_store(root, catalog=catalog, storage_options=storage_options))

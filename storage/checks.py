@@ -7,7 +7,7 @@
   must answer (a refused or silent endpoint fails in about :data:`CONNECT_TIMEOUT_S`
   seconds, naming it), and the bucket must exist.
 
-:data:`S3_CLIENT_CONFIG` is what :class:`storage.store.Store` gives botocore, so every
+:data:`storage.s3.S3_CLIENT_CONFIG` is what :class:`storage.store.Store` gives botocore, so every
 S3 call fails fast on a dead endpoint instead of retrying for tens of seconds.
 """
 
@@ -17,25 +17,11 @@ import os
 
 from storage.credentials import CHAIN_HINT, CredentialsError, resolve_s3_credentials
 from storage.schemas import TABLES
-from storage.store import CATALOG_FILE, CONNECT_TIMEOUT_S, DATA_DIR, endpoint_unreachable, s3_endpoint
-
-S3_CLIENT_CONFIG = {"connect_timeout": CONNECT_TIMEOUT_S, "retries": {"max_attempts": 2, "mode": "standard"}}
-
+from storage.layout import CATALOG_FILE, DATA_DIR
+from storage.s3 import CONNECT_TIMEOUT_S, S3_CLIENT_CONFIG, endpoint_unreachable, s3_endpoint, s3_fs_options
 
 class StoreRootError(ValueError):
     """A store root that cannot be used; the message names the root and what to do."""
-
-
-def s3_fs_options(storage_options=None, endpoint: str | None = None) -> dict:
-    """fsspec options for an s3:// store: the endpoint (unless given), no cached listings (other
-    processes write there), and client timeouts so a dead endpoint fails in seconds, not after a minute."""
-    options = dict(storage_options or {})
-    client_kwargs = options.get("client_kwargs") or {}
-    if endpoint and "endpoint_url" not in options and "endpoint_url" not in client_kwargs:
-        options["endpoint_url"] = endpoint
-    options.setdefault("use_listings_cache", False)
-    options.setdefault("config_kwargs", S3_CLIENT_CONFIG)
-    return options
 
 
 def _check_s3_credentials(root: str) -> None:

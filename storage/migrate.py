@@ -26,7 +26,9 @@ import pyarrow.parquet as pq
 
 from storage.duck import StorageError
 from storage.schemas import TABLES, SchemaError, check_table, schema
-from storage.store import CATALOG_FILE, DATA_DIR, ENDPOINT_ENV_VARS, Store
+from storage.layout import CATALOG_FILE, DATA_DIR
+from storage.s3 import ENDPOINT_ENV_VARS
+from storage.store import Store
 
 _CHUNK_ROWS = 500_000
 _URI_COLUMNS = {"identities": "image_uri", "generations": "image_uri"}

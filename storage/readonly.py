@@ -1,7 +1,7 @@
 """Read-only SQL over a store: what ``fastface sql`` and ``fastface app`` open.
 
 :func:`open_readonly` returns a DuckDB connection with the store's lake attached ``READ_ONLY``
-(DuckDB refuses every write to it), the deduplicated views of :mod:`storage.catalog` defined,
+(DuckDB refuses every write to it), the deduplicated views of :func:`storage.views.create_views` defined,
 and external access off: only the store's own data files (and its catalog file) can be read,
 nothing can be written to disk, no database attached, no extension installed or loaded, and
 the configuration is locked so no ``SET`` can give any of it back.
@@ -21,6 +21,7 @@ import duckdb
 
 from storage.duck import quote_literal as _lit
 from storage.store import Store
+from storage.views import create_views
 
 ALLOWED_STATEMENTS = ("SELECT", "EXPLAIN")
 
@@ -79,10 +80,8 @@ def open_readonly(root: "str | Store", *, catalog: str | None = None,
     ``<table>_raw`` every row); the tables are also reachable as ``fastface_lake.<table>``.
     For SQLite catalogs, hold ``store.catalog_lock(exclusive=False)`` around each query when a
     writer may be committing at the same time (see :meth:`Store.catalog_lock`), or use
-    :func:`readonly_catalog`, which does.
+    :func:`storage.catalog.readonly_catalog`, which does.
     """
-    from storage.catalog import create_views
-
     store = root if isinstance(root, Store) else readonly_store(root, catalog=catalog, storage_options=storage_options)
     with store.catalog_lock(exclusive=False):
         con = store.connect()
@@ -96,13 +95,5 @@ def open_readonly(root: "str | Store", *, catalog: str | None = None,
     return con
 
 
-def readonly_catalog(root: str, *, catalog: str | None = None,
-                     storage_options: Mapping[str, Any] | None = None):
-    """A :class:`storage.catalog.Catalog` over :func:`open_readonly`'s connection (queries hold the catalog lock)."""
-    from storage.catalog import Catalog
-
-    return Catalog.readonly(readonly_store(root, catalog=catalog, storage_options=storage_options))
-
-
 __all__ = ["ALLOWED_STATEMENTS", "ReadOnlyError", "check_read_only_sql",
-           "open_readonly", "readonly_catalog", "readonly_store", "restrict", "statement_kinds"]
+           "open_readonly", "readonly_store", "restrict", "statement_kinds"]

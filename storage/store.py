@@ -41,13 +41,11 @@ import fcntl
 import os
 import random
 import re
-import socket
 import threading
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Mapping, Sequence
-from urllib.parse import urlparse
 
 import duckdb
 import fsspec
@@ -57,13 +55,12 @@ import pyarrow.parquet as pq
 
 from storage.credentials import duckdb_secret_fields, resolve_s3_credentials
 from storage.duck import StorageError, connect, load_extensions, quote_identifier as _q, quote_literal as _lit
+from storage.layout import CATALOG_FILE, DATA_DIR, LAKE
+from storage.s3 import _check_endpoint_reachable, _s3_endpoint_settings, s3_endpoint, s3_fs_options
 from storage.schemas import KEYS, SCHEMA_VERSION, TABLES, SchemaError, conform, schema
+from storage.views import ensure_views, latest_rows_sql
 
-ENDPOINT_ENV_VARS = ("FASTFACE_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
 CATALOG_ENV = "FASTFACE_CATALOG"
-CATALOG_FILE = "catalog.sqlite"
-DATA_DIR = "tables"
-LAKE = "fastface_lake"
 """The name the DuckLake is attached under in every connection (``fastface_lake.metrics``...)."""
 META_TABLE = "fastface_store"
 INLINE_ROW_LIMIT = 0
@@ -89,8 +86,6 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _S3_PROTOCOLS = ("s3", "s3a")
 _MAX_SINGLE_PUT = 5 * 2**30  # S3's limit for one PUT
 _WRITE_ATTEMPTS = 8
-#: Seconds one TCP connect to an S3 endpoint may take (also botocore's connect timeout, storage.checks).
-CONNECT_TIMEOUT_S = 5
 
 
 def _pause_point(point: str) -> None:
@@ -145,46 +140,6 @@ def catalog_attach_string(spec: str) -> tuple[str, str | None]:
 
 def _redact(spec: str) -> str:
     return re.sub(r"(password\s*=\s*)\S+", r"\1***", re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", spec))
-
-
-def s3_endpoint() -> str | None:
-    return next((os.environ[v] for v in ENDPOINT_ENV_VARS if os.environ.get(v)), None)
-
-
-def _s3_endpoint_settings() -> dict[str, str]:
-    """The endpoint fields of DuckDB's S3 secret (none for AWS itself), from ``FASTFACE_S3_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL``."""
-    out: dict[str, str] = {}
-    endpoint = s3_endpoint()
-    if endpoint:
-        url = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
-        if not url.hostname:
-            raise StorageError(f"S3 endpoint {endpoint!r} (from {'/'.join(ENDPOINT_ENV_VARS)}) has no host")
-        out["ENDPOINT"] = url.netloc
-        out["USE_SSL"] = "true" if url.scheme == "https" else "false"
-        out["URL_STYLE"] = "path"
-    return out
-
-
-def endpoint_unreachable(endpoint: str) -> str | None:
-    """Why a TCP connect to the S3 endpoint fails (``None`` when it answers): one connect, at most
-    :data:`CONNECT_TIMEOUT_S`, so a wrong or dead endpoint fails in seconds. The one home of this
-    check: :class:`Store` and :func:`storage.checks.check_store_root` word their own errors around it."""
-    url = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname, port), timeout=CONNECT_TIMEOUT_S):
-            return None
-    except OSError as exc:
-        return "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc)).lower()
-
-
-def _check_endpoint_reachable(endpoint: str) -> None:
-    reason = endpoint_unreachable(endpoint)
-    if reason:
-        raise StorageError(
-            f"cannot reach the S3 endpoint {endpoint} (from ${next(v for v in ENDPOINT_ENV_VARS if os.environ.get(v))}): "
-            f"{reason}; check the URL or unset it to use AWS"
-        )
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -282,7 +237,6 @@ class Store:
             endpoint = s3_endpoint()
             if endpoint:
                 _check_endpoint_reachable(endpoint)
-            from storage.checks import s3_fs_options
 
             options = s3_fs_options(options, endpoint)
         self.fs, path = fsspec.core.url_to_fs(root, **options)
@@ -603,7 +557,6 @@ class Store:
 
     def _ensure_views(self, con) -> None:
         """The deduplicated views stock DuckDB reads (:mod:`storage.views`); another writer may be adding them."""
-        from storage.views import ensure_views
 
         for attempt in range(_WRITE_ATTEMPTS):
             try:
@@ -1174,21 +1127,6 @@ def duck_columns(con, table: str) -> list[tuple[str, str, bool]]:
     fields = schema(table)
     types = [str(t) for t in con.from_arrow(fields.empty_table()).types]
     return [(f.name, t, f.nullable) for f, t in zip(fields, types)]
-
-
-def latest_rows_sql(source: str, columns: str, keys: str) -> str:
-    """SQL for one row per key of ``source``, the latest by ``created_at`` (ties: the later insert).
-
-    Almost every key has one row (a second appears only when a failed write is retried or a
-    score redone), so the window that picks the latest row runs only over keys seen more than
-    once, found by grouping a 64-bit hash of the key (a hash shared by two keys only sends both
-    through the window, which partitions by the keys themselves). At 8.7 M metric rows this is
-    ~2.6× cheaper than one window over every row (benchmarks/bench_storage_scale.py).
-    """
-    repeated = f"(SELECT hash({keys}) AS _h FROM {source} GROUP BY _h HAVING count(*) > 1)"
-    return (f"SELECT {columns} FROM {source} ANTI JOIN {repeated} d ON hash({keys}) = d._h "
-            f"UNION ALL SELECT {columns} FROM {source} SEMI JOIN {repeated} d ON hash({keys}) = d._h "
-            f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY created_at DESC, rowid DESC) = 1")
 
 
 def latest_rows(data: pa.Table, keys: Sequence[str]) -> pa.Table:

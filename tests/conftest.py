@@ -276,7 +276,7 @@ def wait_for_stored_rows(root: Path, table: str, at_least: int, timeout: float, 
     import time
 
     from storage import Store
-    from storage.store import CATALOG_FILE
+    from storage.layout import CATALOG_FILE
 
     deadline = time.monotonic() + timeout
     rows = 0

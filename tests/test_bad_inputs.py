@@ -471,8 +471,8 @@ def test_only_transient_errors_are_retried():
     from botocore.exceptions import EndpointConnectionError, NoCredentialsError
     from ray.exceptions import RayActorError
 
-    from flows.config import ConfigError
-    from flows.retries import is_transient, retry_transient
+    from evaluation.config import ConfigError
+    from evaluation.retries import is_transient, retry_transient
     from fastface.faces import NoFaceError
 
     transient = [ConnectionResetError(), TimeoutError(), EndpointConnectionError(endpoint_url="http://x"),

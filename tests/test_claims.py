@@ -1,4 +1,4 @@
-"""The paper's claims as verdicts (flows/claims.py) on synthetic metric rows whose truth is known."""
+"""The paper's claims as verdicts (evaluation/claims.py) on synthetic metric rows whose truth is known."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from flows import analysis, claims, paper
+from evaluation import analysis, claims, paper
 
 IDENTITIES = [f"i{k}" for k in range(8)]
 PROMPTS = [f"s{k}" for k in range(6)]

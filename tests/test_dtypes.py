@@ -30,7 +30,7 @@ def test_unknown_dtype_lists_the_accepted_names(bad):
 
 
 def test_config_check_refuses_half_on_cpu_with_the_accepted_names():
-    from flows.config import ConfigError, load_config
+    from evaluation.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=r"float16 does not run on device cpu.*bfloat16 or float32"):
         load_config(CI_CONFIG, {"execution.dtype": "fp16", "execution.device": "cpu"})
@@ -42,7 +42,7 @@ def test_config_check_refuses_half_on_cpu_with_the_accepted_names():
 def test_generator_worker_takes_every_config_spelling(spelling, fastface_cache, tmp_path):
     """What the config check accepts, a generator worker loads with (never a failing actor)."""
     from actors.generator import GeneratorWorker
-    from flows.config import load_config
+    from evaluation.config import load_config
     from storage import Store
 
     execution = load_config(CI_CONFIG, {"execution.dtype": spelling}).execution

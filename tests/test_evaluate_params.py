@@ -16,7 +16,7 @@ import yaml
 sys.path.insert(0, os.path.dirname(__file__))
 from test_prefect_worker import Webhook  # noqa: E402
 
-from flows.config import ConfigError, EvaluationConfig  # noqa: E402
+from evaluation.config import ConfigError, EvaluationConfig  # noqa: E402
 from flows.evaluate import (FAILURE_WEBHOOK_ENV, as_config, evaluate_flow, evaluate_run_name,  # noqa: E402
                             failure_payload, notify_failure)
 

@@ -1,4 +1,4 @@
-"""flows/analysis.py on synthetic tables with known answers: no-face exclusion, FFC counts,
+"""evaluation/analysis.py on synthetic tables with known answers: no-face exclusion, FFC counts,
 relative change, λ-curves, two-way bootstrap intervals and paired differences."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
-from flows import analysis
+from evaluation import analysis
 from noise import float64_tolerance
 
 IDS = ["i0", "i1", "i2"]
@@ -135,7 +135,7 @@ def test_bootstrap_with_no_values():
 
 
 def test_lambda_curve_plot_is_a_png():
-    from flows.report import plot_lambda_curves
+    from evaluation.report import plot_lambda_curves
 
     png = plot_lambda_curves(synthetic_rows(), "joint", "clip")
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000

@@ -98,6 +98,7 @@ PLANNING_CALLS: dict[str, int] = {}
 
 @pytest.fixture(scope="module")
 def ci_run(prefect_server, ray_cluster, cache_dir, tmp_path_factory):
+    import evaluation.sweep
     import flows.generate
     from flows.evaluate import evaluate_flow
 
@@ -109,8 +110,9 @@ def ci_run(prefect_server, ray_cluster, cache_dir, tmp_path_factory):
 
     root = str(tmp_path_factory.mktemp("ci-root"))
     with pytest.MonkeyPatch.context() as patch:  # planning calls of the flows (the shard tasks share the module)
-        for name in ("plan_missing_generations", "plan_missing_metrics_table"):
-            patch.setattr(flows.generate, name, counted(name, getattr(flows.generate, name)))
+        for module, name in ((flows.generate, "plan_missing_generations"),
+                             (evaluation.sweep, "plan_missing_metrics_table")):
+            patch.setattr(module, name, counted(name, getattr(module, name)))
         summary = evaluate_flow(config=CI_CONFIG, root=root, overrides={"execution.cache_dir": cache_dir})
     return root, summary
 
@@ -287,7 +289,7 @@ def test_sql_traces_each_image_to_its_dcg_and_am(prefect_server, ray_cluster, ca
     from metrics_fixtures import sample_photo
 
     from fastface.presets import get_preset
-    from flows.config import load_config
+    from evaluation.config import load_config
     from flows.generate import generate_flow
     from storage.ids import bytes_sha256
 
@@ -419,7 +421,7 @@ def test_ablation_configs_run_on_tiny_weights_with_their_report_sections(prefect
     import yaml
 
     from fastface.presets import ABLATION_PRESETS
-    from flows.config import load_config
+    from evaluation.config import load_config
     from flows.evaluate import evaluate_flow
 
     merged, sets = None, []

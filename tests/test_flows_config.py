@@ -1,4 +1,4 @@
-"""flows/config.py: the shipped configs validate, and bad configs fail before anything runs, naming the field."""
+"""evaluation/config.py: the shipped configs validate, and bad configs fail before anything runs, naming the field."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.config import ConfigError, config_from_dict, load_config, resolve_uri
+from evaluation.config import ConfigError, config_from_dict, load_config, resolve_uri
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

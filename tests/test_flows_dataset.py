@@ -1,4 +1,4 @@
-"""flows/dataset.py and the dataset flow's tasks: prompts, the authors' layout importer, the similarity
+"""evaluation/dataset.py and the dataset flow's tasks: prompts, the authors' layout importer, the similarity
 filter on real dlib embeddings of the photos in the insightface wheel, and synthesis with injected faces."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flows.dataset import (
+from evaluation.dataset import (
     crop_face,
     curated_prompts,
     filter_similar_identities,
@@ -145,8 +145,9 @@ class InProcessFaces:
 
 
 def test_importer_reads_the_authors_layout(tmp_path, dlib_backend, hanks, group_photo, t1_faces):  # noqa: F811
-    from flows.build_dataset import embed_photos, gather_photos, import_identities, import_prompts
-    from flows.config import config_from_dict
+    from evaluation.photos import gather_photos
+    from flows.build_dataset import embed_photos, import_identities, import_prompts
+    from evaluation.config import config_from_dict
 
     data = tmp_path / "authors"
     (data / "id_photos").mkdir(parents=True)
@@ -198,7 +199,7 @@ def test_synthesis_renders_on_the_pools_and_the_flow_process_loads_no_model(
     from fastface.faces import DlibFaceBackend, InsightFaceBackend
     from fastface.pipeline import FastFacePipeline
     from flows.build_dataset import build_dataset_flow
-    from flows.config import config_from_dict
+    from evaluation.config import config_from_dict
 
     loads: list[str] = []
 

@@ -122,6 +122,6 @@ def test_paper_config_uses_the_authors_modes():
 
     data = yaml.safe_load((Path(__file__).parents[1] / "configs" / "paper.yaml").read_text())
     assert data["metrics"]["fsc_mode"] == "authors" and data["metrics"]["face_size_mode"] == "authors"
-    from flows.config import MetricsConfig
+    from evaluation.config import MetricsConfig
 
     assert MetricsConfig().face_size_mode == "clipped" and MetricsConfig().fsc_mode == "aligned"

@@ -100,8 +100,9 @@ def test_dataset_import_of_identity_folders_and_the_generator_uses_all_photos(ph
     from types import SimpleNamespace
 
     from actors.generator import GeneratorWorker
-    from flows.build_dataset import embed_photos, gather_photos, import_identities
-    from flows.config import config_from_dict
+    from evaluation.photos import gather_photos
+    from flows.build_dataset import embed_photos, import_identities
+    from evaluation.config import config_from_dict
     from fastface.faces import prepare_identity
     from storage import Store
 

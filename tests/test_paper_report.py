@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from flows import paper
+from evaluation import paper
 from noise import float64_tolerance
 
 IDENTITIES = [f"i{k}" for k in range(10)]
@@ -60,7 +60,7 @@ def synthetic_run(tables: dict) -> tuple[list[dict], list[dict]]:
 
 
 def test_report_verdicts_per_cell_on_a_synthetic_run(tmp_path):
-    from flows.report import build_report
+    from evaluation.report import build_report
     from storage import Store
 
     tables = reference_tables()
@@ -168,7 +168,7 @@ def test_fig18_bins_and_plot_on_synthetic_faces():
     from PIL import Image
     import io
 
-    from flows.report import face_size_bins, plot_fig18
+    from evaluation.report import face_size_bins, plot_fig18
 
     rng = np.random.default_rng(1)
     rows = []
@@ -192,7 +192,7 @@ def test_fig18_bins_and_plot_on_synthetic_faces():
 def test_fig18_config_is_one_identity_one_neutral_prompt_many_seeds():
     from pathlib import Path
 
-    from flows.config import load_config
+    from evaluation.config import load_config
 
     config = load_config(Path(__file__).parents[1] / "configs" / "fig18.yaml")
     assert len(config.dataset.identities) == 1 and config.dataset.prompts == ("a photo of a person",)

@@ -1,4 +1,4 @@
-"""Every value of the paper's Tables 1-3 is in flows/data/paper_tables.yaml, none missing or different.
+"""Every value of the paper's Tables 1-3 is in evaluation/data/paper_tables.yaml, none missing or different.
 
 tests/data/paper-tables.md is the transcription of arXiv 2505.21144's tables (checked against the paper's
 text); this test parses its markdown on its own and compares all 224 numbers with the YAML.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from flows import paper
+from evaluation import paper
 
 TRANSCRIPTION = Path(__file__).parent / "data" / "paper-tables.md"
 # The transcription's column headers → this project's metric names (per table).
@@ -81,7 +81,7 @@ def test_the_smoke_config_compares_cells_of_all_three_tables():
     Table 1's baseline / ff-am2 rows and the baseline rows of Tables 2 and 3 for hyper and lcm are run, the rest not."""
     import itertools
 
-    from flows.config import load_config
+    from evaluation.config import load_config
 
     config = load_config(Path(__file__).parents[1] / "configs" / "smoke.yaml")
     kinds = {"stylistic" if ";" in p else "realistic" for p in config.dataset.prompts}

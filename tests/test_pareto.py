@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from flows.pareto import front_panels, pareto_front, plot_fronts
+from evaluation.pareto import front_panels, pareto_front, plot_fronts
 
 
 def brute_force(points, maximise):
@@ -100,7 +100,7 @@ def test_report_shows_the_fronts(tmp_path):
     """The report's section: one PNG per prompt set, rows per model × LoRA scale, written beside report.html."""
     from test_paper_report import reference_tables, synthetic_run
 
-    from flows.report import build_report
+    from evaluation.report import build_report
     from storage import Store
 
     tables = reference_tables()

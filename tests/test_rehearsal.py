@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from test_flows_chain import prefect_server  # noqa: F401 - the module's Prefect server
 
-from flows.config import ConfigError, load_config
+from evaluation.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 PAPER = str(REPO / "configs" / "paper.yaml")
@@ -48,8 +48,8 @@ def test_rehearsal_config_names_its_runs_and_needs_no_data_folder():
 
 
 def test_rehearsal_dataset_has_the_papers_shape_without_models():
-    from flows.generate import sweep_examples_table
-    from flows.rehearsal import identity_rows_of, rehearsal_dataset, rehearsal_embeddings
+    from evaluation.sweep import sweep_examples_table
+    from evaluation.rehearsal import identity_rows_of, rehearsal_dataset, rehearsal_embeddings
 
     config = load_config(PAPER, {"weights": "rehearsal"})
     photos, prompts = rehearsal_dataset(config)
@@ -102,9 +102,9 @@ SMALL_IMAGES = 2 * 2 * 6 * (20 + 10 + 2 * 10 + 2 * 20)  # models × λ × identi
 def rehearsal(prefect_server, ray_cluster, tmp_path_factory):  # noqa: F811
     import time
 
-    from flows.config import load_config
+    from evaluation.config import load_config
     from flows.evaluate import evaluate_flow
-    from flows.plan import evaluation_plan
+    from evaluation.plan import evaluation_plan
 
     root = str(tmp_path_factory.mktemp("rehearsal-root"))
     config = load_config(PAPER, SMALL)
@@ -148,7 +148,7 @@ def test_rehearsal_runs_every_step_with_exact_rows(rehearsal):
 
 
 def test_plan_says_what_the_run_did(rehearsal):
-    from flows.plan import evaluation_plan, format_plan
+    from evaluation.plan import evaluation_plan, format_plan
 
     root, config, plan, summary = rehearsal
     total = plan["total"]

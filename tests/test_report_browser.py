@@ -27,7 +27,7 @@ def _png(seed: int, size: int = 48) -> bytes:
 @pytest.fixture(scope="module")
 def report_html(tmp_path_factory):
     """A synthetic run with face sizes (Fig. 18), generated images (grids) and an attention-map grid."""
-    from flows.report import build_report
+    from evaluation.report import build_report
     from storage import Store
 
     root = tmp_path_factory.mktemp("store")

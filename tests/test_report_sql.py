@@ -1,5 +1,5 @@
-"""The report's SQL path (flows/report_data.py: DuckDB aggregates, bootstrap cells, paired differences) against
-the pure-Python reference (flows/analysis.py) on the same synthetic metric rows, stored in a real store."""
+"""The report's SQL path (evaluation/report_data.py: DuckDB aggregates, bootstrap cells, paired differences) against
+the pure-Python reference (evaluation/analysis.py) on the same synthetic metric rows, stored in a real store."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import math
 import numpy as np
 import pytest
 
-from flows import analysis, paper
-from flows.report import face_size_bins, main_table, metric_rows
-from flows.report_data import RowsData, StoreData
+from evaluation import analysis, paper
+from evaluation.report import face_size_bins, main_table, metric_rows
+from evaluation.report_data import RowsData, StoreData
 
 MODELS = ("hyper", "tiny-lcm")
 PRESETS = ("baseline", "ff-am1", "dcg")
@@ -132,7 +132,7 @@ def test_sql_report_data_equals_the_python_reference(tmp_path):
 
 
 def test_bootstrap_cells_equal_the_row_bootstrap():
-    from flows.report_data import bootstrap_cells
+    from evaluation.report_data import bootstrap_cells
 
     rng = np.random.default_rng(0)
     rows = [{"identity_id": f"i{i}", "prompt_id": f"p{p}", "value": None if rng.random() < 0.1 else rng.normal()}
@@ -158,7 +158,7 @@ def test_image_grids_read_only_the_shown_cells(tmp_path):
 
     from PIL import Image
 
-    from flows.report import image_grids
+    from evaluation.report import image_grids
     from storage import Catalog
 
     store = synthetic_store(tmp_path)

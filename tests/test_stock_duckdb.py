@@ -21,7 +21,7 @@ counts = {t: con.execute(f"SELECT count(*) FROM lake.latest.{t}").fetchone()[0]
           for t in ("runs", "identities", "prompts", "examples", "generations", "metrics")}
 counts["metric_sum"] = con.execute("SELECT round(sum(value), 6) FROM lake.latest.metrics").fetchone()[0]
 counts["raw_metrics"] = con.execute("SELECT count(*) FROM lake.main.metrics").fetchone()[0]
-assert not [m for m in sys.modules if m.split('.')[0] in ("fastface", "storage", "flows")]
+assert not [m for m in sys.modules if m.split('.')[0] in ("fastface", "storage", "evaluation", "flows")]
 print(json.dumps(counts))
 """
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from flows.config import EvaluationConfig, SynthesisConfig, _exists, resolve_uri
-from flows.dataset import curated_prompts, limit_prompts, plan_candidates
+from evaluation.config import EvaluationConfig, SynthesisConfig, _exists, resolve_uri
+from evaluation.dataset import curated_prompts, limit_prompts, plan_candidates
 
 AUTHORS_PROMPTS = {"realistic": 80, "stylistic": 40}
 """Prompt counts of the authors' release (prompts_nostyle.txt, prompts_style.txt)."""
@@ -39,7 +39,7 @@ def rehearsal_faces(images: list) -> list[list[SimpleNamespace]]:
 def synthetic_photos(synthesis: SynthesisConfig, source: str) -> list[dict]:
     """One small PNG per identity of every gender × age group (``per_group`` each), ready for import."""
     from fastface.faces.images import encode_png
-    from flows.dataset import group_name
+    from evaluation.dataset import group_name
 
     photos = []
     for gender in synthesis.genders:
@@ -57,8 +57,8 @@ def synthetic_photos(synthesis: SynthesisConfig, source: str) -> list[dict]:
 
 
 def rehearsal_dataset(config: EvaluationConfig) -> tuple[list[dict], list[dict]]:
-    """Photos to import and prompts of a rehearsal, as :func:`flows.build_dataset.gather_photos` returns them."""
-    from flows.build_dataset import gather_photos
+    """Photos to import and prompts of a rehearsal, as :func:`evaluation.photos.gather_photos` returns them."""
+    from evaluation.photos import gather_photos
 
     data = config.dataset
     folder_missing = data.folder is not None and not _exists(resolve_uri(data.folder, config.base_dir))
@@ -81,7 +81,7 @@ def rehearsal_embeddings(photos: list[dict], face_backend: str) -> list[dict]:
     """What :func:`flows.build_dataset.embed_photos` returns, without a face model: one face per photo."""
     from actors.rehearsal import rehearsal_embedding
     from fastface.faces import FACE_BACKENDS
-    from flows.build_dataset import identity_hash
+    from evaluation.photos import identity_hash
 
     backend = FACE_BACKENDS.get(face_backend)
     dim = int(backend.embedding_dim)
@@ -100,7 +100,7 @@ def _default_threshold(face_backend: str) -> float:
 def identity_rows_of(photos: list[dict], max_identities: int | None = None) -> list[dict]:
     """``identities``-shaped rows (id, content hash) the import would give photos that all have a face:
     what ``evaluate --plan`` plans with before the dataset is built."""
-    from flows.build_dataset import identity_hash
+    from evaluation.photos import identity_hash
 
     rows, taken, hashes = [], set(), set()
     for photo in photos:

@@ -4,7 +4,7 @@
   unless ``maximise`` says otherwise). A point is dominated when another is at least as good
   in every objective and better in one; equal points do not dominate each other, so
   duplicates on the front are all kept.
-- :func:`front_panels`: rows of :func:`flows.analysis.aggregate` (``model, preset, lora_scale,
+- :func:`front_panels`: rows of :func:`evaluation.analysis.aggregate` (``model, preset, lora_scale,
   ip_adapter_scale, metric, value``) → one panel per model × LoRA scale, one curve per preset
   traced by λ = ip_adapter_scale, each point flagged ``on_front`` (the front of the panel,
   over every preset and λ).
@@ -58,7 +58,7 @@ def pareto_front(points: Sequence[Sequence[float]], maximise: Sequence[bool] | b
 def front_panels(table: Iterable[Mapping], *, x: str, y: str = "id", prompt_set: str | None = None) -> dict[tuple, list[dict]]:
     """``(model, lora_scale) → [{preset, ip_adapter_scale, x, y, on_front}]`` sorted by preset then λ.
 
-    ``table``: aggregated rows (one per config and metric, as :func:`flows.analysis.aggregate`
+    ``table``: aggregated rows (one per config and metric, as :func:`evaluation.analysis.aggregate`
     gives; with ``prompt_set`` only rows of that ``set``). Configs lacking either metric are left out.
     """
     values: dict[tuple, dict] = {}

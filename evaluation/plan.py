@@ -7,7 +7,7 @@ runs of the same model stored (``generations.seconds``, rehearsal rows excluded)
 ``--seconds-per-image``. Also the pipeline loads (one per generator actor per model) and
 metric-worker loads the run would start.
 
-It plans with the functions the run plans with (:func:`flows.generate.sweep_examples_table`,
+It plans with the functions the run plans with (:func:`evaluation.sweep.sweep_examples_table`,
 :func:`storage.plan.plan_missing_generations`, :func:`storage.plan.plan_missing_metrics_table`),
 in DuckDB and Arrow, so a run started right after it does what it says. Nothing is written,
 no Prefect or Ray starts. A store that does not exist yet plans everything as missing; a
@@ -23,7 +23,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flows.config import EvaluationConfig
+from evaluation.config import EvaluationConfig
 
 GROUP = ("model", "preset", "prompt_kind")
 
@@ -74,7 +74,7 @@ def stored_seconds_per_image(store, models: list[str]) -> dict[str, tuple[float,
 def _batches(table: pa.Table, shard_size: int, batch_size: int) -> dict[str, int]:
     """Batches per model the pools would run: per shard, per batch key, ceil(examples / batch size)."""
     from actors.generator import BATCH_KEY
-    from flows.generate import TableShards
+    from evaluation.sweep import TableShards
 
     out: dict[str, int] = {}
     if table.num_rows == 0:
@@ -89,8 +89,8 @@ def _batches(table: pa.Table, shard_size: int, batch_size: int) -> dict[str, int
 def evaluation_plan(config: EvaluationConfig, root: str, *, seconds_per_image: float | None = None) -> dict[str, Any]:
     """The plan of a run of ``config`` into ``root`` (see the module docstring); JSON-ready."""
     from fastface.checkpoints import check_steps
-    from flows.generate import dataset_rows, plan_missing_examples_table, run_examples, sweep_examples_table
-    from flows.rehearsal import identity_rows_of, rehearsal_dataset
+    from evaluation.sweep import dataset_rows, plan_missing_examples_table, run_examples, sweep_examples_table
+    from evaluation.rehearsal import identity_rows_of, rehearsal_dataset
     from storage import plan_missing_generations, plan_missing_metrics_table
 
     store = _store_or_none(root)

@@ -1,14 +1,14 @@
 """The report: the paper's tables, λ-curves, bootstrap intervals, paired differences, image grids, calibration.
 
 :func:`build_report` reads the store through the DuckDB catalog: the aggregates, bootstrap cells
-and paired differences come from SQL (:class:`flows.report_data.StoreData`, the same numbers as the
-pure-Python reference :mod:`flows.analysis`), the image grids and identity photos from point queries
+and paired differences come from SQL (:class:`evaluation.report_data.StoreData`, the same numbers as the
+pure-Python reference :mod:`evaluation.analysis`), the image grids and identity photos from point queries
 bounded by what is shown, so no metric row of the run becomes a Python row. It writes under ``<root>/reports/<run>/``: ``report.html``
 (tables, plots and image grids embedded as base64), ``summary.md``, ``table.csv``,
 ``paired.csv``, ``calibration.csv``, ``paper.csv`` (every published value beside this run:
-:mod:`flows.paper`), ``claims.csv`` (the paper's claims as verdicts: :mod:`flows.claims`) and
+:mod:`evaluation.paper`), ``claims.csv`` (the paper's claims as verdicts: :mod:`evaluation.claims`) and
 ``lambda_<set>_<metric>.png``; the paper's ablation figures a run holds and the failure gallery come
-from :mod:`flows.ablations`. The Prefect flow ``report`` wraps it and publishes the tables and the
+from :mod:`evaluation.ablations`. The Prefect flow ``report`` wraps it and publishes the tables and the
 summary as artifacts.
 """
 
@@ -25,8 +25,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from fastface.presets import table_ip_adapter_scale
-from flows import ablations, analysis, claims, paper, pareto
-from flows.report_data import StoreData, report_data
+from evaluation import ablations, analysis, claims, paper, pareto
+from evaluation.html import fmt as _fmt, html_table as _html_table, table_markdown_simple, thumbnail_b64
+from evaluation.report_data import StoreData, report_data
 from storage import Catalog, Store
 
 CURVE_METRICS = ("clip", "ae", "ir")
@@ -35,8 +36,8 @@ TABLE_METRICS = ("id", "clip", "ae", "ir", "fsc", "face_size", "ffc")
 
 # -- reading --------------------------------------------------------------------------------------
 def metric_rows(catalog: Catalog, run_id: str) -> list[dict]:
-    """``metrics`` ⋈ ``examples`` of one run as Python rows: the input of :mod:`flows.analysis` (errored rows left
-    out). For tests and small runs only: :func:`build_report` reads :class:`flows.report_data.StoreData` instead."""
+    """``metrics`` ⋈ ``examples`` of one run as Python rows: the input of :mod:`evaluation.analysis` (errored rows left
+    out). For tests and small runs only: :func:`build_report` reads :class:`evaluation.report_data.StoreData` instead."""
     return catalog.rows(
         "SELECT m.example_id, e.identity_id, e.prompt_id, e.prompt_kind, e.model, e.preset, e.lora_scale, "
         "e.ip_adapter_scale, e.seed, m.metric, m.value "
@@ -64,14 +65,6 @@ def run_ids(catalog: Catalog) -> list[str]:
 
 
 # -- formatting -----------------------------------------------------------------------------------
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
 def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:+.1f}%"
 
@@ -79,7 +72,7 @@ def _pct(value: float | None) -> str:
 def main_table(rows: Any, *, scale: float, baseline: str, metrics: Sequence[str], boot: dict) -> list[dict]:
     """Per set and (model, preset, lora_scale) at ``scale``: values, ID CI, change vs baseline, paired ΔID.
 
-    ``rows``: analysis rows, or a :mod:`flows.report_data` source (the report's SQL aggregates)."""
+    ``rows``: analysis rows, or a :mod:`evaluation.report_data` source (the report's SQL aggregates)."""
     out = []
     data = report_data(rows)
     for prompt_set in analysis.PROMPT_SETS:
@@ -136,7 +129,7 @@ def table_markdown(table: list[dict], metrics: Sequence[str], baseline: str) -> 
 def plot_lambda_curves(rows: Any, prompt_set: str, y_metric: str) -> bytes | None:
     """PNG of ID against ``y_metric`` traced by ip_adapter_scale, one panel per model, one line per preset × lora.
 
-    ``rows``: analysis rows or a :mod:`flows.report_data` source."""
+    ``rows``: analysis rows or a :mod:`evaluation.report_data` source."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -196,7 +189,7 @@ def face_size_bins(rows: Any, *, bins: int = 6, pairs: Mapping[tuple, np.ndarray
 
     The paper's Fig. 18 (right): identity similarity rises with the face's share of the image, so a
     preset that changes face size changes ID for that reason alone. ``pairs``: ``(model, preset, lora)
-    → [n, 2]`` arrays of (face size, ID), as :meth:`flows.report_data.StoreData.fig18` gives them
+    → [n, 2]`` arrays of (face size, ID), as :meth:`evaluation.report_data.StoreData.fig18` gives them
     (then ``rows`` is not read).
     """
     if pairs is None:
@@ -226,7 +219,7 @@ SCATTER_POINTS = 2000  # per box of Fig. 18: the boxes use every value, the jitt
 def plot_fig18(rows: Any, *, scale: float, data: Mapping | None = None) -> bytes | None:
     """The paper's Fig. 18 at one λ: distributions of ID and face size per model × preset, and ID binned by face size.
 
-    ``data``: :meth:`flows.report_data.StoreData.fig18` at ``scale`` (then ``rows`` is not read)."""
+    ``data``: :meth:`evaluation.report_data.StoreData.fig18` at ``scale`` (then ``rows`` is not read)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -287,7 +280,7 @@ def plot_fig18(rows: Any, *, scale: float, data: Mapping | None = None) -> bytes
 def paper_section(comparison: list[dict], tables: dict, *, tiny: list[str]) -> tuple[str, str]:
     """HTML and markdown of "paper vs this run": every published cell (the markdown lists the cells this run
     lacks by row, not one line each)."""
-    from flows import paper
+    from evaluation import paper
 
     intro = ("Each value the paper published (Tables 1-3 of arXiv 2505.21144: table, row and the column as printed), "
              "beside this run's mean for the same model × preset × lora_scale on the table's prompt set and λ, with "
@@ -333,20 +326,6 @@ def paper_section(comparison: list[dict], tables: dict, *, tiny: list[str]) -> t
 
 
 # -- images -------------------------------------------------------------------------------------
-def thumbnail_b64(data: bytes, size: int = 96) -> str:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        image = image.convert("RGB")
-        image.thumbnail((size, size))
-        if max(image.size) < size:  # tiny models make 32-64 px images: show them at thumbnail size
-            scale = size / max(image.size)
-            image = image.resize((round(image.width * scale), round(image.height * scale)), Image.NEAREST)
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
 def image_grids(store: Store, catalog: Catalog, run_id: str, *, max_identities: int, baseline: str) -> list[str]:
     """HTML grids per model and prompt kind: identity × (preset, λ) for the first prompt and the largest lora scale.
 
@@ -487,15 +466,6 @@ def _write_csv(store: Store, key: str, rows: list[dict]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return store.write_bytes(key, buffer.getvalue().encode())
-
-
-def _html_table(rows: list[dict]) -> str:
-    if not rows:
-        return "<p>(no rows)</p>"
-    names = list(dict.fromkeys(k for r in rows for k in r))
-    head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(n)))}</td>" for n in names) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def build_report(
@@ -642,13 +612,6 @@ def build_report(
             "paper": comparison, "claims": claim_rows, "claims_summary": claims.claim_summary(claim_rows),
             "fig18_bins": fig18_bins, "ablations": ablation_tables, "failures": failure_rows,
             "summary_markdown": summary_md, "counts": counts, "tiny_models": tiny}
-
-
-def table_markdown_simple(rows: list[dict]) -> str:
-    names = list(dict.fromkeys(k for r in rows for k in r))
-    lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
-    lines += ["| " + " | ".join(_fmt(r.get(n)) for n in names) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 __all__ = ["augmentations", "build_report", "calibration_pairs", "calibration_summary", "main_table",

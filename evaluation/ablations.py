@@ -82,7 +82,7 @@ def ablation_table(table: Sequence[Mapping], ablation: Ablation, *, baseline: st
 def ablation_images(catalog: Catalog, store: Store, run_id: str, ablation: Ablation, *, scale: float, baseline: str,
                     identities: int = 2) -> list[dict]:
     """Per model: the figure's grid (identities × presets) for one prompt of its set; bounded point queries."""
-    from flows.analysis import PROMPT_SETS
+    from evaluation.analysis import PROMPT_SETS
 
     presets = [baseline, *ablation.presets]
     kinds = list(PROMPT_SETS[ablation.prompt_set])
@@ -113,7 +113,7 @@ def ablation_images(catalog: Catalog, store: Store, run_id: str, ablation: Ablat
 
 
 def _grid_html(store: Store, grid: Mapping) -> str:
-    from flows.report import thumbnail_b64
+    from evaluation.html import thumbnail_b64
 
     head = "".join(f"<th>{_label(p)}</th>" for p in grid["presets"])
     body = []
@@ -131,7 +131,7 @@ def _grid_html(store: Store, grid: Mapping) -> str:
 def ablation_sections(catalog: Catalog, store: Store, run_id: str, run_presets: Sequence[str], table: Sequence[Mapping],
                       *, scale: float, baseline: str, identities: int = 2) -> tuple[str, str, dict[str, list[dict]]]:
     """HTML and markdown of each figure the run holds, and its metric table rows per figure."""
-    from flows.report import _html_table, table_markdown_simple
+    from evaluation.html import html_table as _html_table, table_markdown_simple
 
     html_parts, md_parts, tables = [], [], {}
     for a in present_ablations(run_presets):
@@ -170,7 +170,7 @@ def failure_cases(catalog: Catalog, run_id: str, *, scale: float, k: int = 3) ->
 
 def failure_gallery(catalog: Catalog, store: Store, run_id: str, *, scale: float, k: int = 3) -> tuple[str, str, list[dict]]:
     """HTML and markdown of Fig. 17's failure cases for every configuration at λ = ``scale``."""
-    from flows.report import _fmt, table_markdown_simple, thumbnail_b64
+    from evaluation.html import fmt as _fmt, table_markdown_simple, thumbnail_b64
 
     cases = failure_cases(catalog, run_id, scale=scale, k=k)
     configs: dict[tuple, list[dict]] = {}

@@ -1,6 +1,6 @@
 """The report's aggregation as pure functions of rows (method-spec §6), testable on synthetic tables.
 
-This is the reference: :mod:`flows.report_data` computes the same numbers in DuckDB (aggregates and
+This is the reference: :mod:`evaluation.report_data` computes the same numbers in DuckDB (aggregates and
 bootstrap cells by SQL, the bootstrap on numpy arrays) without turning the run's rows into Python
 rows, and tests/test_report_sql.py checks that both agree to 1e-12. Use these functions for rows
 already in memory (tests, small inputs).

@@ -1,10 +1,10 @@
 """The paper's claims as verdicts on a run (issue 23).
 
-Each claim of ``flows/data/paper_tables.yaml`` (``claims:``) names a table, its prompt set and
+Each claim of ``evaluation/data/paper_tables.yaml`` (``claims:``) names a table, its prompt set and
 ip_adapter_scale, the presets, models and LoRA scales it speaks of, and per metric the side
 (``up`` / ``down``) on which it puts the difference against the baseline. :func:`claim_verdicts`
 checks it against the report's paired intervals, rows shaped like
-:func:`flows.analysis.paired_differences` (``model, preset, lora_scale, ip_adapter_scale, set, metric,
+:func:`evaluation.analysis.paired_differences` (``model, preset, lora_scale, ip_adapter_scale, set, metric,
 mean_difference, low, high, pairs, unpaired``: metric(preset) − metric(baseline) on the same identity,
 prompt and seed, with a two-way bootstrap interval). For FFC the paired difference is that of the
 0/1 no-face indicator, i.e. the change in the face-fail rate. Per model, preset, LoRA scale and metric:
@@ -26,7 +26,7 @@ import html
 import math
 from typing import Iterable, Mapping
 
-from flows.paper import load_paper_tables, model_key
+from evaluation.paper import load_paper_tables, model_key
 
 VERDICTS = ("holds", "contradicted", "undecided")
 
@@ -152,9 +152,9 @@ def claim_summary(verdicts: Iterable[Mapping]) -> dict[str, dict]:
 
 def claims_section(verdicts: list[dict], *, tiny: list[str]) -> tuple[str, str]:
     """HTML and markdown of "The paper's claims": the roll-up per claim × model × LoRA scale, then every cell."""
-    from flows.report import _fmt, _html_table, table_markdown_simple
+    from evaluation.html import fmt as _fmt, html_table as _html_table, table_markdown_simple
 
-    intro = ("Each claim of the paper (flows/data/paper_tables.yaml, with its table), checked on this run with the "
+    intro = ("Each claim of the paper (evaluation/data/paper_tables.yaml, with its table), checked on this run with the "
              "paired difference against the baseline (same identity, prompt and seed; FFC: the change in the "
              "face-fail rate) on the claim's prompt set and λ, and its 95 % two-way bootstrap interval. holds: the "
              "interval lies entirely on the claimed side of zero; contradicted: entirely on the other side; "

@@ -1,6 +1,6 @@
 """What the report shows, read from the store with DuckDB: a few hundred aggregated rows, never the run's rows.
 
-:class:`StoreData` answers the questions of :mod:`flows.report` (and :func:`flows.paper.paper_comparison`)
+:class:`StoreData` answers the questions of :mod:`evaluation.report` (and :func:`evaluation.paper.paper_comparison`)
 with SQL over the catalog's deduplicated views. It first copies the run's metric rows into two
 DuckDB temp tables with integer codes (``rpt_ex``: one row per example with its config, prompt kind,
 identity, prompt and seed codes; ``rpt_m``: ``(ex, metric, value)``), so each later query is a
@@ -13,7 +13,7 @@ identity, prompt and seed codes; ``rpt_m``: ``(ex, metric, value)``), so each la
   arrays, one metric at a time;
 - for Fig. 18 the ID and face-size values at the table's λ as numpy arrays.
 
-The numbers are those of the pure-Python reference in :mod:`flows.analysis` on the same rows (same
+The numbers are those of the pure-Python reference in :mod:`evaluation.analysis` on the same rows (same
 identity and prompt order, same bootstrap draws for the same seed; sums differ only by float64
 rounding: tests/test_report_sql.py checks ≤ 1e-12). :class:`RowsData` gives the same interface over
 rows in memory (the reference, for tests and small inputs).
@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
-from flows import analysis
+from evaluation import analysis
 
 CONFIG_KEYS = analysis.CONFIG_KEYS
 KIND_CODES = {"realistic": 0, "stylistic": 1}  # any other prompt kind: 2 (in no prompt set)
@@ -58,7 +58,7 @@ def bootstrap_weights(seed: int, samples: int, n_i: int, n_p: int) -> tuple[np.n
 
 def bootstrap_cells(ii: np.ndarray, pp: np.ndarray, sums: np.ndarray, counts: np.ndarray, *,
                     samples: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict:
-    """:func:`flows.analysis.bootstrap_mean_ci` from (identity code, prompt code, sum, count) cells.
+    """:func:`evaluation.analysis.bootstrap_mean_ci` from (identity code, prompt code, sum, count) cells.
 
     Codes sort like the identity and prompt ids (so the matrix rows and columns, and hence the
     bootstrap draws, are in the reference's order); cells with count 0 hold no value and are left
@@ -158,7 +158,7 @@ class StoreData:
     # -- aggregation -----------------------------------------------------------------------------
     def aggregate(self, *, prompt_set: str = "joint", scale: float | None = None,
                   aggregations: Mapping[str, str] | None = None) -> list[dict]:
-        """:func:`flows.analysis.aggregate` (rows at ``scale`` only, if given), from the per-kind GROUP BY."""
+        """:func:`evaluation.analysis.aggregate` (rows at ``scale`` only, if given), from the per-kind GROUP BY."""
         kinds = {KIND_CODES[k] for k in analysis.PROMPT_SETS[prompt_set]}
         cfgs = set(self._cfgs_at(scale))
         groups: dict[tuple, list[float]] = {}
@@ -193,7 +193,7 @@ class StoreData:
 
     def config_intervals(self, metric: str, *, prompt_set: str = "joint", scale: float | None = None,
                          samples: int = 1000, confidence: float = 0.95, seed: int = 0) -> list[dict]:
-        """:func:`flows.analysis.config_intervals` (rows at ``scale`` only, if given)."""
+        """:func:`evaluation.analysis.config_intervals` (rows at ``scale`` only, if given)."""
         cells = self._metric_cells(metric, scale)
         kinds = [KIND_CODES[k] for k in analysis.PROMPT_SETS[prompt_set]]
         mask = np.isin(cells["kind"], kinds) & np.isin(cells["cfg"], self._cfgs_at(scale))
@@ -208,7 +208,7 @@ class StoreData:
     def paired_differences(self, metric: str, *, baseline: str = "baseline", prompt_set: str = "joint",
                            scale: float | None = None, samples: int = 1000, confidence: float = 0.95,
                            seed: int = 0) -> list[dict]:
-        """:func:`flows.analysis.paired_differences`: the difference cells are one SQL join and GROUP BY."""
+        """:func:`evaluation.analysis.paired_differences`: the difference cells are one SQL join and GROUP BY."""
         kinds = [KIND_CODES[k] for k in analysis.PROMPT_SETS[prompt_set]]
         found = self._paired_cells(metric, baseline)
         keep = np.isin(found["kind"], kinds) & np.isin(found["cfg"], self._cfgs_at(scale))
@@ -263,7 +263,7 @@ class StoreData:
     def paper_stats(self, kinds: Sequence[str], scale: float, model: str, preset: str, lora_scale: float,
                     metric: str, *, bootstrap: bool, samples: int = 1000, confidence: float = 0.95,
                     seed: int = 0) -> dict | None:
-        """One group of :func:`flows.paper.paper_comparison`: None without rows, else its models, rows, n, sum
+        """One group of :func:`evaluation.paper.paper_comparison`: None without rows, else its models, rows, n, sum
         and (``bootstrap``) the two-way bootstrap of its mean."""
         if metric not in self.metrics:
             return None
@@ -329,7 +329,7 @@ def _arrays(table: pa.Table) -> dict[str, np.ndarray]:
 
 
 class RowsData:
-    """The same interface over rows in memory (the reference of :mod:`flows.analysis`)."""
+    """The same interface over rows in memory (the reference of :mod:`evaluation.analysis`)."""
 
     def __init__(self, rows: Any) -> None:
         self.rows = analysis._rows(rows)

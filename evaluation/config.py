@@ -203,7 +203,7 @@ class ReportConfig(_Model):
 class EvaluationConfig(_Model):
     """``weights``: ``real`` (the checkpoints), ``tiny`` (tiny-* random-weight models), or ``rehearsal``:
     every step of the run with model-free workers (:mod:`actors.rehearsal`) and a dataset made without
-    models (:mod:`flows.rehearsal`), under the run name ``<name>-rehearsal``."""
+    models (:mod:`evaluation.rehearsal`), under the run name ``<name>-rehearsal``."""
 
     name: str
     weights: Literal["tiny", "real", "rehearsal"]
@@ -374,7 +374,7 @@ def _size_problems(field: str, size: int | None, model: str) -> list[str]:
 
 def _prompt_problems(config: EvaluationConfig) -> list[str]:
     """Prompt kinds the sets need but no prompt source gives (a run would plan no example for them)."""
-    from flows.dataset import parse_prompt_lines
+    from evaluation.dataset import parse_prompt_lines
 
     data = config.dataset
     if data.folder is not None:
@@ -414,7 +414,7 @@ def check_photos(config: EvaluationConfig, detect_faces: bool = True) -> list[st
     Local photos only (remote ones are read by the run). With ``detect_faces`` the face
     backend runs on every photo, so this is for ``evaluate --check``, not for every start.
     """
-    from flows.dataset import PHOTO_SUFFIXES, authors_layout, list_photos
+    from evaluation.dataset import PHOTO_SUFFIXES, authors_layout, list_photos
     from fastface.faces import ImageReadError, get_face_backend, load_image_rgb
 
     sources: list[tuple[str, int | None, list[Path]]] = []

@@ -1,26 +1,26 @@
 """The paper's published numbers beside a run: "paper vs this run" (issues 14 and 23).
 
-:func:`load_paper_tables` reads ``flows/data/paper_tables.yaml``: all of Tables 1-3 of arXiv 2505.21144
+:func:`load_paper_tables` reads ``evaluation/data/paper_tables.yaml``: all of Tables 1-3 of arXiv 2505.21144
 (224 values, each with its table, row and the column name the paper prints, mapped to this project's
-metric names) and the paper's claims (checked by :mod:`flows.claims`). :func:`compare_cells` places each
+metric names) and the paper's claims (checked by :mod:`evaluation.claims`). :func:`compare_cells` places each
 published cell beside this run's value for the same model × preset × lora_scale, on the table's prompt
 set and at its ip_adapter_scale, with a 95 % interval and the verdict "inside" / "outside" (is the paper's
 value inside our interval?), "not run" (the run has no examples of that configuration on that prompt
 set), "no data" (it has, but the metric was not scored) or "not comparable" (tiny weights, another metric
 mode). Its inputs are small aggregated tables, never raw metric rows:
 
-- ``intervals``: rows shaped like :func:`flows.analysis.config_intervals` (``model, preset, lora_scale,
+- ``intervals``: rows shaped like :func:`evaluation.analysis.config_intervals` (``model, preset, lora_scale,
   ip_adapter_scale, set, metric, mean, low, high, n``): the two-way (identities × prompts) bootstrap of
   each mean metric;
-- ``aggregates``: rows shaped like :func:`flows.analysis.aggregate` (``..., set, metric, value, n,
+- ``aggregates``: rows shaped like :func:`evaluation.analysis.aggregate` (``..., set, metric, value, n,
   missing, aggregate``): counts (FFC) compare failure *rates*, with a Wilson score interval (the
   bootstrap of a rate with no failures is the empty point [0, 0]), the paper's count taken over the
   paper's number of images;
 - ``run_configs`` (optional): the run's distinct ``(model, preset, lora_scale, ip_adapter_scale,
   prompt_kind)``; by default, what the aggregates show (a configuration with a metric row on a set).
 
-:func:`paper_comparison` computes those from :mod:`flows.analysis` input rows or from the report's
-:class:`flows.report_data.StoreData` (SQL aggregates and bootstrap cells).
+:func:`paper_comparison` computes those from :mod:`evaluation.analysis` input rows or from the report's
+:class:`evaluation.report_data.StoreData` (SQL aggregates and bootstrap cells).
 For Table 2 the relative change against the baseline is given for the paper and for us.
 """
 
@@ -31,7 +31,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from flows import analysis
+from evaluation import analysis
 
 PAPER_TABLES = Path(__file__).parent / "data" / "paper_tables.yaml"
 TABLE_KEYS = ("table1", "table2", "table3")
@@ -202,9 +202,9 @@ def comparison_inputs(
 ) -> tuple[list[dict], list[dict]]:
     """``(intervals, aggregates)`` of :func:`compare_cells` at the tables' prompt sets, λ and metrics.
 
-    ``source``: :mod:`flows.analysis` input rows, or the report's :class:`flows.report_data.StoreData` (SQL
+    ``source``: :mod:`evaluation.analysis` input rows, or the report's :class:`evaluation.report_data.StoreData` (SQL
     aggregates and bootstrap cells: no metric row becomes a Python row)."""
-    from flows.report_data import report_data
+    from evaluation.report_data import report_data
 
     tables = load_paper_tables() if tables is None else tables
     data = report_data(source)
@@ -235,8 +235,8 @@ def paper_comparison(
     seed: int = 0,
     metric_modes: Mapping[str, str] | None = None,
 ) -> list[dict]:
-    """:func:`compare_cells` on :mod:`flows.analysis` input rows (metrics ⋈ examples) or the report's
-    :class:`flows.report_data.StoreData`."""
+    """:func:`compare_cells` on :mod:`evaluation.analysis` input rows (metrics ⋈ examples) or the report's
+    :class:`evaluation.report_data.StoreData`."""
     tables = load_paper_tables() if tables is None else tables
     intervals, aggregates = comparison_inputs(rows, tables, samples=samples, confidence=confidence, seed=seed)
     return compare_cells(intervals, aggregates, None, tables, baseline=baseline, confidence=confidence,
