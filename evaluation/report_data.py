@@ -44,7 +44,7 @@ def _model_key(model: str) -> str:
 
 @functools.lru_cache(maxsize=64)
 def bootstrap_weights(seed: int, samples: int, n_i: int, n_p: int) -> tuple[np.ndarray, np.ndarray]:
-    """The draws of :func:`flows.analysis.bootstrap_mean_ci` for an ``n_i`` × ``n_p`` cell matrix: how often each
+    """The draws of :func:`evaluation.analysis.bootstrap_mean_ci` for an ``n_i`` × ``n_p`` cell matrix: how often each
     identity (``[samples, n_i]``) and each prompt (``[samples, n_p]``) is drawn, from a fresh
     ``default_rng(seed)`` as the reference draws them. They depend on nothing else, so the report's
     thousands of intervals (same seed, same 54 × 80 shape) share one draw: drawing them took 12 ms of
