@@ -34,8 +34,8 @@ import pyarrow.compute as pc
 
 from actors.pool import GeneratorPools, MetricPool, ahead, missing_metric_work
 from evaluation.config import EvaluationConfig
-from evaluation.sweep import (APPEND_ROWS, dataset_rows, pipeline_options, plan_missing_examples_table, pool_options,
-                              scoring_work, shards, sweep_examples_table, worker_classes)
+from evaluation.sweep import (APPEND_ROWS, dataset_rows, metric_options, pipeline_options, plan_missing_examples_table,
+                              pool_options, scoring_work, shards, sweep_examples_table, worker_classes)
 from evaluation.retries import retry_transient
 from storage import Store, plan_missing_generations
 
@@ -234,5 +234,4 @@ def score_flow(config: EvaluationConfig, root: str) -> dict:
     return total
 
 
-__all__ = ["generate_flow", "metric_options", "pipeline_options", "score_flow", "scoring_work", "shards",
-           "sweep_examples", "sweep_examples_table", "worker_classes"]
+__all__ = ["check_gpus", "generate_flow", "generate_shard", "plan_task", "score_flow", "score_shard"]
