@@ -168,7 +168,10 @@ def plot_lambda_curves(rows: Any, prompt_set: str, y_metric: str) -> bytes | Non
             ax.set_title(f"{model} — {prompt_set}: ID undefined (no faces)", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower left")  # "best" scans every point: slow on dense curves
-    fig.tight_layout()
+    # Fixed margins in inches (panels of a fixed size): tight_layout drew the whole figure once more.
+    width, height = fig.get_size_inches()
+    fig.subplots_adjust(left=0.7 / width, right=1 - 0.15 / width, bottom=0.55 / height, top=1 - 0.4 / height,
+                        wspace=0.25)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
