@@ -41,13 +41,9 @@ def resolved_preset_config(preset: str, checkpoint) -> str:
                        "dcg": dcg.to_dict(), "am": None if am is None else am.to_dict()}, sort_keys=True)
 
 
-def sweep_examples(config: EvaluationConfig, identities: list[dict], prompts: list[dict]) -> list[dict]:
-    """The examples of the config's design: per set, its presets (and the baseline) on its prompts; deduplicated."""
-    return sweep_examples_table(config, identities, prompts).to_pylist()
-
-
 def sweep_examples_table(config: EvaluationConfig, identities: list[dict], prompts: list[dict]) -> pa.Table:
-    """:func:`sweep_examples` as an Arrow table (``examples`` columns but ``created_at``), built one
+    """The examples of the config's design, per set its presets (and the baseline) on its prompts,
+    deduplicated, as an Arrow table (``examples`` columns but ``created_at``), built one
     set × model at a time, so the paper's 1.45 M examples are never Python rows all at once."""
     chunks: list[pa.Table] = []
     seen: set[str] = set()
@@ -262,4 +258,9 @@ def pool_options(config: EvaluationConfig) -> PoolOptions:
                        stuck_floor_s=ex.stuck_floor_s, stuck_first_s=ex.stuck_first_s)
 
 
-__all__ = ["APPEND_ROWS", "EXAMPLE_SCHEMA", "SCORING_COLUMNS", "TableShards", "cache_root", "config_run", "dataset_rows", "metric_options", "pipeline_options", "plan_missing_examples_table", "pool_options", "resolved_preset_config", "run_examples", "scoring_work", "shards", "sweep_examples", "sweep_examples_table", "worker_classes"]
+__all__ = [
+    "APPEND_ROWS", "EXAMPLE_SCHEMA", "SCORING_COLUMNS", "TableShards", "cache_root", "config_run",
+    "dataset_rows", "metric_options", "pipeline_options", "plan_missing_examples_table", "pool_options",
+    "resolved_preset_config", "run_examples", "scoring_work", "shards", "sweep_examples_table",
+    "worker_classes",
+]

@@ -34,9 +34,9 @@ import pyarrow.compute as pc
 
 from actors.pool import GeneratorPools, MetricPool, ahead, missing_metric_work
 from evaluation.config import EvaluationConfig
+from evaluation.retries import retry_transient
 from evaluation.sweep import (APPEND_ROWS, dataset_rows, metric_options, pipeline_options, plan_missing_examples_table,
                               pool_options, scoring_work, shards, sweep_examples_table, worker_classes)
-from evaluation.retries import retry_transient
 from storage import Store, plan_missing_generations
 
 

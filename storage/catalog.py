@@ -20,7 +20,6 @@ from typing import Any, Mapping, Sequence
 import duckdb
 import pyarrow as pa
 
-from storage.layout import LAKE
 from storage.store import Store
 from storage.readonly import open_readonly, readonly_store
 from storage.views import create_views
