@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from fastface.cache import identity_photo_file
 from fastface.faces.images import encode_png
 from fastface.provenance import package_versions
 from storage.ids import bytes_sha256
@@ -220,7 +221,7 @@ class GeneratorWorker:
             model, steps=self.steps, device=self.device, dtype=self.dtype, cache_dir=cache_dir, **pipeline_overrides
         )
         self.pipe.set_progress_bar_config(disable=True)
-        id_width = int(self.pipe._faceid_projection().proj.net[0].proj.in_features)
+        id_width = int(self.pipe.id_embedding_width)
         backend_name = backend_for_embedding_width(id_width, face_backend, model=f"model {model!r}",
                                                    option="face_backend")
         self.face_backend = get_face_backend(backend_name, **dict(face_backend_options or {}))
@@ -273,7 +274,7 @@ class GeneratorWorker:
                 f"identity photo {uri} has changed since it was registered (its sha256 is not {identity_hash[:12]}…); "
                 "re-import the identities and re-plan the sweep"
             )
-        local = self.identity_cache_dir / "photos" / identity_hash[:2] / (identity_hash + Path(uri).suffix.lower())
+        local = identity_photo_file(self.identity_cache_dir, identity_hash, Path(uri).suffix)
         if not local.is_file():
             local.parent.mkdir(parents=True, exist_ok=True)
             tmp = local.with_name(f".tmp-{os.getpid()}-{local.name}")
@@ -428,7 +429,7 @@ class GeneratorWorker:
         if len(sizes) != 1:
             raise ValueError(f"one render call needs one size, got {sorted(sizes)}")
         size = sizes.pop()
-        width = int(self.pipe._faceid_projection().proj.net[0].proj.in_features)
+        width = int(self.pipe.id_embedding_width)
         with self._gpu:
             null_states = self.pipe.null_clip_states()
             out = self.pipe(

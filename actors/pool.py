@@ -11,8 +11,9 @@
   the current shard's call, so actors go on with it instead of draining at the boundary.
 - Generator actors take two batches at a time (``WorkerSpec.concurrency``): the next batch
   runs while the previous one's images are stored (:mod:`actors.generator`).
-- The DRIVER appends each finished batch's rows as ONE file (:meth:`storage.Store.append`,
-  atomic), so a crash never records half a batch, and a re-run plans only what is missing.
+- The DRIVER appends the rows of the batches that finished within ``write_interval_s`` in ONE
+  transaction (:meth:`storage.Store.append`, atomic), so a crash never records half a batch,
+  and a re-run plans only what is missing.
 - Faults: an actor that dies (a killed process, a lost node) has its batch retried on a
   replacement actor (``max_retries`` per batch); when the cluster has shrunk below the
   pool's shape the slot is retired instead of restarted. A CUDA out-of-memory error splits
@@ -27,6 +28,7 @@ Works on a local Ray (``ray.init()``) or an existing cluster (``RAY_ADDRESS``); 
 from __future__ import annotations
 
 import collections
+import inspect
 import logging
 import os
 import re
@@ -45,7 +47,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from actors.generator import BatchKey, GeneratorOptions, GeneratorWorker, failed_generation_rows, identity_index
 from actors.scorer import MetricWorker, failed_metric_rows
 from actors.worker_env import actor_runtime_env
-from storage.plan import plan_missing_generations, plan_missing_metrics
+from storage.plan import plan_missing_metrics
 from storage.store import Store
 
 NAMESPACE = "fastface"
@@ -106,7 +108,7 @@ def describe_ray() -> str:
 
 
 def _verbose() -> bool:
-    """Model-loading bars and worker logs only with ``--verbose`` (FASTFACE_VERBOSE=1) or debug logging."""
+    """Model-loading bars and worker logs only with FASTFACE_VERBOSE=1 or debug logging."""
     return os.environ.get("FASTFACE_VERBOSE", "") not in ("", "0") or logging.getLogger().isEnabledFor(logging.DEBUG)
 
 
@@ -183,9 +185,9 @@ class _WorkerActor:
         if not verbose:  # model-loading bars of every actor would bury the driver's progress display
             _quiet_loaders()
         self.node = ray.get_runtime_context().get_node_id()
+        if "node" in inspect.signature(worker_class).parameters:  # rows record the Ray node they were made on
+            kwargs = dict(kwargs, node=self.node)
         self.worker = worker_class(*args, **kwargs)
-        if hasattr(self.worker, "node"):  # rows record the Ray node they were made on
-            self.worker.node = self.node
         self._method = method
 
     def run(self, batch: list[dict], method: str | None = None) -> Any:
@@ -972,58 +974,6 @@ def ahead(shards: Sequence[Any], queue: Callable[[Any], Any]) -> Iterable[tuple[
         current = following
 
 
-# -- one-call forms (a pool for one call; flows keep theirs open for the whole run) ----------------
-def _progress_bar(total: int, desc: str, unit: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled)
-
-
-def run_generation(
-    store: Store,
-    examples: Sequence[Mapping[str, Any]],
-    *,
-    batch_size: int = 4,
-    num_workers: int | None = None,
-    pipeline_options: Mapping[str, Any] | GeneratorOptions | None = None,
-    progress: bool = True,
-    identities: Any = None,
-    max_retries: int = 2,
-    write_interval_s: float = 1.0,
-    cpus_per_worker: float = 1.0,
-    plan: bool = True,
-    on_batch: Callable[[dict], None] | None = None,
-) -> dict:
-    """Generate the images of ``examples`` (``examples`` rows) on pools opened for this call; returns a summary.
-
-    With ``plan`` (default) examples whose latest ``generations`` row is ok are skipped
-    (:func:`storage.plan.plan_missing_generations`). ``pipeline_options``: a
-    :class:`~actors.generator.GeneratorOptions` or its fields as a mapping. ``identities``:
-    identities rows for the examples (default: the workers read them from the store).
-
-    Summary keys: planned, skipped, batches, ok, failed, retried, split, actor_restarts,
-    files, workers, actors_started, seconds.
-    """
-    started = time.perf_counter()
-    connect_ray()
-    rows = [dict(r) for r in examples]
-    todo = plan_missing_generations(store, rows) if plan and rows else rows
-    options = PoolOptions(num_workers=num_workers, cpus_per_worker=cpus_per_worker, max_retries=max_retries,
-                          write_interval_s=write_interval_s)
-    with GeneratorPools(store, options=pipeline_options, pool=options, batch_size=batch_size,
-                        identities=identities) as pools, \
-            _progress_bar(len(todo), "images", "img", progress) as bar:
-        def step(event: dict) -> None:
-            bar.update(len(event["rows"]))
-            if on_batch is not None:
-                on_batch(event)
-
-        summary = pools.generate(todo, on_batch=step)
-    summary["skipped"] = len(rows) - len(todo)
-    summary["seconds"] = time.perf_counter() - started
-    return summary
-
-
 def missing_metric_work(store: Store, examples: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> list[dict]:
     """``examples`` rows with the ``metrics`` each still lacks (:func:`storage.plan.plan_missing_metrics`, per run)."""
     by_run: dict[str, list[dict]] = {}
@@ -1038,53 +988,8 @@ def missing_metric_work(store: Store, examples: Sequence[Mapping[str, Any]], met
     return work
 
 
-def run_scoring(
-    store: Store,
-    examples: Sequence[Mapping[str, Any]],
-    metrics: Sequence[str],
-    *,
-    batch_size: int = 16,
-    num_workers: int | None = None,
-    metric_options: Mapping[str, Any] | None = None,
-    progress: bool = True,
-    identities: Any = None,
-    max_retries: int = 2,
-    cpus_per_worker: float = 1.0,
-    plan: bool = True,
-    on_batch: Callable[[dict], None] | None = None,
-) -> dict:
-    """Score the generated images of ``examples`` with ``metrics`` on a pool opened for this call; returns a summary.
-
-    With ``plan`` (default) only (example, metric) pairs not yet scored whose generation is
-    ok are done. The worker reads each image at ``images/<run>/<example_id>.png`` (where
-    the generator writes it) unless a row carries ``image_uri``. Summary as
-    :func:`run_generation`, counted in (example, metric) rows; ``planned`` counts pairs.
-    """
-    started = time.perf_counter()
-    connect_ray()
-    metrics = list(dict.fromkeys(metrics))
-    if not metrics:
-        raise ValueError("no metrics given")
-    rows = [dict(r) for r in examples]
-    work = missing_metric_work(store, rows, metrics) if plan else [dict(r, metrics=metrics) for r in rows]
-    options = PoolOptions(num_workers=num_workers, cpus_per_worker=cpus_per_worker, max_retries=max_retries)
-    planned = sum(len(row["metrics"]) for row in work)
-    with MetricPool(store, metrics, options=metric_options, pool=options, batch_size=batch_size,
-                    identities=identities) as pool, \
-            _progress_bar(planned, "scores", "score", progress) as bar:
-        def step(event: dict) -> None:
-            bar.update(len(event["rows"]))
-            if on_batch is not None:
-                on_batch(event)
-
-        summary = pool.score(work, on_batch=step) if work else _summary(PoolStats(), planned=0)
-    summary["skipped"] = len(rows) * len(metrics) - planned
-    summary["seconds"] = time.perf_counter() - started
-    return summary
-
-
 __all__ = [
     "NAMESPACE", "ActorPool", "ahead", "GeneratorPools", "MetricPool", "NoGpuError", "ask_for_gpus", "PoolOptions",
     "PoolStats", "WorkerSpec",
-    "connect_ray", "describe_ray", "missing_metric_work", "pool_shape", "run_generation", "run_scoring",
+    "connect_ray", "describe_ray", "missing_metric_work", "pool_shape",
 ]

@@ -103,14 +103,10 @@ class RehearsalPipeline:
     def __init__(self, model: str, *, batch_seconds: float = 0.0, id_embedding_width: int = 512) -> None:
         self.model = model
         self.batch_seconds = float(batch_seconds)
-        projection = SimpleNamespace(in_features=int(id_embedding_width))
-        self._projection = SimpleNamespace(proj=SimpleNamespace(net=[SimpleNamespace(proj=projection)]))
+        self.id_embedding_width = int(id_embedding_width)
 
     def set_progress_bar_config(self, **_: Any) -> None:
         pass
-
-    def _faceid_projection(self) -> Any:
-        return self._projection
 
     def __call__(self, prompts: Sequence[str], *, seeds: Sequence[int], preset: str, ip_adapter_scale: float,
                  lora_scale: float, **_: Any) -> SimpleNamespace:
@@ -145,7 +141,7 @@ class RehearsalGenerator(GeneratorWorker):
 
         from actors.generator import identity_index
         from fastface.checkpoints import get_checkpoint
-        from fastface.faces import FACE_BACKENDS
+        from fastface.faces import backend_for_embedding_width
 
         self.store = store
         self.model = model
@@ -153,8 +149,7 @@ class RehearsalGenerator(GeneratorWorker):
         self.device, self.dtype = torch.device("cpu"), torch.float32
         width = int(get_checkpoint(model).id_embed_dim)
         self.pipe = RehearsalPipeline(model, batch_seconds=rehearsal_batch_seconds, id_embedding_width=width)
-        backend = face_backend or next(n for n in FACE_BACKENDS.names()
-                                       if int(FACE_BACKENDS.get(n).embedding_dim) == width)
+        backend = backend_for_embedding_width(width, face_backend, model=f"model {model!r}", option="face_backend")
         self.face_backend = SimpleNamespace(name=backend, embedding_dim=width)
         self._identity_rows = identity_index(identities)
         self._prepared: dict[str, Any] = {}

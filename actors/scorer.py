@@ -53,7 +53,7 @@ class MetricWorker:
     ) -> None:
         import torch
 
-        from fastface.metrics.identity import DEFAULT_FACE_BACKEND
+        from fastface.face_backends import DEFAULT_FACE_BACKEND
         from fastface.metrics.runner import build_metrics
 
         self.store = store

@@ -19,13 +19,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from fastface.prompt_sets import PROMPT_SETS
 from storage.duck import quote_identifier as _q
 from storage.schemas import KEYS
 
 FRONT_METRICS = ("id", "clip", "ae", "ir")
 GALLERY_METRICS = ("id", "clip", "ae", "ir", "face_size", "fsc", "ffc")
 RUNS_TTL_S = 10.0
-PROMPT_SETS = {"joint": ("realistic", "stylistic"), "realistic": ("realistic",), "stylistic": ("stylistic",)}
 
 
 class AppError(ValueError):

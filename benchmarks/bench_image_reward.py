@@ -10,13 +10,18 @@ more than with ViT-L; on a GPU the gap is larger still.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from fastface.metrics.image_reward import ImageRewardScorer, VisionTowerConfig, preprocess_image, write_random_checkpoint
+from fastface.metrics.image_reward import ImageRewardScorer, VisionTowerConfig, preprocess_image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the random checkpoint builder
+from image_reward_builders import write_random_checkpoint  # noqa: E402
 
 
 def main() -> None:

@@ -108,7 +108,7 @@ def sdxl_shaped_pipeline(device: str, dtype: torch.dtype, *, unet_config: dict =
 
 def make_inputs(pipe, count: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    id_dim = pipe._faceid_projection().proj.net[0].proj.in_features
+    id_dim = pipe.id_embedding_width
     ids = torch.nn.functional.normalize(torch.randn(count, id_dim, generator=g), dim=-1)
     null = pipe.null_clip_states()
     clip = torch.randn((count,) + tuple(null.shape[1:]), generator=g)

@@ -82,7 +82,7 @@ def ablation_table(table: Sequence[Mapping], ablation: Ablation, *, baseline: st
 def ablation_images(catalog: Catalog, store: Store, run_id: str, ablation: Ablation, *, scale: float, baseline: str,
                     identities: int = 2) -> list[dict]:
     """Per model: the figure's grid (identities × presets) for one prompt of its set; bounded point queries."""
-    from evaluation.analysis import PROMPT_SETS
+    from fastface.prompt_sets import PROMPT_SETS
 
     presets = [baseline, *ablation.presets]
     kinds = list(PROMPT_SETS[ablation.prompt_set])

@@ -26,8 +26,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from fastface.prompt_sets import PROMPT_SETS
+
 CONFIG_KEYS = ("model", "preset", "lora_scale", "ip_adapter_scale")
-PROMPT_SETS = {"realistic": ("realistic",), "stylistic": ("stylistic",), "joint": ("realistic", "stylistic")}
 
 
 def _rows(rows: Any) -> list[dict]:

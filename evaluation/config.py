@@ -18,9 +18,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fastface import validation
+from fastface.prompt_sets import PromptSet, set_kinds
 
 PACKAGE_SCHEME = "package://"
-PROMPT_SETS = ("realistic", "stylistic", "joint")
 WEIGHTS = ("tiny", "real", "rehearsal")
 REHEARSAL_SUFFIX = "-rehearsal"
 """A rehearsal's run (and its dataset run) is named with this suffix, so its rows never count as a real run's."""
@@ -107,7 +107,7 @@ class DatasetConfig(_Model):
 class SetConfig(_Model):
     """Presets run on one prompt set (realistic, stylistic or joint = both), each compared with ``baseline``."""
 
-    prompts: Literal["realistic", "stylistic", "joint"]
+    prompts: PromptSet
     presets: tuple[str, ...]
 
 
@@ -207,13 +207,20 @@ class EvaluationConfig(_Model):
 
     name: str
     weights: Literal["tiny", "real", "rehearsal"]
-    face_backend: Literal["dlib", "insightface"]
+    face_backend: str  # a name in fastface.face_backends.FACE_BACKENDS
     dataset: DatasetConfig
     sweep: SweepConfig
     metrics: MetricsConfig = MetricsConfig()
     execution: ExecutionConfig = ExecutionConfig()
     report: ReportConfig = ReportConfig()
     source_path: str | None = None  # where the YAML came from (relative paths resolve against its folder)
+
+    @field_validator("face_backend")
+    @classmethod
+    def _known_face_backend(cls, value: str) -> str:
+        from fastface.face_backends import check_face_backend
+
+        return check_face_backend(value, field="face_backend")
 
     @model_validator(mode="before")
     @classmethod
@@ -401,7 +408,7 @@ def _prompt_problems(config: EvaluationConfig) -> list[str]:
                 "or realistic_prompts / stylistic_prompts (curated)"]
     problems = []
     for i, set_ in enumerate(config.sweep.sets):
-        if set_.prompts != "joint" and set_.prompts not in kinds:
+        if not set(set_kinds(set_.prompts)) & kinds:
             have = " and ".join(sorted(kinds))
             problems.append(f"sweep.sets[{i}]: needs {set_.prompts} prompts but the dataset has only {have} ones "
                             "(stylistic prompts have ';', e.g. 'oil painting; person in a park')")

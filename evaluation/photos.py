@@ -39,7 +39,7 @@ def gather_photos(config: EvaluationConfig, detect: Any) -> tuple[list[dict], li
     """Photos to import (``{id, data, provenance, gender, age, ethnicity}``) and the prompts of files/inline lists.
 
     ``detect(images)`` returns each image's faces (``bbox``, ``area``); it is called only for
-    sources with ``crop_faces`` (a :class:`DatasetPools`' ``detect``, so no model loads here).
+    sources with ``crop_faces`` (a :class:`actors.dataset.DatasetPools`' ``detect``, so no model loads here).
     """
     base = config.base_dir
     data = config.dataset

@@ -13,7 +13,6 @@ the rows the dataset flow stores have the shape a real import gives them.
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any
 
 import numpy as np
 
@@ -80,7 +79,7 @@ def rehearsal_dataset(config: EvaluationConfig) -> tuple[list[dict], list[dict]]
 def rehearsal_embeddings(photos: list[dict], face_backend: str) -> list[dict]:
     """What :func:`flows.build_dataset.embed_photos` returns, without a face model: one face per photo."""
     from actors.rehearsal import rehearsal_embedding
-    from fastface.faces import FACE_BACKENDS
+    from fastface.face_backends import FACE_BACKENDS
     from evaluation.photos import identity_hash
 
     backend = FACE_BACKENDS.get(face_backend)
@@ -91,10 +90,9 @@ def rehearsal_embeddings(photos: list[dict], face_backend: str) -> list[dict]:
 
 
 def _default_threshold(face_backend: str) -> float:
-    from fastface.faces import DLIB_COSINE_THRESHOLD
-    from fastface.faces.insightface_backend import BUFFALO_L_COSINE_THRESHOLD
+    from fastface.face_backends import FACE_BACKENDS
 
-    return float(DLIB_COSINE_THRESHOLD if face_backend == "dlib" else BUFFALO_L_COSINE_THRESHOLD)
+    return float(FACE_BACKENDS.get(face_backend).default_threshold)
 
 
 def identity_rows_of(photos: list[dict], max_identities: int | None = None) -> list[dict]:

@@ -443,15 +443,15 @@ def calibration_summary(pairs: list[dict], threshold: float) -> list[dict]:
 
 
 def _calibrate(store: Store, catalog: Catalog, max_identities: int) -> tuple[list[dict], list[dict], str]:
-    from fastface.faces import load_image_rgb
-    from fastface.faces import get_face_backend
+    from fastface.face_backends import OFFLINE_FACE_BACKEND
+    from fastface.faces import get_face_backend, load_image_rgb
 
     identities = catalog.rows("SELECT identity_id, image_uri, face_backend FROM identities "
                               "WHERE image_uri IS NOT NULL AND image_uri <> '' ORDER BY identity_id LIMIT ?",
                               [max_identities])
     if not identities:
         return [], [], "no identities with photos"
-    backend_name = identities[0]["face_backend"] or "dlib"
+    backend_name = identities[0]["face_backend"] or OFFLINE_FACE_BACKEND
     try:
         backend = get_face_backend(backend_name)
     except Exception as exc:  # e.g. buffalo_l weights not on this machine

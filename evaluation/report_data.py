@@ -29,9 +29,13 @@ import numpy as np
 import pyarrow as pa
 
 from evaluation import analysis
+from fastface.prompt_sets import PROMPT_KINDS
 
 CONFIG_KEYS = analysis.CONFIG_KEYS
-KIND_CODES = {"realistic": 0, "stylistic": 1}  # any other prompt kind: 2 (in no prompt set)
+KIND_CODES = {kind: code for code, kind in enumerate(PROMPT_KINDS)}
+OTHER_KIND = len(KIND_CODES)  # the code of any other prompt kind (in no prompt set)
+KIND_CASE = ("CASE e.prompt_kind " + " ".join(f"WHEN '{k}' THEN {c}" for k, c in KIND_CODES.items())
+             + f" ELSE {OTHER_KIND} END")
 
 
 def _config_sort(config: Sequence) -> tuple:
@@ -112,7 +116,7 @@ class StoreData:
         same = " AND ".join(f"e.{k} IS NOT DISTINCT FROM c.{k}" for k in CONFIG_KEYS)
         q("CREATE OR REPLACE TEMP TABLE rpt_ex AS SELECT "
           "CAST(row_number() OVER () AS INTEGER) AS ex, e.example_id, c.cfg, "
-          "CAST(CASE e.prompt_kind WHEN 'realistic' THEN 0 WHEN 'stylistic' THEN 1 ELSE 2 END AS TINYINT) AS kind, "
+          f"CAST({KIND_CASE} AS TINYINT) AS kind, "
           "d.i, pd.p, e.seed "
           f"FROM rpt_e e JOIN rpt_cfg_dim c ON {same} "
           "JOIN rpt_id_dim d ON e.identity_id IS NOT DISTINCT FROM d.identity_id "
@@ -240,9 +244,9 @@ class StoreData:
         try:
             found = _arrays(self.catalog.query(
                 "WITH x AS (SELECT e.cfg, pr.base, e.kind, e.i, e.p, e.seed, m.value FROM rpt_m m "
-                "JOIN rpt_ex e USING (ex) JOIN rpt_pairs pr USING (cfg) WHERE m.metric = ? AND e.kind < 2), "
+                f"JOIN rpt_ex e USING (ex) JOIN rpt_pairs pr USING (cfg) WHERE m.metric = ? AND e.kind < {OTHER_KIND}), "
                 "b AS (SELECT e.cfg, e.i, e.p, e.seed, m.value FROM rpt_m m JOIN rpt_ex e USING (ex) "
-                "WHERE m.metric = ? AND e.kind < 2 AND e.cfg IN (SELECT base FROM rpt_pairs)), "
+                f"WHERE m.metric = ? AND e.kind < {OTHER_KIND} AND e.cfg IN (SELECT base FROM rpt_pairs)), "
                 "j AS (SELECT x.cfg, x.kind, x.i, x.p, x.value - b.value AS d, "
                 "(x.value IS NOT NULL AND b.value IS NOT NULL) AS ok FROM x LEFT JOIN b ON x.base = b.cfg "
                 "AND x.i = b.i AND x.p = b.p AND x.seed IS NOT DISTINCT FROM b.seed) "
@@ -271,7 +275,7 @@ class StoreData:
                 if round(float(c["ip_adapter_scale"]), 6) == round(scale, 6) and _model_key(c["model"]) == model
                 and c["preset"] == preset and float(c["lora_scale"]) == lora_scale]
         cells = self._metric_cells(metric, scale)
-        m = np.isin(cells["cfg"], cfgs) & np.isin(cells["kind"], [KIND_CODES.get(k, 2) for k in kinds])
+        m = np.isin(cells["cfg"], cfgs) & np.isin(cells["kind"], [KIND_CODES.get(k, OTHER_KIND) for k in kinds])
         if not cells["rows"][m].sum():
             return None
         out = {"models": sorted({self.configs[c]["model"] for c in set(cells["cfg"][m].tolist())}),

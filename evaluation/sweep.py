@@ -18,17 +18,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from actors.generator import GeneratorOptions
+from actors.dataset import DatasetPools, RenderSpec
 from actors.pool import PoolOptions
 from evaluation.config import EvaluationConfig
-from fastface.cache import identities_dir
+from fastface.cache import cache_root, identities_dir, tiny_metrics_dir
+from fastface.prompt_sets import set_kinds
 from storage import Store, Sweep, plan_missing_metrics_table
 from storage.schemas import schema as schema_of
-
-
-def cache_root(config: EvaluationConfig) -> Path:
-    from fastface.cache import cache_root as root
-
-    return root(config.execution.cache_dir)
 
 
 def resolved_preset_config(preset: str, checkpoint) -> str:
@@ -70,7 +66,7 @@ def _sweep_chunks(config: EvaluationConfig, identities: list[dict], prompts: lis
         raise ValueError(f"no identities in dataset run {config.dataset_run!r}; run the dataset flow first "
                          "(or check that the photos have faces)")
     for set_ in config.sweep.sets:
-        kinds = ("realistic", "stylistic") if set_.prompts == "joint" else (set_.prompts,)
+        kinds = set_kinds(set_.prompts)
         chosen = [p for p in prompts if p["kind"] in kinds]
         if not chosen:
             raise ValueError(f"sweep set {set_.prompts!r} has no prompts of kind {' or '.join(kinds)} in the dataset")
@@ -137,7 +133,7 @@ def pipeline_options(config: EvaluationConfig) -> GeneratorOptions:
     if config.weights == "rehearsal":  # actors.rehearsal.RehearsalGenerator: no model, no cache
         return GeneratorOptions(face_backend=config.face_backend,
                                 pipeline_overrides={"rehearsal_batch_seconds": ex.rehearsal_batch_seconds})
-    return GeneratorOptions(cache_dir=str(cache_root(config)), identity_cache_dir=str(identities_dir(ex.cache_dir)),
+    return GeneratorOptions(cache_dir=str(cache_root(ex.cache_dir)), identity_cache_dir=str(identities_dir(ex.cache_dir)),
                             face_backend=config.face_backend, device=ex.device, dtype=ex.dtype)
 
 
@@ -166,7 +162,7 @@ def metric_options(config: EvaluationConfig) -> dict:
     needs_clip = bool({"clip", "ae", "fsc"} & set(m.names))
     tiny = config.weights == "tiny"
     if needs_clip and (m.clip_model == "tiny" or (tiny and m.clip_model is None)):
-        folder = cache_root(config) / "tiny-metrics" / "clip"
+        folder = tiny_metrics_dir(config.execution.cache_dir) / "clip"
         if not (folder / "open_clip_config.json").is_file():
             from fastface.metrics.clip_models import save_tiny_clip
 
@@ -175,7 +171,7 @@ def metric_options(config: EvaluationConfig) -> dict:
     elif m.clip_model is not None:
         options.update(clip_model=m.clip_model, clip_pretrained=m.clip_pretrained)
     if "ae" in m.names and (m.aesthetic_checkpoint == "tiny" or (tiny and m.aesthetic_checkpoint is None)):
-        path = cache_root(config) / "tiny-metrics" / "aesthetic-linearMSE.pth"
+        path = tiny_metrics_dir(config.execution.cache_dir) / "aesthetic-linearMSE.pth"
         if not path.is_file():
             from fastface.metrics.aesthetic import save_tiny_aesthetic_head
 
@@ -247,6 +243,21 @@ def scoring_work(store: Store, config: EvaluationConfig) -> tuple[int, pa.Table]
     return examples.num_rows, plan_missing_metrics_table(store, examples, list(config.metrics.names))
 
 
+def dataset_pools(config: EvaluationConfig, store: Store) -> DatasetPools:
+    """The dataset flow's face pool and, when the config synthesises identities, its renderer pool."""
+    ex, syn = config.execution, config.dataset.synthesise
+    render = None
+    if syn is not None and config.weights != "rehearsal":
+        from fastface.checkpoints import get_checkpoint
+
+        checkpoint = get_checkpoint(syn.model)
+        render = RenderSpec(model=syn.model, steps=checkpoint.resolve_steps(syn.steps),
+                            size=syn.size or checkpoint.size, batch_size=ex.batch_size,
+                            worker_kwargs=pipeline_options(config).worker_kwargs())
+    return DatasetPools(store, face_backend=config.face_backend, ray_address=ex.ray_address, render=render,
+                        options=PoolOptions(num_workers=ex.num_workers, cpus_per_worker=ex.cpus_per_worker))
+
+
 def pool_options(config: EvaluationConfig) -> PoolOptions:
     """Pools sized from the config: real weights ask for GPUs (one per actor unless
     ``execution.gpus_per_worker`` says otherwise) and fail when none comes, unless ``device: cpu``."""
@@ -259,7 +270,7 @@ def pool_options(config: EvaluationConfig) -> PoolOptions:
 
 
 __all__ = [
-    "APPEND_ROWS", "EXAMPLE_SCHEMA", "SCORING_COLUMNS", "TableShards", "cache_root", "config_run",
+    "APPEND_ROWS", "EXAMPLE_SCHEMA", "SCORING_COLUMNS", "TableShards", "config_run", "dataset_pools",
     "dataset_rows", "metric_options", "pipeline_options", "plan_missing_examples_table", "pool_options",
     "resolved_preset_config", "run_examples", "scoring_work", "shards", "sweep_examples_table",
     "worker_classes",

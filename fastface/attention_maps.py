@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from fastface.face_backends import FACE_BACKENDS
 from fastface.presets import TABLE_IP_ADAPTER_SCALE
 
 MAP_PARTS = ("down", "up")
@@ -152,7 +153,7 @@ def add_attention_maps_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-scale", type=float, default=1.0)
     parser.add_argument("--token", type=int, action="append", default=None,
                         help="identity token(s) to show (default: all)")
-    parser.add_argument("--face-backend", choices=("dlib", "insightface"), default=None,
+    parser.add_argument("--face-backend", choices=FACE_BACKENDS.names(), default=None,
                         help="identity embedder (default: insightface for real models, dlib for tiny-*)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)

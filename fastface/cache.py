@@ -30,3 +30,24 @@ def fused_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 def aesthetic_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """The LAION aesthetic head's weights."""
     return cache_root(cache_dir) / "aesthetic"
+
+
+def tiny_metrics_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The tiny CLIP and aesthetic head that ``weights: tiny`` runs score with (built from seed 0 on first use)."""
+    return cache_root(cache_dir) / "tiny-metrics"
+
+
+def identity_entry(folder: str | os.PathLike, digest: str, name: str) -> Path:
+    """One file of an identity cache ``folder`` (:func:`identities_dir`) for a photo's or an identity's
+    content hash: ``<folder>/<hash[:2]>/<hash>.<name>`` (its face record, its CLIP states)."""
+    return Path(folder).expanduser() / digest[:2] / f"{digest}.{name}"
+
+
+def identity_entries(folder: str | os.PathLike, digest: str) -> list[Path]:
+    """Every file an identity cache ``folder`` holds for one content hash (for inspection and cleanup)."""
+    return sorted(identity_entry(folder, digest, "").parent.glob(f"{digest}.*"))
+
+
+def identity_photo_file(folder: str | os.PathLike, digest: str, suffix: str) -> Path:
+    """A stored identity photo copied into an identity cache ``folder`` (a generator actor reads it from there)."""
+    return Path(folder).expanduser() / "photos" / digest[:2] / f"{digest}{suffix.lower()}"

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from fastface.cache import cache_root, fused_dir, tiny_models_dir
-from fastface.dtypes import diffusers_dtype_kwargs, parse_dtype, transformers_dtype_kwargs
+from fastface.dtypes import diffusers_dtype_kwargs, dtype_name, parse_dtype, transformers_dtype_kwargs
 
 from fastface.presets import get_preset
 from fastface.registry import Registry
@@ -359,12 +359,12 @@ FUSED_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 def fused_cache_folder(checkpoint: Checkpoint, steps: int, dtype: torch.dtype, sources: dict[str, Located],
                        cache_root: Path) -> Path:
     key = json.dumps({
-        "version": FUSED_CACHE_VERSION, "checkpoint": checkpoint.name, "steps": steps, "dtype": str(dtype),
+        "version": FUSED_CACHE_VERSION, "checkpoint": checkpoint.name, "steps": steps, "dtype": dtype_name(dtype),
         "fuse_scale": checkpoint.fuse_scale,
         "sources": {k: sources[k].identity() for k in ("sdxl_base", checkpoint.weights)},
     }, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return fused_dir(cache_root) / f"{checkpoint.name}-{steps}step-{str(dtype).replace('torch.', '')}-{digest}"
+    return fused_dir(cache_root) / f"{checkpoint.name}-{steps}step-{dtype_name(dtype)}-{digest}"
 
 
 def _fused_pipeline(checkpoint: Checkpoint, steps: int, dtype, sources: dict[str, Located], cache_root: Path,
@@ -399,7 +399,7 @@ def _fused_pipeline(checkpoint: Checkpoint, steps: int, dtype, sources: dict[str
         for name in touched:
             getattr(pipe, name).save_pretrained(tmp / name, safe_serialization=True)
         (tmp / "fastface-fused.json").write_text(json.dumps({
-            "checkpoint": checkpoint.name, "steps": steps, "dtype": str(dtype), "components": touched,
+            "checkpoint": checkpoint.name, "steps": steps, "dtype": dtype_name(dtype), "components": touched,
             "sources": {k: sources[k].identity() for k in ("sdxl_base", checkpoint.weights)},
         }, indent=2))
         (tmp / "COMPLETE").write_text(FUSED_CACHE_VERSION)
@@ -513,7 +513,7 @@ def load_pipeline(
     pipe.set_default_guidance(checkpoint.default_guidance)
     pipe.checkpoint = checkpoint
     pipe.load_info = {
-        "model": checkpoint.name, "steps": steps, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
+        "model": checkpoint.name, "steps": steps, "dtype": dtype_name(dtype), "device": str(device),
         "sources": {k: v.value for k, v in located.items()},
         "fused_cache": None if fused_folder is None else str(fused_folder),
     }

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib
 import json
 import os
 import sys
@@ -19,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from fastface.registry import Registry, UnknownNameError
+from fastface.face_backends import DEFAULT_FACE_BACKEND, FACE_BACKENDS
+from fastface.registry import Registry, UnknownNameError, import_target
 from fastface.validation import IMAGE_SUFFIXES
 
 Handler = Callable[..., Any] | str  # a function, or "package.module:function" imported on use
@@ -41,10 +41,7 @@ def register_command(name: str, help: str, add_arguments: Handler, run: Handler)
 
 
 def _resolve(handler: Handler) -> Callable[..., Any]:
-    if callable(handler):
-        return handler
-    module, _, attr = handler.partition(":")
-    return getattr(importlib.import_module(module), attr)
+    return handler if callable(handler) else import_target(handler)
 
 
 # -- generate ------------------------------------------------------------------------------
@@ -63,7 +60,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--size", type=int, default=None, help="image height = width (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=4, help="images per UNet batch (default: %(default)s)")
-    parser.add_argument("--face-backend", choices=("dlib", "insightface"), default=None,
+    parser.add_argument("--face-backend", choices=FACE_BACKENDS.names(), default=None,
                         help="identity embedder (default: insightface for real models, dlib for tiny-*)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default=None, help="float16 | bfloat16 | float32 (default: fp16 on cuda)")
@@ -357,7 +354,7 @@ def add_faces_arguments(parser: argparse.ArgumentParser) -> None:
     compare = sub.add_parser("compare", help="identity similarity of the most prominent face in two images")
     compare.add_argument("image_a")
     compare.add_argument("image_b")
-    compare.add_argument("--backend", choices=("dlib", "insightface"), default="insightface",
+    compare.add_argument("--backend", choices=FACE_BACKENDS.names(), default=DEFAULT_FACE_BACKEND,
                          help="insightface (buffalo_l, default) or dlib (offline)")
     add_json_argument(compare)
 

@@ -30,7 +30,10 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def dtype_name(dtype: str | torch.dtype) -> str:
-    """The canonical name stored with results: ``float16``, ``bfloat16`` or ``float32``."""
+    """The canonical name stored with results: ``float16``, ``bfloat16`` or ``float32`` (a spelling is checked
+    as :func:`parse_dtype` does; another torch dtype, e.g. a test's float64 reference run, keeps its name)."""
+    if isinstance(dtype, torch.dtype):
+        return str(dtype).removeprefix("torch.")
     return str(parse_dtype(dtype)).removeprefix("torch.")
 
 

@@ -23,7 +23,7 @@ from diffusers import StableDiffusionXLPipeline
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
 from tqdm.auto import tqdm
 
-from fastface.dtypes import transformers_dtype_kwargs
+from fastface.dtypes import dtype_name, transformers_dtype_kwargs
 from fastface.attention import AMConfig, DenoisingStep, ip_adapter_layers, manipulated_attention_processors
 from fastface.guidance import BRANCH_CONDITIONS, DCGConfig, combine_branches, required_branches
 from fastface.presets import TABLE_IP_ADAPTER_SCALE, Preset, get_preset
@@ -53,7 +53,6 @@ class _Branches:
     time_ids: torch.Tensor
 
     def gather(self, active: Sequence[int]) -> dict[str, torch.Tensor]:
-        n = self.time_ids.shape[0]
         return {
             "prompt_embeds": torch.cat([self.prompt_embeds[k] for k in active]),
             "text_embeds": torch.cat([self.pooled[k] for k in active]),
@@ -106,8 +105,8 @@ class FastFacePipeline(StableDiffusionXLPipeline):
         if self.image_encoder is None or self.feature_extractor is None:
             raise ValueError(
                 "this pipeline has no CLIP image encoder: load one (CLIPVisionModelWithProjection) and register it "
-                "with pipe.register_modules(image_encoder=..., feature_extractor=CLIPImageProcessor(...)), "
-                "or pass precomputed clip_states"
+                "with pipe.register_modules(image_encoder=..., feature_extractor=CLIPImageProcessor(...)); precomputed "
+                "clip_states need it too (the null identity's states come from it)"
             )
 
     def encode_face_crops(self, face_crops: Sequence[np.ndarray]) -> torch.Tensor:
@@ -135,6 +134,11 @@ class FastFacePipeline(StableDiffusionXLPipeline):
                 "weight_name='ip-adapter-faceid-plusv2_sdxl.bin', image_encoder_folder=None) first"
             )
         return layers[0]
+
+    @property
+    def id_embedding_width(self) -> int:
+        """The adapter's ID width: how wide the identity embeddings it takes are (512 for FaceID-Plus-v2)."""
+        return int(self._faceid_projection().proj.net[0].proj.in_features)
 
     def current_ip_adapter_scale(self) -> float | None:
         layers = ip_adapter_layers(self.unet)
@@ -279,7 +283,7 @@ class FastFacePipeline(StableDiffusionXLPipeline):
             "batch_size": n,
             "seconds_per_image": seconds / n,
             "device": str(device),
-            "dtype": str(dtype).replace("torch.", ""),
+            "dtype": dtype_name(dtype),
         }
         metadata = [dict(meta_common, prompt=p, seed=s) for p, s in zip(prompts, seed_list)]
         return FastFaceOutput(images=images, metadata=metadata)
@@ -305,7 +309,7 @@ class FastFacePipeline(StableDiffusionXLPipeline):
         ids = torch.as_tensor(np.asarray(id_embeds) if not torch.is_tensor(id_embeds) else id_embeds)
         if ids.ndim == 1:
             ids = ids[None]
-        expected = self._faceid_projection().proj.net[0].proj.in_features
+        expected = self.id_embedding_width
         if ids.ndim != 2 or ids.shape[0] != n or ids.shape[1] != expected:
             raise ValueError(
                 f"id_embeds must be [{n}, {expected}] (one identity embedding per prompt, the adapter's ID width), "

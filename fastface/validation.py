@@ -79,7 +79,7 @@ def step_count(name: str, value: Any) -> int:
 
 def size_multiple(checkpoint: Any) -> int:
     """Pixels per latent cell of the checkpoint's VAE: sizes must be multiples of it (SDXL: 8)."""
-    if getattr(checkpoint, "tiny", False):
+    if checkpoint.tiny:
         from fastface.tiny import VAE_CONFIG
 
         return 2 ** (len(VAE_CONFIG["block_out_channels"]) - 1)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -22,101 +21,18 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
+from actors.dataset import DatasetPools
 from evaluation.config import EvaluationConfig
-from evaluation.dataset import Candidate, synthesise_identities
+from evaluation.dataset import synthesise_identities
 from evaluation.photos import _photo_hashes, gather_photos, identity_hash
 from evaluation.retries import retry_transient
+from evaluation.sweep import dataset_pools
+from flows import artifact_key
 from fastface.faces import load_image_rgb
 from fastface.faces.images import encode_png
 from storage import Store, bytes_sha256
 
 PHOTOS_DIR = "identity_photos"
-DETECT_BATCH = 8  # images per face-analysis call
-
-
-class DatasetPools:
-    """The dataset flow's Ray pools, started on first use and closed with the flow: no model loads in the flow process.
-
-    - face analysis (detection + embedding by ``face_backend``) on a pool of metric workers
-      without metrics (:meth:`actors.scorer.MetricWorker.detect_faces`);
-    - candidate renders of synthesis on a generator pool of the synthesis checkpoint with
-      the adapter's LoRA at 0 (:meth:`actors.generator.GeneratorWorker.render_text`).
-    """
-
-    def __init__(self, config: EvaluationConfig, store: Store) -> None:
-        self.config, self.store = config, store
-        self._faces = None
-        self._renderer = None
-        self.backend: dict | None = None  # name, threshold, dim of the face backend (from the workers)
-
-    def _pool_options(self):
-        from actors.pool import PoolOptions
-
-        ex = self.config.execution
-        return PoolOptions(num_workers=ex.num_workers, cpus_per_worker=ex.cpus_per_worker)
-
-    @property
-    def faces(self):
-        if self._faces is None:
-            from actors.pool import ActorPool, WorkerSpec, connect_ray
-            from actors.scorer import MetricWorker
-
-            connect_ray(self.config.execution.ray_address)
-            from actors.pool import PoolOptions
-
-            # One CPU worker: a few hundred photos or candidates, and the GPUs stay free for the renderer pool
-            # that works next to it during synthesis.
-            spec = WorkerSpec(MetricWorker, "detect_faces", (self.store, []),
-                              {"face_backend": self.config.face_backend, "device": "cpu"})
-            options = PoolOptions(num_workers=1, cpus_per_worker=self.config.execution.cpus_per_worker, use_gpus=False)
-            self._faces = ActorPool(spec, kind="faces", options=options)
-        return self._faces
-
-    def detect(self, images: list) -> list[list[SimpleNamespace]]:
-        """Faces of each image (arrays or encoded bytes), in the backend's order: ``bbox``, ``area``, ``embedding``."""
-        rows = [{"key": i, "image": image} for i, image in enumerate(images)]
-        results = self.faces.map([rows[i:i + DETECT_BATCH] for i in range(0, len(rows), DETECT_BATCH)])
-        if results:
-            self.backend = {k: results[0][k] for k in ("backend", "threshold", "dim")}
-        return [[SimpleNamespace(**face) for face in result["faces"]] for result in results]
-
-    def backend_info(self) -> dict:
-        if self.backend is None:
-            self.backend = self.faces.map([[{"key": 0}]], method="face_backend_info")[0]
-        return self.backend
-
-    def render(self, candidates: list[Candidate]) -> list[np.ndarray]:
-        """RGB uint8 renders of synthesis candidates, on the generator pool."""
-        syn = self.config.dataset.synthesise
-        if self._renderer is None:
-            from actors.generator import GeneratorWorker
-            from actors.pool import ActorPool, WorkerSpec, connect_ray
-            from fastface.checkpoints import get_checkpoint
-            from evaluation.sweep import pipeline_options
-
-            connect_ray(self.config.execution.ray_address)
-            checkpoint = get_checkpoint(syn.model)
-            self._steps, self._size = checkpoint.resolve_steps(syn.steps), syn.size or checkpoint.size
-            options = pipeline_options(self.config)
-            kwargs = dict(options.worker_kwargs(), steps=self._steps, lora_scale=0.0)
-            self._renderer = ActorPool(WorkerSpec(GeneratorWorker, "render_text", (self.store, syn.model), kwargs),
-                                       kind="renderer", options=self._pool_options())
-        rows = [{"key": c.id, "prompt": c.prompt, "seed": c.seed, "size": self._size} for c in candidates]
-        size = self.config.execution.batch_size
-        self.render_workers = getattr(self, "render_workers", set())
-        results = self._renderer.map([rows[i:i + size] for i in range(0, len(rows), size)])
-        self.render_workers |= {r["worker"] for r in results}
-        return [r["image"] for r in results]
-
-    def loads(self) -> dict[str, int]:
-        """Actors started per pool (each loads its models once)."""
-        return {name: pool.stats.actors_started for name, pool in (("faces", self._faces), ("renderer", self._renderer))
-                if pool is not None}
-
-    def close(self) -> None:
-        for pool in (self._faces, self._renderer):
-            if pool is not None:
-                pool.close()
 
 
 def _embed_cache_key(context: Any, parameters: dict) -> str:
@@ -228,7 +144,7 @@ def synthesise_task(config: EvaluationConfig, pools: DatasetPools) -> list[dict]
         on_round=lambda r, c: logger.info("synthesis round %d: %s", r, c),
     )
     create_table_artifact(
-        key=f"{config.name}-synthesis".lower().replace("_", "-").replace(".", "-"),
+        key=artifact_key(config.name, "synthesis"),
         table=[{"outcome": k, "count": v} for k, v in result.counts.items()],
         description=f"Synthesised identities ({syn.model}, threshold {threshold:g}, "
                     f"{result.rounds} rounds). Tiny models render noise, so every candidate is faceless."
@@ -247,7 +163,7 @@ def synthesise_task(config: EvaluationConfig, pools: DatasetPools) -> list[dict]
 @flow(name="build-dataset", log_prints=True)
 def build_dataset_flow(config: EvaluationConfig, root: str) -> dict:
     """Identities and prompts of ``config.dataset`` into ``root`` (run ``config.dataset_run``)."""
-    pools = DatasetPools(config, Store(root))
+    pools = dataset_pools(config, Store(root))
     try:
         if config.weights == "rehearsal":  # no model: photos read or synthesised, embeddings from their hashes
             from evaluation.rehearsal import rehearsal_dataset, rehearsal_embeddings
@@ -265,10 +181,10 @@ def build_dataset_flow(config: EvaluationConfig, root: str) -> dict:
                                    config.dataset.max_identities)
     prompt_counts = import_prompts(root, config.dataset_run, prompts)
     summary = {"identities": identities["counts"], "prompts": prompt_counts, "model_loads": pools.loads()}
-    if getattr(pools, "render_workers", None):
+    if pools.render_workers:
         summary["render_workers"] = sorted(pools.render_workers)
     create_markdown_artifact(
-        key=f"{config.name}-dataset".lower().replace("_", "-").replace(".", "-"),
+        key=artifact_key(config.name, "dataset"),
         markdown="# Dataset\n\n```json\n" + json.dumps(summary, indent=2) + "\n```\n"
         + "".join(f"\n- skipped {s['identity']}: {s['reason']}" for s in identities["skipped"]),
         description=f"identities and prompts of run {config.dataset_run}",
@@ -276,4 +192,4 @@ def build_dataset_flow(config: EvaluationConfig, root: str) -> dict:
     return summary
 
 
-__all__ = ["DatasetPools", "build_dataset_flow", "embed_photos", "import_identities", "import_prompts"]
+__all__ = ["build_dataset_flow", "embed_photos", "import_identities", "import_prompts"]

@@ -36,7 +36,8 @@ from prefect.cache_policies import NONE
 from fastface.provenance import package_versions
 from flows.build_dataset import build_dataset_flow
 from evaluation.config import EvaluationConfig, config_from_dict, load_config
-from flows.generate import artifact_key, check_gpus, generate_flow, score_flow
+from flows import artifact_key
+from flows.generate import check_gpus, generate_flow, score_flow
 from evaluation.report import build_report
 from evaluation.retries import retry_transient
 from flows.run_lock import run_lock

@@ -35,16 +35,10 @@ import pyarrow.compute as pc
 from actors.pool import GeneratorPools, MetricPool, ahead, missing_metric_work
 from evaluation.config import EvaluationConfig
 from evaluation.retries import retry_transient
+from flows import artifact_key
 from evaluation.sweep import (APPEND_ROWS, dataset_rows, metric_options, pipeline_options, plan_missing_examples_table,
                               pool_options, scoring_work, shards, sweep_examples_table, worker_classes)
 from storage import Store, plan_missing_generations
-
-
-def artifact_key(*parts: str) -> str:
-    """Prefect artifact keys: lowercase letters, digits and dashes."""
-    import re
-
-    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
 
 
 @task(cache_policy=NONE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=5)

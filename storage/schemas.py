@@ -1,10 +1,11 @@
-"""The Parquet tables of docs/architecture.md, declared once as versioned pyarrow schemas.
+"""The tables of docs/architecture.md, declared once as versioned pyarrow schemas.
 
-Every file the store writes carries ``fastface.schema_version`` and ``fastface.table`` in
-its Parquet key-value metadata; :func:`check_table` verifies both and every column's
-type when a file is read back, so a file from a newer FastFace, a file in the wrong
-folder, or a column written with the wrong type fails with a message naming the
-table, the column and the expected type.
+:class:`storage.Store` creates the DuckLake tables from them and conforms every append to
+them (:func:`conform`: column order and types, JSON columns, the allowed values of a few
+columns); the catalog records :data:`SCHEMA_VERSION`, and a store of an older version is
+evolved when opened, one of a newer version refused. :func:`check_table` checks the Parquet
+files of the retired one-file-per-batch layout, which carry ``fastface.schema_version`` and
+``fastface.table`` in their metadata, when ``fastface migrate-store`` imports them.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from typing import Mapping, Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from fastface.prompt_sets import PROMPT_KINDS
+
 SCHEMA_VERSION = 3  # 2: generations.node; 3: examples.resolved_config, generations.metadata
-"""Bump when a column is added, removed or retyped. Readers accept files of this
-version or older (missing *nullable* columns of older files are filled with nulls)
-and refuse newer ones."""
+"""Bump when a column is added, removed or retyped. A store of this version or older is read (an
+older one gets its missing *nullable* columns as nulls); a newer one is refused."""
 
 VERSION_KEY = b"fastface.schema_version"
 TABLE_KEY = b"fastface.table"
@@ -129,8 +131,8 @@ JSON_COLUMNS: dict[str, frozenset[str]] = {
 }
 
 ALLOWED_VALUES: dict[tuple[str, str], frozenset[str]] = {
-    ("prompts", "kind"): frozenset({"realistic", "stylistic"}),
-    ("examples", "prompt_kind"): frozenset({"realistic", "stylistic"}),
+    ("prompts", "kind"): frozenset(PROMPT_KINDS),
+    ("examples", "prompt_kind"): frozenset(PROMPT_KINDS),
     ("generations", "status"): frozenset({"ok", "failed"}),
 }
 

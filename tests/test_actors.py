@@ -245,7 +245,7 @@ def raw_generation_counts(store: Store) -> tuple[int, int]:
 def test_pools_match_plain_worker_and_replan_is_empty(
     ray_cluster, tmp_path_factory, identities, examples, options, reference, array_tol, tiny_clip_dir  # noqa: F811
 ):
-    from actors.pool import run_generation, run_scoring
+    from pool_runs import run_generation, run_scoring
 
     _, arrays = reference
     singles = new_store(tmp_path_factory, "singles", identities)
@@ -290,7 +290,8 @@ def test_pools_match_plain_worker_and_replan_is_empty(
 
 
 def test_killed_actor_batch_is_retried_without_duplicates(ray_cluster, tmp_path_factory, identities, examples, options):
-    from actors.pool import NAMESPACE, run_generation
+    from actors.pool import NAMESPACE
+    from pool_runs import run_generation
 
     store = new_store(tmp_path_factory, "killed", identities)
     killed = []
@@ -348,7 +349,8 @@ def test_actor_killed_while_its_images_upload_leaves_no_row_without_image(
     exactly once (the retry makes them), and no row points at a missing image."""
     import time
 
-    from actors.pool import NAMESPACE, run_generation
+    from actors.pool import NAMESPACE
+    from pool_runs import run_generation
 
     marks = tmp_path / "marks"
     (marks / "started").mkdir(parents=True)
@@ -383,7 +385,7 @@ def test_actor_killed_while_its_images_upload_leaves_no_row_without_image(
 
 
 def test_out_of_memory_splits_the_batch(ray_cluster, tmp_path_factory, identities, examples, options):
-    from actors.pool import run_generation
+    from pool_runs import run_generation
 
     store = new_store(tmp_path_factory, "oom", identities)
     four = [e for e in examples if e["preset"] == "baseline"]

@@ -19,7 +19,7 @@ from fastface.faces import (
     null_clip_states,
     prepare_identity,
 )
-from fastface.faces.identity import identity_cache_files
+from fastface.cache import identity_entries
 
 from noise import DISTINCT, to_float64, tolerance
 
@@ -103,7 +103,7 @@ def test_cache_hit_skips_the_backend(dlib_backend, hanks_path, tmp_path):
     prepare_identity(renamed, backend, cache_dir=tmp_path)
     assert backend.detect_calls == 1
     # No temp files left behind by the atomic writes.
-    names = [p.name for p in identity_cache_files(tmp_path, first.content_hash)]
+    names = [p.name for p in identity_entries(tmp_path, first.content_hash)]
     assert names == [f"{first.content_hash}.dlib.face.npz"]
 
 
@@ -124,7 +124,7 @@ def test_cache_matches_a_fresh_computation_and_array_input(dlib_backend, hanks_p
 def test_cache_dir_from_environment(dlib_backend, hanks_path, tmp_path, monkeypatch):
     monkeypatch.setenv("FASTFACE_CACHE", str(tmp_path / "env_cache"))
     result = prepare_identity(hanks_path, dlib_backend)
-    assert identity_cache_files(tmp_path / "env_cache" / "identities", result.content_hash)
+    assert identity_entries(tmp_path / "env_cache" / "identities", result.content_hash)
 
 
 def test_clip_states_cached_per_encoder(dlib_backend, hanks_path, tiny_clip, tmp_path):
@@ -148,7 +148,7 @@ def test_clip_states_cached_per_encoder(dlib_backend, hanks_path, tiny_clip, tmp
     assert backend.detect_calls == 1
     assert torch.equal(again.clip_states, result.clip_states)  # read back from the cache: bit-identical
     fingerprint = encoder_fingerprint(encoder, processor)
-    names = {p.name for p in identity_cache_files(tmp_path, result.content_hash)}
+    names = {p.name for p in identity_entries(tmp_path, result.content_hash)}
     assert f"{result.content_hash}.dlib.clip-{fingerprint}.safetensors" in names
 
     # Another encoder (same config, other weights) gets its own entry and its own states.
@@ -191,7 +191,7 @@ def test_no_face_raises_with_the_path(dlib_backend, tmp_path):
 
 def test_corrupt_cache_entry_is_recomputed(dlib_backend, hanks_path, tmp_path):
     first = prepare_identity(hanks_path, dlib_backend, cache_dir=tmp_path)
-    (entry,) = identity_cache_files(tmp_path, first.content_hash)
+    (entry,) = identity_entries(tmp_path, first.content_hash)
     entry.write_bytes(b"garbage")
     backend = CountingBackend(dlib_backend)
     again = prepare_identity(hanks_path, backend, cache_dir=tmp_path)

@@ -130,7 +130,7 @@ def test_synthesis_drops_faceless_and_multi_face_and_replaces_duplicates():
 
 
 class InProcessFaces:
-    """What flows.build_dataset.DatasetPools does on its face pool (MetricWorker.detect_faces), in this process."""
+    """What actors.dataset.DatasetPools does on its face pool (MetricWorker.detect_faces), in this process."""
 
     def __init__(self, root):
         from actors.scorer import MetricWorker

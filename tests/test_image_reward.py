@@ -14,6 +14,7 @@ import torch
 from fastface.metrics import image_reward as ir
 from fastface.metrics.base import METRICS, MetricInput
 
+import image_reward_builders as builders
 from noise import DISTINCT, float32_tolerance, to_float64, tolerance
 
 DATA = Path(__file__).parent / "data" / "image_reward"
@@ -30,7 +31,7 @@ def _offline(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    return ir.write_random_checkpoint(tmp_path_factory.mktemp("ir_tiny"), vision=ir.TINY_VISION, seed=3)
+    return builders.write_random_checkpoint(tmp_path_factory.mktemp("ir_tiny"), vision=ir.TINY_VISION, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def _rebuild_recorded_case(name: str, folder: Path) -> tuple[dict, ir.ImageRewar
     record = json.loads((DATA / f"parity_{name}.json").read_text())
     params = dict(record["params"])
     vision = ir.VisionTowerConfig(**params.pop("vision"))
-    ir.write_random_checkpoint(folder, vision=vision, **params)  # same seed -> the weights the original scored
+    builders.write_random_checkpoint(folder, vision=vision, **params)  # same seed -> the weights the original scored
     return record, ir.ImageRewardScorer(folder, vision=vision, device="cpu", batch_size=6)
 
 
@@ -101,8 +102,8 @@ def test_recorded_vit_l_parity_is_within_tolerance():
 
 
 def test_key_map_covers_the_original_layout_exactly():
-    med = ir.tiny_med_config(100)
-    shapes = ir.original_state_dict_shapes(ir.TINY_VISION, med)
+    med = builders.tiny_med_config(100)
+    shapes = builders.original_state_dict_shapes(ir.TINY_VISION, med)
     model = ir.ImageRewardModel(med, ir.TINY_VISION)
     own = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("position_ids")}
     mapped = {ir.map_original_key(k): s for k, s in shapes.items() if ir.map_original_key(k) is not None}
@@ -158,7 +159,7 @@ def test_missing_tokenizer_offline_is_a_clear_error(tiny_dir, tmp_path, monkeypa
         ir.ImageRewardScorer(bare, vision=ir.TINY_VISION)
     (bare / "tokenizer").mkdir()  # a tokenizer folder beside the checkpoint is found too
     (bare / "tokenizer" / "vocab.txt").symlink_to(tiny_dir / "vocab.txt")
-    assert len(ir.ImageRewardScorer(bare, vision=ir.TINY_VISION, device="cpu").tokenizer) == len(ir.tiny_vocab()) + 2
+    assert len(ir.ImageRewardScorer(bare, vision=ir.TINY_VISION, device="cpu").tokenizer) == len(builders.tiny_vocab()) + 2
     with pytest.raises(ValueError, match="does not belong to this checkpoint"):
         ir.ImageRewardScorer(bare, tokenizer=tiny_dir / "med_config.json", vision=ir.TINY_VISION)
 
@@ -203,7 +204,7 @@ def test_prompts_are_padded_and_truncated_to_35_tokens(tiny_scorer):
     sep = tiny_scorer.tokenizer.sep_token_id
     assert mask[0].sum() == 4 and ids[0, 3] == sep and ids[0, 4] == tiny_scorer.tokenizer.pad_token_id
     assert mask[1].all() and ids[1, -1] == sep
-    n = len(ir.tiny_vocab())
+    n = len(builders.tiny_vocab())
     assert tiny_scorer.tokenizer.convert_tokens_to_ids(["[DEC]", "[ENC]"]) == [n, n + 1]
 
 

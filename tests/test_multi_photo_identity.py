@@ -55,7 +55,7 @@ def test_several_photos_average_their_embeddings_and_take_the_largest_face_crop(
 
 def test_the_identity_cache_keys_on_the_set_of_photos(photos, backend, tmp_path):
     from fastface.faces import prepare_identity
-    from fastface.faces.identity import identity_cache_files
+    from fastface.cache import identity_entries
 
     cache = tmp_path / "identities"
     ab = prepare_identity([photos["original"], photos["mirror"]], backend, cache_dir=cache)
@@ -71,7 +71,7 @@ def test_the_identity_cache_keys_on_the_set_of_photos(photos, backend, tmp_path)
               for other in (singles["mirror"], singles["large"]))
     assert np.abs(ab.embedding - ac.embedding).max() > DISTINCT * tol  # by far more than their noise floors
     for identity in (ab, ac):
-        files = identity_cache_files(cache, identity.content_hash)
+        files = identity_entries(cache, identity.content_hash)
         assert [f.name for f in files] == [f"{identity.content_hash}.dlib.face.npz"]
     # A cached set is read back, not recombined: corrupt-free round trip equals the fresh result.
     again = prepare_identity([photos["large"], photos["original"]], backend, cache_dir=cache)
@@ -140,8 +140,7 @@ def test_dataset_import_of_identity_folders_and_the_generator_uses_all_photos(ph
     assert import_identities.fn(str(tmp_path / "store"), "multi-dataset", gathered, embeddings, "dlib")["counts"]["new"] == 0
 
     # The generator prepares the identity from all its photos (a stand-in pipeline: only identities are used).
-    projection = SimpleNamespace(proj=SimpleNamespace(net=[SimpleNamespace(proj=SimpleNamespace(in_features=128))]))
-    pipe = SimpleNamespace(set_progress_bar_config=lambda **_: None, _faceid_projection=lambda: projection,
+    pipe = SimpleNamespace(set_progress_bar_config=lambda **_: None, id_embedding_width=128,
                            image_encoder=None, feature_extractor=None)
     worker = GeneratorWorker(store, "tiny-hyper", pipeline_factory=lambda *a, **k: pipe,
                              identity_cache_dir=tmp_path / "worker-cache")

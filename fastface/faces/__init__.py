@@ -34,8 +34,6 @@ from fastface.faces.insightface_backend import (
     load_face_analysis,
 )
 
-FACE_BACKENDS.register("dlib", DlibFaceBackend)
-FACE_BACKENDS.register("insightface", InsightFaceBackend)
 
 __all__ = [
     "BUFFALO_L_COSINE_THRESHOLD",

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import cv2
 import numpy as np
 
 from fastface.faces.images import ImageInput, load_image_rgb
-from fastface.registry import Registry
+from fastface.face_backends import FACE_BACKENDS, OFFLINE_FACE_BACKEND
 
 
 class NoFaceError(ValueError):
@@ -87,11 +87,10 @@ class CosineSimilarityMixin:
         return self.similarity(a, b) >= self.same_person_threshold
 
 
-FACE_BACKENDS: Registry[Callable[..., FaceBackend]] = Registry("face backend")
 
 
-def get_face_backend(name: str = "dlib", **options: Any) -> FaceBackend:
-    """Build a registered face backend ("dlib", "insightface") with its options."""
+def get_face_backend(name: str = OFFLINE_FACE_BACKEND, **options: Any) -> FaceBackend:
+    """Build a registered face backend (:data:`fastface.face_backends.FACE_BACKENDS`) with its options."""
     return FACE_BACKENDS.get(name)(**options)
 
 

@@ -64,6 +64,7 @@ class DlibFaceBackend(CosineSimilarityMixin):
     """HOG detection retried with upsampling, 68-point landmarks, 128-d ResNet descriptor."""
 
     name = "dlib"
+    default_threshold = DLIB_COSINE_THRESHOLD
     embedding_dim = 128
 
     def __init__(

@@ -7,11 +7,11 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from fastface.cache import identities_dir
+from fastface.cache import identities_dir, identity_entry
 from fastface.faces.base import FaceBackend, NoFaceError, aligned_face_crop_bgr
 from fastface.faces.images import ImageInput, load_image_rgb, photo_hash
 
@@ -113,18 +113,26 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
-def _save_face_record(path: Path, embedding: np.ndarray, crop: np.ndarray, bbox: np.ndarray) -> None:
+class FaceRecord(NamedTuple):
+    """The most prominent face of a photo (or of several photos of one person, combined): what is cached."""
+
+    embedding: np.ndarray  # the face backend's identity embedding
+    crop_bgr: np.ndarray  # the ArcFace-aligned crop, BGR (the CLIP-H input)
+    bbox: np.ndarray  # x1, y1, x2, y2 in the photo's pixels
+
+
+def _save_face_record(path: Path, record: FaceRecord) -> None:
     def write(temporary: str) -> None:
         with open(temporary, "wb") as stream:
-            np.savez(stream, embedding=embedding, crop_bgr=crop, bbox=bbox)
+            np.savez(stream, **record._asdict())
 
     _atomic_write(path, write)
 
 
-def _load_face_record(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def _load_face_record(path: Path) -> FaceRecord | None:
     try:
         with np.load(path, allow_pickle=False) as record:
-            return record["embedding"], record["crop_bgr"], record["bbox"]
+            return FaceRecord(*(record[name] for name in FaceRecord._fields))
     except Exception:  # absent, truncated (BadZipFile) or foreign: recompute and overwrite
         return None
 
@@ -149,9 +157,9 @@ def identity_set_hash(photo_hashes: Sequence[str]) -> str:
     return hashlib.sha256(("identity-set:" + ",".join(members)).encode()).hexdigest()
 
 
-def _face_record(photo: ImageInput, backend: FaceBackend, cache_root: Path) -> tuple[str, tuple]:
+def _face_record(photo: ImageInput, backend: FaceBackend, cache_root: Path) -> tuple[str, FaceRecord]:
     digest = photo_hash(photo)
-    face_path = cache_root / digest[:2] / f"{digest}.{backend.name}.face.npz"
+    face_path = identity_entry(cache_root, digest, f"{backend.name}.face.npz")
     record = _load_face_record(face_path)
     if record is None:
         rgb = load_image_rgb(photo)
@@ -161,8 +169,8 @@ def _face_record(photo: ImageInput, backend: FaceBackend, cache_root: Path) -> t
             raise NoFaceError(source)
         face = faces[0]
         crop = aligned_face_crop_bgr(rgb, face, size=CROP_SIZE)
-        record = (np.asarray(face.embedding, dtype=np.float32), crop, np.asarray(face.bbox, dtype=np.float32))
-        _save_face_record(face_path, *record)
+        record = FaceRecord(np.asarray(face.embedding, dtype=np.float32), crop, np.asarray(face.bbox, dtype=np.float32))
+        _save_face_record(face_path, record)
     return digest, record
 
 
@@ -180,8 +188,8 @@ def combine_embeddings(embeddings: Sequence[np.ndarray]) -> np.ndarray:
     return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).mean(axis=0).astype(np.float32)
 
 
-def combine_face_records(records: dict[str, tuple]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Several photos of one person → (embedding, crop, bbox).
+def combine_face_records(records: dict[str, FaceRecord]) -> FaceRecord:
+    """Several photos of one person (``content hash → FaceRecord``) → one :class:`FaceRecord`.
 
     Embedding: the mean of the photos' L2-normalised embeddings, not renormalised — the "average"
     way ComfyUI_IPAdapter_plus combines FaceID embeddings of several images (``combine_embeds=
@@ -191,8 +199,9 @@ def combine_face_records(records: dict[str, tuple]) -> tuple[np.ndarray, np.ndar
     photos never matters.
     """
     digests = sorted(records)
-    best = max(digests, key=lambda d: (_box_area(records[d][2]), [-ord(c) for c in d]))
-    return combine_embeddings([records[d][0] for d in digests]), records[best][1], records[best][2]
+    best = max(digests, key=lambda d: (_box_area(records[d].bbox), [-ord(c) for c in d]))
+    return FaceRecord(combine_embeddings([records[d].embedding for d in digests]), records[best].crop_bgr,
+                      records[best].bbox)
 
 
 def prepare_identity(
@@ -224,12 +233,11 @@ def prepare_identity(
     else:
         digest = identity_set_hash(list(records))
         members = tuple(sorted(records))
-        face_path = cache_root / digest[:2] / f"{digest}.{backend.name}.face.npz"
+        face_path = identity_entry(cache_root, digest, f"{backend.name}.face.npz")
         record = _load_face_record(face_path)
         if record is None:
             record = combine_face_records(records)
-            _save_face_record(face_path, *record)
-    stem = cache_root / digest[:2] / f"{digest}.{backend.name}"
+            _save_face_record(face_path, record)
     embedding, crop, bbox = record
 
     clip_states = None
@@ -239,7 +247,7 @@ def prepare_identity(
 
             feature_extractor = CLIPImageProcessor()  # what the IP-Adapter reference code builds
         fingerprint = encoder_fingerprint(image_encoder, feature_extractor)
-        clip_path = stem.with_name(f"{stem.name}.clip-{fingerprint}.safetensors")
+        clip_path = identity_entry(cache_root, digest, f"{backend.name}.clip-{fingerprint}.safetensors")
         clip_states = _load_clip_states(clip_path)
         if clip_states is None:
             clip_states = encode_clip_states([crop], image_encoder, feature_extractor).float().cpu().contiguous()
@@ -251,12 +259,8 @@ def prepare_identity(
                           photos=members)
 
 
-def identity_cache_files(cache_dir: str | os.PathLike, digest: str) -> list[Path]:
-    """Cache entries stored for one content hash (for inspection and cleanup)."""
-    return sorted((Path(cache_dir).expanduser() / digest[:2]).glob(f"{digest}.*"))
-
-
 __all__ = [
+    "FaceRecord",
     "IdentityInputs",
     "combine_embeddings",
     "combine_face_records",
@@ -265,5 +269,4 @@ __all__ = [
     "encode_clip_states",
     "null_clip_states",
     "encoder_fingerprint",
-    "identity_cache_files",
 ]

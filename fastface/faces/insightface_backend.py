@@ -100,6 +100,7 @@ class InsightFaceBackend(CosineSimilarityMixin):
     """buffalo_l faces, detected at 640² and retried at smaller sizes when none is found."""
 
     name = "insightface"
+    default_threshold = BUFFALO_L_COSINE_THRESHOLD
     embedding_dim = 512
 
     def __init__(

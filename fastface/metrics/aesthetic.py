@@ -16,7 +16,7 @@ from torch import nn
 
 from fastface.cache import aesthetic_dir
 from fastface.metrics.base import MetricInput, MetricResult, MetricSpec, register_metric
-from fastface.metrics.clip_models import ClipModel, load_clip_model
+from fastface.metrics.clip_models import ClipModel
 from fastface.metrics.common import decode_images, resolve_shared_clip
 
 # What the FastFace authors used; "sac+logos+ava1-l14-linearMSE.pth" is the later, more common one.

@@ -21,7 +21,7 @@ import torch
 from fastface.metrics.base import MetricInput, MetricResult, MetricSpec, register_metric
 from fastface.metrics.clip_models import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, ClipModel
 from fastface.metrics.common import FaceAnalysis, decode_images, resolve_face_analysis, resolve_shared_clip, style_part
-from fastface.metrics.identity import DEFAULT_FACE_BACKEND
+from fastface.face_backends import DEFAULT_FACE_BACKEND
 
 FSCMode = Literal["aligned", "authors"]
 FSC_MODES = ("aligned", "authors")

@@ -11,10 +11,10 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
+from fastface.face_backends import DEFAULT_FACE_BACKEND
 from fastface.metrics.base import MetricInput, MetricResult, MetricSpec, register_metric
 from fastface.metrics.common import FaceAnalysis, decode_images, resolve_face_analysis
 
-DEFAULT_FACE_BACKEND = "insightface"  # buffalo_l, what the paper's ID numbers use; "dlib" works offline
 
 
 class _FaceMetric:

@@ -37,7 +37,7 @@ def _shared_clip(options: dict) -> Any:
 
 def _shared_faces(options: dict) -> Any:
     from fastface.metrics.common import resolve_face_analysis
-    from fastface.metrics.identity import DEFAULT_FACE_BACKEND
+    from fastface.face_backends import DEFAULT_FACE_BACKEND
 
     return resolve_face_analysis(
         None, options.get("face_backend", DEFAULT_FACE_BACKEND), options.get("face_backend_options")

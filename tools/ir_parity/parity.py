@@ -32,8 +32,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
-from fastface.metrics.image_reward import VIT_L16, VisionTowerConfig, write_random_checkpoint  # noqa: E402
+from fastface.metrics.image_reward import VIT_L16, VisionTowerConfig  # noqa: E402
+from image_reward_builders import write_random_checkpoint  # noqa: E402
 
 DATA = ROOT / "tests" / "data" / "image_reward"
 TOLERANCE = 1e-4
