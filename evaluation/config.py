@@ -161,7 +161,7 @@ class ExecutionConfig(_Model):
     cache_dir: str | None = None  # fused checkpoints, tiny models, identity cache; default $FASTFACE_CACHE
     device: str | None = None
     dtype: str | None = None  # any spelling fastface.dtypes accepts; stored canonical (float16, ...)
-    retries: int = Field(default=2, ge=0)
+    retries: int = Field(default=2, ge=0)  # of a shard task failed for a transient reason (evaluation.retries)
     compact: bool = True  # after the report: merge the store's small files, expire week-old snapshots
     # weights: rehearsal only: seconds each generator and scorer batch waits, standing in for a GPU's batch time
     rehearsal_batch_seconds: float = Field(default=0.0, ge=0)

@@ -254,8 +254,9 @@ def dataset_pools(config: EvaluationConfig, store: Store) -> DatasetPools:
         render = RenderSpec(model=syn.model, steps=checkpoint.resolve_steps(syn.steps),
                             size=syn.size or checkpoint.size, batch_size=ex.batch_size,
                             worker_kwargs=pipeline_options(config).worker_kwargs())
+    # The renderer pool is shaped as the run's generator pools (real weights ask the cluster for GPUs).
     return DatasetPools(store, face_backend=config.face_backend, ray_address=ex.ray_address, render=render,
-                        options=PoolOptions(num_workers=ex.num_workers, cpus_per_worker=ex.cpus_per_worker))
+                        options=pool_options(config))
 
 
 def pool_options(config: EvaluationConfig) -> PoolOptions:

@@ -144,10 +144,11 @@ class _NoBar:
         pass
 
 
-def _with_timeout(shard_task: Any, seconds: float | None) -> Any:
-    """The shard task with ``execution.shard_timeout_s`` (a shard over it fails with TimeoutError and is
-    retried, doing only its missing rows); unchanged without one."""
-    return shard_task.with_options(timeout_seconds=seconds) if seconds else shard_task
+def _shard_task(shard_task: Any, config: EvaluationConfig) -> Any:
+    """The shard task with ``execution.retries`` (a shard that fails for a transient reason is retried, doing
+    only its missing rows) and ``execution.shard_timeout_s`` (a shard over it fails with TimeoutError)."""
+    ex = config.execution
+    return shard_task.with_options(retries=ex.retries, timeout_seconds=ex.shard_timeout_s)
 
 
 def _total(summaries: list[dict]) -> dict:
@@ -185,7 +186,7 @@ def generate_flow(config: EvaluationConfig, root: str) -> dict:
                 _bar(len(todo), "images", "img") as bar:
             # Each shard is queued on the pool before its task runs, behind the shard before it:
             # the actors never drain at a shard boundary (actors.pool.ahead).
-            run_shard = _with_timeout(generate_shard, ex.shard_timeout_s)
+            run_shard = _shard_task(generate_shard, config)
             # quote(): Prefect would otherwise visit every value of every row of the shard to look
             # for futures (≈ 0.6 ms of driver CPU per image, more than everything else it does).
             summaries = [run_shard(pools, quote(shard), i, bar) for i, shard in ahead(parts, pools.queue)]
@@ -218,7 +219,7 @@ def score_flow(config: EvaluationConfig, root: str) -> dict:
                         batch_size=ex.score_batch_size, identities=_identities(store, config),
                         worker_class=worker_classes(config)["scorer"]) as pool, \
                 _bar(planned, "scores", "score") as bar:
-            run_shard = _with_timeout(score_shard, ex.shard_timeout_s)
+            run_shard = _shard_task(score_shard, config)
             summaries = [run_shard(pool, quote(shard), i, bar) for i, shard in ahead(parts, pool.queue)]
             loads = pool.pool.stats.actors_started
     total = dict(_total(summaries), examples=examples, shards=len(parts), pairs_missing=planned,
