@@ -1,8 +1,8 @@
 """The store at the paper's size: appends, both planning calls, the report query, counts, peak RSS.
 
-configs/paper.yaml is 54 identities × 560 prompts × 4 models × 2 LoRA scales × 6 λ =
-1,451,520 examples, one generation each (appended in batches of 8, as the generator pool
-does) and 7 metrics each (~10.2 M rows, appended in batches of 32 images × 7 metrics).
+configs/paper.yaml is 54 identities × 560 (prompt, preset) pairs (80 realistic prompts × 5 presets
++ 40 stylistic × 4) × 4 models × 2 LoRA scales × 6 λ = 1,451,520 examples, one generation each
+(appended in batches of 8, as the generator pool does) and 7 metrics each (~10.2 M rows, appended in batches of 32 images × 7 metrics).
 
 The store is bulk-loaded into the state the pools leave mid-run, before any compaction:
 every append is one small Parquet file and each writer merges its table's files every

@@ -78,7 +78,7 @@ class IdentitySource(_Model):
 
 
 class SynthesisConfig(_Model):
-    """Synthesised identities (architecture §1): text-to-image faces per gender × age group, filtered."""
+    """Synthesised identities: text-to-image faces per gender × age group, filtered (:mod:`evaluation.dataset`)."""
 
     model: str = "hyper"
     steps: int | None = None
@@ -141,7 +141,7 @@ class MetricsConfig(_Model):
 class ExecutionConfig(_Model):
     batch_size: int = Field(default=4, ge=1)
     score_batch_size: int = Field(default=16, ge=1)
-    shard_size: int = Field(default=256, ge=1)  # examples per Prefect task (one pool per shard)
+    shard_size: int = Field(default=256, ge=1)  # examples per Prefect task (the pools live for the whole flow run)
     num_workers: int | None = Field(default=None, ge=1)
     cpus_per_worker: float = Field(default=1.0, gt=0)
     # GPUs each pool actor asks for, whatever the cluster holds when the pool starts: num_workers

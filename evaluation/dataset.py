@@ -1,4 +1,4 @@
-"""Dataset flow (architecture §1, method-spec §6): identities and prompts into the store.
+"""Dataset logic of the ``build-dataset`` flow (flows/build_dataset.py; method-spec §6): identities and prompts.
 
 Two ways in:
 

@@ -3,12 +3,14 @@
 :func:`build_report` reads the store through the DuckDB catalog: the aggregates, bootstrap cells
 and paired differences come from SQL (:class:`evaluation.report_data.StoreData`, the same numbers as the
 pure-Python reference :mod:`evaluation.analysis`), the image grids and identity photos from point queries
-bounded by what is shown, so no metric row of the run becomes a Python row. It writes under ``<root>/reports/<run>/``: ``report.html``
-(tables, plots and image grids embedded as base64), ``summary.md``, ``table.csv``,
-``paired.csv``, ``calibration.csv``, ``paper.csv`` (every published value beside this run:
-:mod:`evaluation.paper`), ``claims.csv`` (the paper's claims as verdicts: :mod:`evaluation.claims`) and
-``lambda_<set>_<metric>.png``; the paper's ablation figures a run holds and the failure gallery come
-from :mod:`evaluation.ablations`. The Prefect flow ``report`` wraps it and publishes the tables and the
+bounded by what is shown, so no metric row of the run becomes a Python row. It writes under
+``<root>/reports/<run>/``: ``report.html`` (tables, plots and image grids embedded as base64),
+``summary.md``, ``table.csv``, ``paired.csv``, ``paper.csv`` (every published value beside this run:
+:mod:`evaluation.paper`), ``claims.csv`` (the paper's claims as verdicts: :mod:`evaluation.claims`),
+``calibration.csv`` (when calibration ran), ``lambda_<set>_<metric>.png``, ``pareto_<set>.png``
+(:mod:`evaluation.pareto`), ``fig18.png`` (with the id and face_size metrics) and
+``attention_maps.png`` (when a grid is passed in); the paper's ablation figures a run holds and the
+failure gallery come from :mod:`evaluation.ablations`. The Prefect flow ``report`` wraps it and publishes the tables and the
 summary as artifacts.
 """
 

@@ -1,4 +1,4 @@
-"""The ``fastface`` command line: generate, presets, models, faces compare, score.
+"""The ``fastface`` command line: generate, presets, models, faces compare, attention-maps, score.
 
 Each subcommand is two small functions, ``add_<name>_arguments(parser)`` and
 ``run_<name>(args) -> int``, registered with one line in :data:`COMMANDS`

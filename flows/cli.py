@@ -1,4 +1,4 @@
-"""``fastface evaluate``, ``sql``, ``report``, ``snapshots``, ``restore``, ``compact`` and ``migrate-store``.
+"""``fastface evaluate``, ``sql``, ``report``, ``snapshots``, ``restore``, ``app``, ``compact`` and ``migrate-store``.
 
 Added to the ``fastface`` command through the ``fastface.commands`` entry point
 (:func:`register_commands`), so the library does not import this layer.

@@ -13,7 +13,7 @@ one machine may write), or PostgreSQL for drivers on several machines (``catalog
 - Each :meth:`Store.append` is one DuckLake transaction: it commits whole or not at all,
   so a writer killed at any point leaves nothing a reader sees. Each append writes one
   small Parquet file; writers merge a table's small files every :data:`MERGE_EVERY_FILES`
-  appends, and :meth:`Store.compact` (``fastface compact``, the end of each flow) merges
+  appends, and :meth:`Store.compact` (``fastface compact``, the end of ``fastface evaluate``) merges
   everything, expires old snapshots and deletes unused files. Readers read one snapshot
   per query, so compaction never shows them a row twice or hides one.
 - Tables, columns and types are those of :mod:`storage.schemas`, enforced by the format

@@ -1,4 +1,5 @@
-"""Face records, the backend protocol, the backend registry and backend-independent helpers."""
+"""Faces (:class:`Face`), the backend protocol, building a backend by name from
+:data:`fastface.face_backends.FACE_BACKENDS`, and backend-independent helpers."""
 
 from __future__ import annotations
 
