@@ -24,7 +24,8 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import
 from tqdm.auto import tqdm
 
 from fastface.dtypes import dtype_name, transformers_dtype_kwargs
-from fastface.attention import AMConfig, DenoisingStep, ip_adapter_layers, manipulated_attention_processors
+from fastface.attention import AMConfig, DenoisingStep
+from fastface.attention_processor import ip_adapter_layers, manipulated_attention_processors
 from fastface.guidance import BRANCH_CONDITIONS, DCGConfig, combine_branches, required_branches
 from fastface.presets import TABLE_IP_ADAPTER_SCALE, Preset, get_preset
 

@@ -11,7 +11,8 @@ import torch
 from diffusers import EulerAncestralDiscreteScheduler
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 
-from fastface.attention import AM1, AM2, AMConfig, FastFaceIPAttnProcessor
+from fastface.attention import AM1, AM2, AMConfig
+from fastface.attention_processor import FastFaceIPAttnProcessor
 from fastface.guidance import DCG_PRESET, DCGConfig
 from fastface.pipeline import FastFacePipeline, load_faceid_adapter
 from fastface.presets import PRESETS
