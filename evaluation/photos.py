@@ -22,7 +22,7 @@ from fastface.faces.images import encode_png
 from storage import bytes_sha256
 
 
-def _photo_hashes(photo: dict) -> list[str]:
+def photo_content_hashes(photo: dict) -> list[str]:
     """Content hashes of an identity's photos (one, or the members of an identity folder)."""
     return [bytes_sha256(m) for m in photo.get("members") or [photo["data"]]]
 
@@ -31,7 +31,7 @@ def identity_hash(photo: dict) -> str:
     """The identity's content hash: its photo's, or for several photos the hash of their set (the identity cache key)."""
     from fastface.faces.identity import identity_set_hash
 
-    hashes = _photo_hashes(photo)
+    hashes = photo_content_hashes(photo)
     return hashes[0] if len(set(hashes)) == 1 else identity_set_hash(hashes)
 
 

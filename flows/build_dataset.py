@@ -2,8 +2,9 @@
 
 Idempotent: photos are stored under their content hash, and a row is appended only when
 the dataset run has no row with that id yet; running it twice adds nothing. Embedding
-photos is a cached Prefect task keyed by the photos' content hashes and the backend,
-so re-importing the same photos (even into another store) skips face detection.
+photos and finding the faces a source crops (``crop_faces``) are cached Prefect tasks keyed
+by the photos' content and the backend, so re-importing the same photos (even into another
+store) starts no face model.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from prefect.cache_policies import NONE
 from actors.dataset import DatasetPools
 from evaluation.config import EvaluationConfig
 from evaluation.dataset import synthesise_identities
-from evaluation.photos import _photo_hashes, gather_photos, identity_hash
+from evaluation.photos import photo_content_hashes, gather_photos, identity_hash
 from evaluation.retries import retry_transient
 from evaluation.sweep import dataset_pools
 from flows import artifact_key
@@ -36,8 +37,24 @@ PHOTOS_DIR = "identity_photos"
 
 
 def _embed_cache_key(context: Any, parameters: dict) -> str:
-    hashes = ",".join(h for p in parameters["photos"] for h in _photo_hashes(p) + ["|"])
+    hashes = ",".join(h for p in parameters["photos"] for h in photo_content_hashes(p) + ["|"])
     return "embed-" + hashlib.sha256(f"{parameters['backend']}|{hashes}".encode()).hexdigest()[:32]
+
+
+def _detect_cache_key(context: Any, parameters: dict) -> str:
+    digest = hashlib.sha256(parameters["backend"].encode())
+    for image in parameters["images"]:
+        array = np.ascontiguousarray(image)
+        digest.update(f"|{array.shape}|{array.dtype}|".encode())
+        digest.update(array.tobytes())
+    return "detect-" + digest.hexdigest()[:32]
+
+
+@task(cache_key_fn=_detect_cache_key, persist_result=True, retries=1, retry_condition_fn=retry_transient)
+def detect_faces(images: list[np.ndarray], backend: str, pools: DatasetPools) -> list[list]:
+    """Faces of each image on the face pool (the photos a source crops, ``crop_faces``); cached by the
+    images' pixels and the backend, so a re-run starts no face model for them."""
+    return pools.detect(images)
 
 
 @task(cache_key_fn=_embed_cache_key, persist_result=True, retries=1, retry_condition_fn=retry_transient)
@@ -171,7 +188,7 @@ def build_dataset_flow(config: EvaluationConfig, root: str) -> dict:
             photos, prompts = rehearsal_dataset(config)
             embeddings = rehearsal_embeddings(photos, config.face_backend)
         else:
-            photos, prompts = gather_photos(config, pools.detect)
+            photos, prompts = gather_photos(config, lambda images: detect_faces(images, config.face_backend, pools))
             if config.dataset.synthesise is not None:
                 photos += synthesise_task(config, pools)
             embeddings = embed_photos(photos, config.face_backend, pools) if photos else []

@@ -15,6 +15,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Ray starts its workers at nice 15 (the raylet first); on a CI machine shared with other jobs that starves
 # the actors behind everything else. The tests' nodes run them at normal priority.
 os.environ.setdefault("RAY_worker_niceness", "0")
+# On SIGTERM a `ray start --block` node first asks the GCS to drain it (for Ray Serve) for up to 30 s: every
+# node the tests stop (the session's head at the end, each cluster test's nodes) waited it out. Off here.
+os.environ.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
 # Ray's token authentication, set before Ray is imported (its config is read then): the session's nodes, this
 # process and every subprocess that joins them (RAY_ADDRESS) share one token, never ~/.ray's.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
@@ -239,6 +242,70 @@ def ray_cluster():
         start_session_ray()
     yield ray
     stop_session_ray()
+
+
+@pytest.fixture(scope="session")
+def prefect_server_process(tmp_path_factory):
+    """ONE Prefect server per test session (start-up costs seconds of CPU): ``prefect server start`` on
+    127.0.0.1 with its own PREFECT_HOME. Modules use it through :func:`prefect_server`."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false")
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                             str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    try:
+        yield {"url": url, "home": home}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def prefect_server(prefect_server_process):
+    """The session's Prefect server as this module's API (PREFECT_API_URL; results under its PREFECT_HOME).
+
+    The settings hold for the module only: a module without this fixture runs its flows in Prefect's
+    ephemeral mode, as a user without a server does.
+    """
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    home = prefect_server_process["home"]
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: prefect_server_process["url"],
+                                         PREFECT_LOCAL_STORAGE_PATH: str(home / "storage")}):
+            yield prefect_server_process
+    finally:
+        # Flush Prefect's log and event queues while the server is up (else they retry at exit).
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)
+        EventsWorker.drain_all(timeout=10)
 
 
 @pytest.fixture(scope="session")

@@ -166,10 +166,8 @@ def ray_processes(tmp_path):
     env = {k: v for k, v in os.environ.items()
            if k != "RAY_ADDRESS" and not k.startswith(("AWS_", "FASTFACE_"))}
     # Every node and every driver of the cluster: the same mode and token (here a fresh one, never ~/.ray's).
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0",
-               # On SIGTERM a node first asks the GCS to drain it (for Ray Serve) for up to 30 s; with
-               # both nodes stopping at once the head's GCS is gone and each waited out the 30 s.
-               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
+    # (RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 comes from tests/conftest.py: nodes stop without a 30 s drain.)
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0")
     procs = []
     try:
         head, address = ray_start_node(tmp_path / "head.log", num_cpus=1, num_gpus=1, env=env)

@@ -2,8 +2,8 @@
 Ray pool, tables, report, artifacts), re-runs that add no rows, a run killed with SIGKILL during
 generation and resumed, `fastface sql` / `fastface report`, and the scheduled deployment.
 
-One Prefect server (subprocess on 127.0.0.1, PREFECT_HOME in a tmp dir) serves the whole module;
-the in-process flows and the killed subprocess both talk to it.
+The session's Prefect server (tests/conftest.py: a subprocess on 127.0.0.1, PREFECT_HOME in a tmp dir)
+serves the module; the in-process flows and the killed subprocess both talk to it.
 """
 
 from __future__ import annotations
@@ -11,11 +11,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -29,61 +27,10 @@ SQL = "SELECT preset, metric, avg(value) FROM metrics JOIN examples USING (examp
 TABLES = ("runs", "identities", "prompts", "examples", "generations", "metrics")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false")
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
-                             str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
-    from prefect.settings import (
-        PREFECT_API_URL,
-        PREFECT_LOCAL_STORAGE_PATH,
-        temporary_settings,
-    )
-
-    try:
-        with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_LOCAL_STORAGE_PATH: str(home / "storage")}):
-            yield {"url": url, "home": home}
-    finally:
-        # Flush Prefect's log and event queues while the server is still up (else they retry at exit).
-        from prefect.events.worker import EventsWorker
-        from prefect.logging.handlers import APILogWorker
-
-        APILogWorker.drain_all(timeout=10)
-        EventsWorker.drain_all(timeout=10)
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("fastface-cache"))
+def cache_dir(fastface_cache):
+    """The session's cache: tiny models built once, fused checkpoints and identities kept between runs."""
+    return str(fastface_cache)
 
 
 def raw_counts(root: str) -> dict[str, tuple[int, int]]:
@@ -109,12 +56,13 @@ def ci_run(prefect_server, ray_cluster, cache_dir, tmp_path_factory):
         return planning
 
     root = str(tmp_path_factory.mktemp("ci-root"))
+    started = datetime.now(timezone.utc)
     with pytest.MonkeyPatch.context() as patch:  # planning calls of the flows (the shard tasks share the module)
         for module, name in ((flows.generate, "plan_missing_generations"),
                              (evaluation.sweep, "plan_missing_metrics_table")):
             patch.setattr(module, name, counted(name, getattr(module, name)))
         summary = evaluate_flow(config=CI_CONFIG, root=root, overrides={"execution.cache_dir": cache_dir})
-    return root, summary
+    return root, dict(summary, started=started)
 
 
 def test_chain_writes_tables_report_and_artifacts(ci_run, prefect_server):
@@ -155,9 +103,10 @@ def test_chain_writes_tables_report_and_artifacts(ci_run, prefect_server):
     assert set(summary["claims"]) == {"dcg-stylistic", "am-realistic", "fastface-ffc"}
     table = Path(summary["report"]["table"]).read_text().splitlines()
     assert table[0].startswith("set,model,preset") and len(table) == 1 + 3 * 2  # 3 prompt sets × 2 presets
-    with get_client(sync_client=True) as client:
-        keys = {a.key for a in client.read_artifacts() if a.key}
-        progress = [a for a in client.read_artifacts() if a.type == "progress"]
+    with get_client(sync_client=True) as client:  # this run's artifacts (the session's server has others')
+        artifacts = [a for a in client.read_artifacts() if a.created >= summary["started"]]
+    keys = {a.key for a in artifacts if a.key}
+    progress = [a for a in artifacts if a.type == "progress"]
     assert {"ci-table", "ci-summary", "ci-report", "ci-generation", "ci-scoring", "ci-dataset"} <= keys
     assert progress and all(a.data == 100.0 for a in progress)
 

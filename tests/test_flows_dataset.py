@@ -20,7 +20,6 @@ from evaluation.dataset import (
 )
 from metrics_fixtures import dlib_backend, group_photo, hanks, noise_image  # noqa: F401  (fixtures)
 from storage import Store, bytes_sha256
-from test_flows_chain import prefect_server  # noqa: F401  (fixture)
 
 
 def test_prompt_rows_kind_style_and_case():

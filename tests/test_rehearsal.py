@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 import pytest
-from test_flows_chain import prefect_server  # noqa: F401 - the module's Prefect server
 
 from evaluation.config import ConfigError, load_config
 
@@ -99,7 +98,7 @@ SMALL_IMAGES = 2 * 2 * 6 * (20 + 10 + 2 * 10 + 2 * 20)  # models × λ × identi
 
 
 @pytest.fixture(scope="module")
-def rehearsal(prefect_server, ray_cluster, tmp_path_factory):  # noqa: F811
+def rehearsal(prefect_server, ray_cluster, tmp_path_factory):
     import time
 
     from evaluation.config import load_config

@@ -16,7 +16,6 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 from storage_support import FAKE_AWS_ENV, create_bucket, moto_endpoint, postgres_server  # noqa: E402
-from test_flows_chain import prefect_server  # noqa: E402,F401  (a Prefect API for the subprocess)
 
 from storage.catalog import Catalog  # noqa: E402
 from storage.duck import StorageError  # noqa: E402
@@ -72,11 +71,11 @@ def _fastface(env: dict, *argv: str) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
-def test_evaluate_ci_config_on_postgres_catalog_and_s3(postgres, endpoint, prefect_server, tmp_path, tmp_path_factory,
+def test_evaluate_ci_config_on_postgres_catalog_and_s3(postgres, endpoint, prefect_server, tmp_path, fastface_cache,
                                                        monkeypatch):
     postgres = postgres("fastface_ci")
     root = f"s3://{BUCKET}/{uuid.uuid4().hex[:8]}/ci"
-    cache = str(tmp_path_factory.mktemp("fastface-cache"))
+    cache = str(fastface_cache)
     # Credentials only in a shared-credentials file selected by AWS_PROFILE (the one credential rule,
     # storage/credentials.py): the check, the flow, its Ray actors, sql and report all find them there.
     credentials = tmp_path / "aws-credentials"
