@@ -1,14 +1,13 @@
 """Prefect for real: a server, a process work pool, `evaluate` deployed from prefect.yaml (with its schedule),
 runs executed by `prefect worker start`.
 
-- A run started through the API with the config given as values (its content, not a file path) is
-  named after the config; a second run of the deployment triggered while the first works is
-  cancelled by the deployment's concurrency limit (prefect.yaml: CANCEL_NEW) without the worker
-  starting a process for it; the first completes with every example generated once, and the run's
-  artifacts are read back by key through the Prefect client.
+- Runs are started through the API with the config given as values (its content, not a file path);
+  a second run of the deployment triggered while the first works is cancelled by the deployment's
+  concurrency limit (prefect.yaml: CANCEL_NEW) without the worker starting a process for it.
+- The worker is SIGKILLed (with its flow-run process) during the first run's generation; a new
+  worker runs the deployment again: the run is named after the config, the store ends with exactly
+  the planned rows, none twice, and the run's artifacts are read back by key through the client.
 - A run that fails posts to the failure webhook (FASTFACE_FAILURE_WEBHOOK), served on 127.0.0.1.
-- The worker is SIGKILLed (with its flow-run process) during generation; a new worker runs the
-  deployment again and the store ends with exactly the planned rows, none twice.
 
 The flow runs join this session's Ray (RAY_ADDRESS) so no Ray is started per run.
 """
@@ -163,30 +162,35 @@ def test_worker_runs_the_deployment_and_resumes_after_being_killed(deployed, ray
     assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]  # prefect.yaml's schedule
     ray_address = ray_cluster.get_runtime_context().gcs_address
     cache = str(fastface_cache)
+    # The config given as values (its content, not a path); one image per batch, two scales: 16 images,
+    # a run long enough to be caught working.
+    values = yaml.safe_load((REPO / "configs" / "ci.yaml").read_text())
+    overrides = {"execution.batch_size": 1, "sweep.ip_adapter_scales": [0.5, 0.8]}
+    planned = 16
+    root = tmp_path / "store"
 
-    # A run with the config given as values; a second one while it works is cancelled, never started.
-    webhook = Webhook()
-    worker = Worker(deployed, ray_address, tmp_path / "worker-1.log", FASTFACE_FAILURE_WEBHOOK=webhook.url)
+    # A run; a second one while it works is cancelled, never started; then the worker is killed
+    # (SIGKILL, with its flow-run process) during generation.
+    worker = Worker(deployed, ray_address, tmp_path / "worker-1.log")
     try:
-        root = tmp_path / "together"
-        values = yaml.safe_load((REPO / "configs" / "ci.yaml").read_text())
-        started = datetime.now(timezone.utc)
-        first = trigger(root, cache, config=values)
+        first = trigger(root, cache, config=values, **overrides)
         wait_while_running(first)
-        second = trigger(root, cache, config=values)
-        runs = wait_for_runs([first, second], 400, tmp_path / "worker-1.log")
-        assert runs[0].state.is_completed() and runs[0].name.startswith("ci-"), (runs[0].name, runs[0].state)
-        assert runs[1].state.is_cancelled() and runs[1].infrastructure_pid is None, runs[1].state
-        counts = raw_counts(str(root))
-        assert counts["generations"] == (8, 8) and counts["metrics"] == (32, 32) and counts["examples"] == (8, 8)
-        with get_client(sync_client=True) as client:  # artifacts by key (this run's: the server has others')
-            tables = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["ci-generation"])))
-        assert [json.loads(t.data)[0]["ok"] for t in tables if t.created >= started] == [8]
-        assert Artifact.get("ci-summary").type == "markdown" and Artifact.get("ci-table").type == "table"
+        second = trigger(root, cache, config=values, **overrides)
+        (cancelled,) = wait_for_runs([second], 200, tmp_path / "worker-1.log")
+        assert cancelled.state.is_cancelled() and cancelled.infrastructure_pid is None, cancelled.state
+        wait_for_stored_rows(root, "generations", 1, timeout=300)  # generation has started: a row is committed
+    finally:
+        worker.kill()
+    release_killed_run(first)
+    killed_rows = raw_counts(str(root))["generations"][0]
+    assert 1 <= killed_rows < planned, (tmp_path / "worker-1.log").read_text()[-3000:]
 
+    webhook = Webhook()
+    worker = Worker(deployed, ray_address, tmp_path / "worker-2.log", FASTFACE_FAILURE_WEBHOOK=webhook.url)
+    try:
         # A run that fails (its root cannot be written) posts to the webhook.
         (failed,) = wait_for_runs([trigger(Path("/proc/fastface-not-writable"), cache, config=values)], 200,
-                                  tmp_path / "worker-1.log")
+                                  tmp_path / "worker-2.log")
         assert failed.state.is_failed(), failed.state
         deadline = time.monotonic() + 30
         while not webhook.received and time.monotonic() < deadline:
@@ -195,26 +199,17 @@ def test_worker_runs_the_deployment_and_resumes_after_being_killed(deployed, ray
         assert posted["flow_run_id"] == str(failed.id) and posted["state"] == "Failed" and posted["run"] == "ci"
         assert posted["flow_run"] == failed.name and "failed" in posted["text"]
 
-        # Killed during generation (worker and flow-run process, SIGKILL) ...
-        root = tmp_path / "killed"
-        overrides = {"execution.batch_size": 1, "sweep.ip_adapter_scales": [0.5, 0.8]}
-        killed = trigger(root, cache, **overrides)
-        wait_for_stored_rows(root, "generations", 1, timeout=300)  # generation has started: a row is committed
+        # The killed run's deployment run again by the new worker: exactly the planned rows, none twice.
+        started = datetime.now(timezone.utc)
+        (run,) = wait_for_runs([trigger(root, cache, config=values, **overrides)], 400, tmp_path / "worker-2.log")
     finally:
         worker.kill()
         webhook.close()
-    release_killed_run(killed)
-    killed_rows = raw_counts(str(root))["generations"][0]
-    planned = 16
-    assert 1 <= killed_rows < planned, (tmp_path / "worker-1.log").read_text()[-3000:]
-
-    # ... and run again by a new worker: exactly the planned rows, none twice.
-    worker = Worker(deployed, ray_address, tmp_path / "worker-2.log")
-    try:
-        (run,) = wait_for_runs([trigger(root, cache, **overrides)], 400, tmp_path / "worker-2.log")
-    finally:
-        worker.kill()
-    assert run.state.is_completed(), run.state
+    assert run.state.is_completed() and run.name.startswith("ci-"), (run.name, run.state)
     counts = raw_counts(str(root))
     assert counts["generations"] == (planned, planned) and counts["metrics"] == (planned * 4, planned * 4)
-    assert len(Store(str(root)).image_ids("ci")) == planned
+    assert counts["examples"] == (planned, planned) and len(Store(str(root)).image_ids("ci")) == planned
+    with get_client(sync_client=True) as client:  # artifacts by key (this run's: the server has others')
+        tables = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["ci-generation"])))
+    assert [json.loads(t.data)[0]["ok"] for t in tables if t.created >= started] == [planned - killed_rows]
+    assert Artifact.get("ci-summary").type == "markdown" and Artifact.get("ci-table").type == "table"
