@@ -88,13 +88,13 @@ def autoscaling_head(tmp_path):
         log.close()
 
 
-def test_pools_ask_the_autoscaler_for_gpu_nodes(autoscaling_head, fastface_cache, tmp_path):
+def test_pools_ask_the_autoscaler_for_gpu_nodes(autoscaling_head, prefect_server, fastface_cache, tmp_path):
     env, address = autoscaling_head["env"], autoscaling_head["address"]
     (head,) = alive_nodes(env, address)
     assert head["gpus"] == 0  # no GPU anywhere before the run
     root = tmp_path / "root"
-    run_env = dict(env, RAY_ADDRESS=address, PREFECT_HOME=str(tmp_path / "prefect"),
-                   PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    run_env = dict(env, RAY_ADDRESS=address, PREFECT_API_URL=prefect_server["url"],  # the session's Prefect server
+                   PREFECT_HOME=str(prefect_server["home"]), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     command = [sys.executable, "-m", "fastface.cli", "evaluate", "--config", str(REPO / "configs" / "ci.yaml"),
                "--root", str(root), "--set", f"execution.cache_dir={json.dumps(str(fastface_cache))}",
                "--set", "execution.num_workers=3", "--set", "execution.gpus_per_worker=1"]
@@ -113,11 +113,11 @@ def test_pools_ask_the_autoscaler_for_gpu_nodes(autoscaling_head, fastface_cache
     assert [n["id"] for n in nodes] == [head["id"]]
 
 
-def test_real_weights_without_any_gpu_fail_in_one_line(tmp_path):
+def test_real_weights_without_any_gpu_fail_in_one_line(prefect_server, tmp_path):
     """A local Ray of the run's own on this GPU-less machine: the run stops before any work, naming the setting."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PREFECT_API_URL")}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONPATH=str(REPO),
-               CUDA_VISIBLE_DEVICES="")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(PREFECT_API_URL=prefect_server["url"], PREFECT_HOME=str(prefect_server["home"]),
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
     command = [sys.executable, "-m", "fastface.cli", "evaluate", "--config", str(REPO / "configs" / "ci.yaml"),
                "--root", str(tmp_path / "root"), "--set", "weights=real", "--set", "sweep.models=[hyper]",
                "--set", "sweep.size=1024", "--set", "face_backend=insightface", "--set", "execution.gpu_wait_s=2"]

@@ -521,12 +521,13 @@ def _alive_actors(ray_cluster, wait_s: float = 10.0) -> list:
         time.sleep(0.5)
 
 
-def test_a_failed_stage_exits_1_in_one_line(tmp_path, ray_cluster, fastface_cache):
+def test_a_failed_stage_exits_1_in_one_line(tmp_path, ray_cluster, prefect_server, fastface_cache):
     """Every generator fails to start (no such device): no retries, exit 1, one error line, no traceback."""
     root = tmp_path / "root"
+    env = dict(_evaluate_env(tmp_path, ray_cluster), PREFECT_API_URL=prefect_server["url"],  # the session's server
+               PREFECT_HOME=str(prefect_server["home"]))
     result = subprocess.run(_evaluate_command(root, str(fastface_cache), "execution.device=cuda:99"),
-                            env=_evaluate_env(tmp_path, ray_cluster), cwd=REPO, capture_output=True, text=True,
-                            timeout=600)
+                            env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     output = result.stdout + result.stderr
     assert result.returncode == 1, output[-3000:]
     assert "Traceback" not in output, output[-3000:]

@@ -197,8 +197,8 @@ def postgres():
         yield new_database
 
 
-def test_evaluate_joins_a_cluster_started_with_ray_start(ray_processes, postgres, fastface_cache, tmp_path,
-                                                          monkeypatch):
+def test_evaluate_joins_a_cluster_started_with_ray_start(ray_processes, postgres, prefect_server, fastface_cache,
+                                                          tmp_path, monkeypatch):
     """`fastface evaluate` through infra/ray-driver.sh (what the Prefect Kubernetes job runs): a driver on the cluster,
     writing to S3 with a PostgreSQL catalog from actors on nodes that have neither's settings."""
     import uuid
@@ -212,10 +212,11 @@ def test_evaluate_joins_a_cluster_started_with_ray_start(ray_processes, postgres
                  "FASTFACE_S3_ENDPOINT_URL": endpoint, CATALOG_ENV: f"postgres:{postgres('fastface_cluster')}"}
     root = f"s3://{bucket}/{uuid.uuid4().hex[:8]}/ci"
     env = dict(ray_processes["env"], RAY_ADDRESS=ray_processes["address"], PYTHONPATH=str(REPO),
-               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PREFECT_HOME=str(tmp_path / "prefect"),
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+               # a Prefect API, as the Kubernetes job has (the session's server)
+               PREFECT_API_URL=prefect_server["url"], PREFECT_HOME=str(prefect_server["home"]),
                PREFECT_SERVER_ANALYTICS_ENABLED="false",
                RAY_DRIVER_NODE_ARGS=" ".join(["--node-ip-address=127.0.0.1", *node_ports()]), **store_env)
-    env.pop("PREFECT_API_URL", None)
     command = ["bash", str(REPO / "infra" / "ray-driver.sh"), sys.executable, "-m", "fastface.cli", "evaluate",
                "--config", str(REPO / "configs" / "ci.yaml"), "--root", root,
                "--set", f"execution.cache_dir={json.dumps(str(fastface_cache))}", "--set", "execution.num_workers=2"]
