@@ -220,7 +220,7 @@ class EvaluationConfig(_Model):
     def _known_face_backend(cls, value: str) -> str:
         from fastface.face_backends import check_face_backend
 
-        return check_face_backend(value, field="face_backend")
+        return check_face_backend(value)
 
     @model_validator(mode="before")
     @classmethod

@@ -21,8 +21,8 @@ OFFLINE_FACE_BACKEND = "dlib"
 """dlib + face-recognition-models: weights on PyPI, so it works on a machine with no model hub."""
 
 
-def check_face_backend(name: str, *, field: str = "face backend") -> str:
+def check_face_backend(name: str) -> str:
     """``name`` when a backend is registered under it, else a ValueError naming the valid ones."""
     if name not in FACE_BACKENDS:
-        raise ValueError(f"{field}: unknown face backend {name!r}; valid: {', '.join(FACE_BACKENDS.names())}")
+        raise ValueError(f"unknown face backend {name!r}; valid: {', '.join(FACE_BACKENDS.names())}")
     return name

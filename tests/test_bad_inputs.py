@@ -545,7 +545,9 @@ def test_ctrl_c_stops_within_10_s_and_the_rerun_completes_exactly_the_planned_ro
     from storage import Catalog, Store
 
     root = tmp_path / "root"
-    command = _evaluate_command(root, str(fastface_cache), "execution.batch_size=1", "sweep.ip_adapter_scales=[0.5, 0.8]")
+    # One image per batch at 128 px (~0.5 s each on CI's cores): generation lasts long enough to be caught working.
+    command = _evaluate_command(root, str(fastface_cache), "execution.batch_size=1", "sweep.ip_adapter_scales=[0.5, 0.8]",
+                                "sweep.size=128")
     env = _evaluate_env(tmp_path, ray_cluster)
     planned = 16  # 2 identities × 2 prompts × 2 presets × 2 scales; one generations file per image (batch 1)
     log = open(tmp_path / "interrupted.log", "w+")

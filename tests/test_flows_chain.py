@@ -275,7 +275,10 @@ def test_killed_run_resumes_with_exactly_the_planned_rows(prefect_server, ray_cl
     from flows.evaluate import evaluate_flow
 
     root = tmp_path / "killed"
-    overrides = {"execution.cache_dir": cache_dir, "execution.batch_size": 1, "sweep.ip_adapter_scales": [0.5, 0.8]}
+    # One image per batch at 128 px (~0.5 s each; at 32 px the 16 images took ~1 s once the actor was up, and
+    # the store's poll could see the first row only after the last): generation is caught working.
+    overrides = {"execution.cache_dir": cache_dir, "execution.batch_size": 1, "sweep.ip_adapter_scales": [0.5, 0.8],
+                 "sweep.size": 128}
     # The subprocess joins this session's Ray (no Ray processes of its own to leak); Ray ends its actors
     # when the driver dies.
     env = dict(os.environ, PREFECT_API_URL=prefect_server["url"], PREFECT_HOME=str(prefect_server["home"]),

@@ -53,7 +53,7 @@ def test_shipped_configs(tmp_path):
     ({"sweep.ip_adapter_scales": [0.8, 2.0]}, r"sweep\.ip_adapter_scales: .*\[2\.0\] are out of range"),
     ({"metrics": {"names": ["id", "clp"]}}, r"metrics\.names: unknown metric 'clp'; allowed: .*clip"),
     ({"face_backend": "insightface"}, r"face_backend: 'insightface' gives 512-d .* use face_backend: dlib"),
-    ({"face_backend": "opencv"}, r"face_backend: Input should be 'dlib' or 'insightface', got 'opencv'"),
+    ({"face_backend": "opencv"}, r"face_backend: unknown face backend 'opencv'; valid: dlib, insightface"),
     ({"dataset": {"folder": "/nonexistent/authors"}}, r"dataset\.folder: /nonexistent/authors does not exist"),
     ({"dataset": {"identities": [{"uri": "package://insightface/nope.png"}]}}, r"dataset\.identities\[0\]\.uri: .* not found"),
     ({"sweep.sets": [{"prompts": "funny", "presets": ["dcg"]}]}, r"sweep\.sets\.0\.prompts: .*'realistic', 'stylistic' or 'joint'"),

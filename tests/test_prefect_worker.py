@@ -162,10 +162,10 @@ def test_worker_runs_the_deployment_and_resumes_after_being_killed(deployed, ray
     assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]  # prefect.yaml's schedule
     ray_address = ray_cluster.get_runtime_context().gcs_address
     cache = str(fastface_cache)
-    # The config given as values (its content, not a path); one image per batch, two scales: 16 images,
-    # a run long enough to be caught working.
+    # The config given as values (its content, not a path); one image per batch, two scales, 128 px:
+    # 16 images of ~0.5 s each, a run long enough to be caught working.
     values = yaml.safe_load((REPO / "configs" / "ci.yaml").read_text())
-    overrides = {"execution.batch_size": 1, "sweep.ip_adapter_scales": [0.5, 0.8]}
+    overrides = {"execution.batch_size": 1, "sweep.ip_adapter_scales": [0.5, 0.8], "sweep.size": 128}
     planned = 16
     root = tmp_path / "store"
 
