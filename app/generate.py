@@ -23,7 +23,7 @@ class Request:
     prompt: str
     model: str
     presets: tuple[str, ...]
-    ip_adapter_scale: float = 0.8
+    ip_adapter_scale: float
     lora_scale: float = 1.0
     seed: int = 0
 
@@ -92,5 +92,12 @@ def presets() -> list[str]:
     return list(PRESETS.names())
 
 
-__all__ = ["Request", "check_request", "generate", "models", "presets"]
+def default_lambda() -> str:
+    """The form's λ: the paper's (:data:`fastface.presets.TABLE_IP_ADAPTER_SCALE`)."""
+    from fastface.presets import TABLE_IP_ADAPTER_SCALE
+
+    return f"{TABLE_IP_ADAPTER_SCALE:g}"
+
+
+__all__ = ["Request", "check_request", "default_lambda", "generate", "models", "presets"]
 

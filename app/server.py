@@ -161,7 +161,7 @@ class App:
                 f"value='{pages.esc(chosen.get('prompt', 'a photo of a person in a garden'))}'></label><br>"
                 f"<label>model {pages.select('model', models, default_model)}</label>"
                 f"presets {pages.checkboxes('preset', generate.presets(), chosen.get('presets') or ['baseline', 'ff-am2'])}"
-                f"<label>λ <input type='text' name='lam' size='4' value='{pages.esc(chosen.get('lam', '0.8'))}'></label>"
+                f"<label>λ <input type='text' name='lam' size='4' value='{pages.esc(chosen.get('lam', generate.default_lambda()))}'></label>"
                 f"<label>seed <input type='text' name='seed' size='6' value='{pages.esc(chosen.get('seed', '0'))}'></label>"
                 "<button type='submit' id='run-generate'>generate</button></form>")
         return pages.page("generate", form + result, run=q.get("run", ""), message=message)
@@ -170,7 +170,7 @@ class App:
         from app import generate
 
         chosen = {"prompt": fields.get("prompt", ""), "model": fields.get("model", ""), "presets": fields.get("preset", []),
-                  "lam": fields.get("lam", "0.8"), "seed": fields.get("seed", "0")}
+                  "lam": fields.get("lam") or generate.default_lambda(), "seed": fields.get("seed", "0")}
         try:
             photo = fields.get("photo") or b""
             if not photo and fields.get("identity"):
