@@ -130,7 +130,7 @@ def identity_index(rows: "Iterable[Mapping[str, Any]] | Mapping[str, Mapping[str
 def stored_identity_row(store: Store, identity_hash: str) -> dict | None:
     """The store's ``identities`` row with this ``content_hash`` (all runs; :func:`identity_index`'s choice
     among several), by a point query: a worker never reads the whole table."""
-    from storage.store import LAKE
+    from storage.layout import LAKE
 
     rows = store.query(f"SELECT * FROM {LAKE}.identities WHERE content_hash = ?", [identity_hash]).to_pylist()
     return identity_index(rows).get(identity_hash)

@@ -19,9 +19,13 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
-#: The store: its catalog, the S3 endpoint, DuckDB's limits.
-STORE_VARS = ("FASTFACE_CATALOG", "FASTFACE_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "FASTFACE_DUCKDB_MEMORY_LIMIT",
-              "FASTFACE_DUCKDB_THREADS")
+from storage.catalog_spec import CATALOG_ENV
+from storage.duck import DUCKDB_ENV_VARS
+from storage.faults import RETRY_ENV
+from storage.s3 import ENDPOINT_ENV_VARS
+
+#: The store: its catalog, the S3 endpoint, DuckDB's limits, how long an outage is waited out.
+STORE_VARS = (CATALOG_ENV, *ENDPOINT_ENV_VARS, *DUCKDB_ENV_VARS, RETRY_ENV)
 #: The AWS chain's inputs (storage/credentials.py) besides the keys themselves.
 AWS_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION")
 #: Caches and hub settings shared by every loader.

@@ -85,7 +85,7 @@ class StoreReader:
     def latest(self, table: str, columns: str, where: str, params: Sequence[Any], *, order: str = "",
                limit: int | None = None, offset: int = 0) -> list[dict]:
         """Latest row per key of ``table`` among rows matching ``where`` (which must keep every version of a key)."""
-        from storage.store import LAKE
+        from storage.layout import LAKE
 
         keys = ", ".join(_q(k) for k in KEYS[table])
         sql = (f"SELECT {columns} FROM {LAKE}.main.{_q(table)} WHERE {where} "

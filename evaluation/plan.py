@@ -57,7 +57,7 @@ def stored_seconds_per_image(store, models: list[str]) -> dict[str, tuple[float,
     """``model → (median seconds per image, images)`` over the store's ok, model-made generations (all runs)."""
     from actors.rehearsal import REHEARSAL_DEVICE
     from storage.duck import quote_literal
-    from storage.store import LAKE
+    from storage.layout import LAKE
 
     if store is None or not models:
         return {}

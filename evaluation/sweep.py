@@ -199,7 +199,7 @@ def dataset_rows(store: Store, config: EvaluationConfig) -> tuple[list[dict], li
 def plan_missing_examples_table(store: Store, examples: pa.Table) -> pa.Table:
     """The rows of ``examples`` not yet in the ``examples`` table (an anti-join; Arrow in, Arrow out)."""
     from storage.plan import _plan_keys
-    from storage.store import LAKE
+    from storage.layout import LAKE
 
     _, keys = _plan_keys(examples)
     if keys.num_rows == 0:
@@ -225,7 +225,7 @@ SCORING_COLUMNS = ("example_id", "run_id", "identity_id", "identity_hash", "prom
 
 def run_examples(store: Store, run_id: str, columns: Sequence[str] = SCORING_COLUMNS) -> pa.Table:
     """The run's stored examples (one row per example, in insertion order), only ``columns``: Arrow."""
-    from storage.store import LAKE
+    from storage.layout import LAKE
 
     names = ", ".join(columns)
     return store.query(

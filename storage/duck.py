@@ -69,15 +69,20 @@ def load_extensions(con: duckdb.DuckDBPyConnection, names: Iterable[str]) -> Non
                                f"reinstall it: {INSTALL_HINT}") from None
 
 
+MEMORY_LIMIT_ENV = "FASTFACE_DUCKDB_MEMORY_LIMIT"  # DuckDB's memory_limit per connection (default 4GB)
+THREADS_ENV = "FASTFACE_DUCKDB_THREADS"  # DuckDB's threads per connection (default: DuckDB's, the machine's cores)
+DUCKDB_ENV_VARS = (MEMORY_LIMIT_ENV, THREADS_ENV)
+
+
 def connect(extensions: Iterable[str] = ("ducklake",), threads: int | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection (UTC session time zone) with ``extensions`` loaded."""
     con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False,
                                              "autoload_known_extensions": False})
     con.execute("SET TimeZone='UTC'")
     # DuckDB's default is 80 % of the machine's memory; a driver shares its machine with pools.
-    con.execute(f"SET memory_limit={quote_literal(os.environ.get('FASTFACE_DUCKDB_MEMORY_LIMIT', '4GB'))}")
-    if threads is None and os.environ.get("FASTFACE_DUCKDB_THREADS"):
-        threads = int(os.environ["FASTFACE_DUCKDB_THREADS"])
+    con.execute(f"SET memory_limit={quote_literal(os.environ.get(MEMORY_LIMIT_ENV, '4GB'))}")
+    if threads is None and os.environ.get(THREADS_ENV):
+        threads = int(os.environ[THREADS_ENV])
     if threads:
         con.execute(f"SET threads={int(threads)}")
     load_extensions(con, extensions)

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from storage.duck import StorageError
 from storage.schemas import TABLES, SchemaError, check_table, schema
 from storage.layout import CATALOG_FILE, DATA_DIR
-from storage.s3 import ENDPOINT_ENV_VARS
+from storage.s3 import s3_endpoint
 from storage.store import Store
 
 _CHUNK_ROWS = 500_000
@@ -37,7 +37,7 @@ _URI_COLUMNS = {"identities": "image_uri", "generations": "image_uri"}
 def _filesystem(root: str, storage_options: Mapping[str, Any] | None):
     options = dict(storage_options or {})
     if root.startswith(("s3://", "s3a://")):
-        endpoint = next((os.environ[v] for v in ENDPOINT_ENV_VARS if os.environ.get(v)), None)
+        endpoint = s3_endpoint()
         if endpoint:
             options.setdefault("endpoint_url", endpoint)
         options.setdefault("use_listings_cache", False)

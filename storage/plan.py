@@ -18,7 +18,8 @@ import pyarrow.compute as pc
 
 from storage.duck import quote_literal as _lit
 from storage.ids import config_hash, derive_seed, example_id_maker
-from storage.store import LAKE, Store, check_name
+from storage.layout import LAKE
+from storage.store import Store, check_name
 
 
 def _rows(items: "Sequence[Mapping] | pa.Table") -> list[dict]:

@@ -45,7 +45,7 @@ import threading
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import duckdb
 import fsspec
@@ -53,15 +53,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from storage.catalog_spec import catalog_attach_string, redact, store_catalog
 from storage.credentials import duckdb_secret_fields, resolve_s3_credentials
 from storage.duck import StorageError, connect, load_extensions, quote_identifier as _q, quote_literal as _lit
+from storage.faults import RETRY_ENV, Outage, no_space, pause_point, retryable, unreachable
 from storage.layout import CATALOG_FILE, DATA_DIR, LAKE
 from storage.s3 import _check_endpoint_reachable, _s3_endpoint_settings, s3_endpoint, s3_fs_options
 from storage.schemas import KEYS, SCHEMA_VERSION, TABLES, SchemaError, conform, schema
 from storage.views import ensure_views, latest_rows_sql
 
-CATALOG_ENV = "FASTFACE_CATALOG"
-"""The name the DuckLake is attached under in every connection (``fastface_lake.metrics``...)."""
 META_TABLE = "fastface_store"
 INLINE_ROW_LIMIT = 0
 """DuckLake's data inlining (small inserts kept in the catalog) stays off: in DuckLake 1.5.5 a
@@ -75,27 +75,12 @@ MERGE_MAX_FILE_BYTES = 32 * 2**20
 """Writers' merges leave files above this size alone (no rewriting of large files on every merge)."""
 MIGRATE_COMMAND = "fastface migrate-store"
 
-PAUSE_AT_ENV = "FASTFACE_STORAGE_PAUSE_AT"
-"""Test hook: name of a point in the write path ("in-transaction": rows inserted, not yet
-committed) at which the writer touches the file named by ``FASTFACE_STORAGE_PAUSE_MARKER``
-and sleeps for ``FASTFACE_STORAGE_PAUSE_S`` seconds (default an hour), so a test can kill it there."""
-
 _STORE_KEY = re.compile(r"(?:^|/)((?:images|reports)/[A-Za-z0-9][A-Za-z0-9._-]*/[^/]+|identity_photos/[^/]+)$")
 """The part of a stored file's address that is relative to its store (images, reports, identity photos)."""
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _S3_PROTOCOLS = ("s3", "s3a")
 _MAX_SINGLE_PUT = 5 * 2**30  # S3's limit for one PUT
 _WRITE_ATTEMPTS = 8
-
-
-def _pause_point(point: str) -> None:
-    if os.environ.get(PAUSE_AT_ENV) != point:
-        return
-    marker = os.environ.get("FASTFACE_STORAGE_PAUSE_MARKER")
-    if marker:
-        with open(marker, "w") as f:
-            f.write(point)
-    time.sleep(float(os.environ.get("FASTFACE_STORAGE_PAUSE_S", "3600")))
 
 
 def check_name(kind: str, value: str) -> str:
@@ -110,100 +95,6 @@ def check_name(kind: str, value: str) -> str:
 
 def _visible(name: str) -> bool:
     return not name.startswith((".", "_"))
-
-
-def catalog_attach_string(spec: str) -> tuple[str, str | None]:
-    """``(ATTACH string, DuckDB extension it needs)`` of a catalog spec.
-
-    ``sqlite:/path/catalog.sqlite``; ``postgres:dbname=fastface host=db.internal user=ff``
-    (a libpq connection string; the password from ``$PGPASSWORD`` or ``~/.pgpass``) or
-    ``postgresql://user@host:5432/db``; ``duckdb:/path/catalog.ducklake`` (one process only).
-    A leading ``ducklake:`` is accepted too.
-    """
-    text = spec.strip()
-    if text.startswith("ducklake:"):
-        text = text[len("ducklake:"):]
-    if text.startswith(("postgresql://", "postgres://")):
-        return f"ducklake:postgres:{text}", "postgres"
-    kind, sep, rest = text.partition(":")
-    if sep and kind in ("postgres", "postgresql") and rest.strip():
-        return f"ducklake:postgres:{rest.strip()}", "postgres"
-    if sep and kind == "sqlite" and rest.strip():
-        return f"ducklake:sqlite:{os.path.abspath(os.path.expanduser(rest.strip()))}", "sqlite"
-    if sep and kind == "duckdb" and rest.strip():
-        return f"ducklake:{os.path.abspath(os.path.expanduser(rest.strip()))}", None
-    raise StorageError(
-        f"catalog {spec!r} is not understood: use sqlite:/path/catalog.sqlite, "
-        "postgres:dbname=NAME host=HOST user=USER (or postgresql://USER@HOST/NAME), or duckdb:/path/catalog.ducklake"
-    )
-
-
-def _redact(spec: str) -> str:
-    return re.sub(r"(password\s*=\s*)\S+", r"\1***", re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", spec))
-
-
-def _retryable(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return any(s in text for s in ("conflict", "locked", "busy", "could not serialize", "retry"))
-
-
-RETRY_ENV = "FASTFACE_STORAGE_RETRY_S"
-"""Seconds a write keeps retrying while the S3 endpoint or the catalog database is unreachable
-(default :data:`DEFAULT_RETRY_S`); then it fails with one line and nothing of it is stored."""
-DEFAULT_RETRY_S = 120.0
-_UNREACHABLE = ("could not connect", "connection refused", "could not establish", "connection reset",
-                "connection aborted", "timed out", "timeout", "server closed the connection",
-                "connection to server", "terminating connection", "no connection to the server", "broken pipe",
-                "connection not open", "connection is closed", "connection has been closed", "service unavailable",
-                "slow down", "internal server error", "http 500", "http 502", "http 503", "http 504",
-                "endpoint url", "name or service not known", "temporary failure in name resolution")
-_NO_SPACE = ("no space left on device", "database or disk is full", "disk full", "enospc")
-
-
-def _unreachable(exc: BaseException) -> bool:
-    """A fault of a service under the store (S3 endpoint, catalog database) that may pass: worth waiting for."""
-    try:
-        from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError
-        if isinstance(exc, (BotoConnectionError, HTTPClientError)):
-            return True
-    except ImportError:
-        pass
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    text = str(exc).lower()
-    permanent = ("does not exist", "authentication failed", "password", "permission denied", "access denied")
-    return any(s in text for s in _UNREACHABLE) and not any(s in text for s in permanent) and not _no_space(exc)
-
-
-def _no_space(exc: BaseException) -> bool:
-    import errno
-
-    return getattr(exc, "errno", None) == errno.ENOSPC or any(s in str(exc).lower() for s in _NO_SPACE)
-
-
-def retry_seconds() -> float:
-    try:
-        return max(0.0, float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_S)))
-    except ValueError:
-        raise StorageError(f"${RETRY_ENV} must be a number of seconds, got {os.environ[RETRY_ENV]!r}") from None
-
-
-class _Outage:
-    """Waiting out an unreachable service (S3, the catalog database): pauses from 0.25 s doubling up to 5 s,
-    for at most :func:`retry_seconds` from the first failure; then one line (StorageError)."""
-
-    def __init__(self) -> None:
-        self.since: float | None = None
-        self.pause = 0.25
-
-    def wait(self, failure: Callable[[float], str]) -> None:
-        """Sleep before the next try, or raise ``StorageError(failure(seconds waited))`` once the bound is spent."""
-        now = time.monotonic()
-        self.since = self.since or now
-        if now - self.since >= retry_seconds():
-            raise StorageError(failure(now - self.since)) from None
-        time.sleep(self.pause)
-        self.pause = min(self.pause * 2, 5.0)
 
 
 class Store:
@@ -252,14 +143,7 @@ class Store:
                 os.makedirs(path, exist_ok=True)
         self.root = path.rstrip("/")
         self._check_not_old_layout()
-        self.catalog = catalog or os.environ.get(CATALOG_ENV) or (
-            f"sqlite:{os.path.join(self.root, CATALOG_FILE)}" if self.is_local else None)
-        if not self.catalog:
-            raise StorageError(
-                f"an s3:// root keeps its tables' catalog in a database: set {CATALOG_ENV}="
-                "postgres:dbname=NAME host=HOST user=USER (several machines) or "
-                f"{CATALOG_ENV}=sqlite:/local/path/catalog.sqlite (one machine); see docs/storage.md"
-            )
+        self.catalog = store_catalog(catalog, self.root if self.is_local else None)
         self._attach, self._catalog_extension = catalog_attach_string(self.catalog)
         self.data_path = f"{self.uri(self.root)}/{DATA_DIR}/"
         self._lock = threading.RLock()
@@ -275,7 +159,7 @@ class Store:
         return (_restore_store, (self._root_arg, self.storage_options, self.catalog, self.read_only))
 
     def __repr__(self) -> str:
-        return f"Store({self.uri(self.root)!r}, catalog={_redact(self.catalog)!r})"
+        return f"Store({self.uri(self.root)!r}, catalog={redact(self.catalog)!r})"
 
     def close(self) -> None:
         with self._lock:
@@ -380,7 +264,7 @@ class Store:
         try:
             con.execute(f"ATTACH {_lit(self._attach)} AS {LAKE} ({options})")
         except duckdb.Error as exc:
-            raise StorageError(f"cannot open the table catalog {_redact(self.catalog)} of {self.uri(self.root)}: "
+            raise StorageError(f"cannot open the table catalog {redact(self.catalog)} of {self.uri(self.root)}: "
                                f"{str(exc).splitlines()[0]}") from None
 
     def connect(self, database: str = ":memory:", read_only: bool = False) -> duckdb.DuckDBPyConnection:
@@ -435,7 +319,7 @@ class Store:
         """A read-only open creates nothing: the tables must exist, in a schema version this code reads."""
         found = self._columns(con)
         if META_TABLE not in found or any(t not in found for t in TABLES):
-            raise StorageError(f"{self.uri(self.root)} is not a FastFace store: its catalog {_redact(self.catalog)} "
+            raise StorageError(f"{self.uri(self.root)} is not a FastFace store: its catalog {redact(self.catalog)} "
                                "has no FastFace tables (give the --root an evaluation wrote)")
         self._check_root(con, update=False)
         meta = dict(con.execute(f"SELECT key, value FROM {LAKE}.{META_TABLE}").fetchall())
@@ -459,7 +343,7 @@ class Store:
         own_file = self.catalog == f"sqlite:{os.path.join(self.root, CATALOG_FILE)}"  # moves with the folder
         if not own_file and not self._holds_catalog_files(con):
             old_root = recorded[: -len(DATA_DIR) - 2] if recorded.endswith(f"/{DATA_DIR}/") else recorded
-            raise StorageError(f"catalog {_redact(self.catalog)} belongs to the store {old_root}, not "
+            raise StorageError(f"catalog {redact(self.catalog)} belongs to the store {old_root}, not "
                                f"{self.uri(self.root)}; give each root its own catalog (database or file)")
         if update:
             self._record_location(con)
@@ -532,7 +416,7 @@ class Store:
                 con.execute("COMMIT")
             except duckdb.Error as exc:
                 _rollback(con)
-                if attempt == _WRITE_ATTEMPTS - 1 or not _retryable(exc) and "already exists" not in str(exc):
+                if attempt == _WRITE_ATTEMPTS - 1 or not retryable(exc) and "already exists" not in str(exc):
                     raise StorageError(f"cannot create the tables of {self.uri(self.root)}: {exc}") from None
                 time.sleep(0.05 + random.random() * 0.2)  # another process is creating them: look again
         self._check_root(con, update=True)
@@ -563,7 +447,7 @@ class Store:
                 ensure_views(con, LAKE)
                 return
             except duckdb.Error as exc:
-                if attempt == _WRITE_ATTEMPTS - 1 or not _retryable(exc) and "already exists" not in str(exc):
+                if attempt == _WRITE_ATTEMPTS - 1 or not retryable(exc) and "already exists" not in str(exc):
                     raise StorageError(f"cannot create the views of {self.uri(self.root)}: {exc}") from None
                 time.sleep(0.05 + random.random() * 0.2)
 
@@ -593,12 +477,12 @@ class Store:
     def _waiting_out_faults(self, work):
         """``work(con)``, retried on a new connection while a service under the store is unreachable
         (up to :func:`retry_seconds`); then one line (StorageError)."""
-        outage = _Outage()
+        outage = Outage()
         while True:
             try:
                 return work(self._connection())
             except (duckdb.Error, StorageError) as exc:
-                if not _unreachable(exc):
+                if not unreachable(exc):
                     raise
                 self._drop_connection()
                 outage.wait(lambda waited: (
@@ -641,15 +525,15 @@ class Store:
     def _commit_bytes(self, path: str, data: bytes) -> None:
         """Write ``data`` at ``path`` atomically; waits out an unreachable S3 endpoint (:func:`retry_seconds`);
         a full disk or an endpoint gone for longer is one line (StorageError), with nothing left half-written."""
-        outage = _Outage()
+        outage = Outage()
         while True:
             try:
                 return self._commit_bytes_once(path, data)
             except Exception as exc:  # OSErrors, our StorageErrors, and botocore errors that are neither
-                if isinstance(exc, (OSError, StorageError)) and _no_space(exc):
+                if isinstance(exc, (OSError, StorageError)) and no_space(exc):
                     raise StorageError(f"writing {self.uri(path)} failed: no space left on the store's disk; nothing "
                                        "was half-written: free space and run again to resume") from None
-                if self.is_local or not _unreachable(exc):
+                if self.is_local or not unreachable(exc):
                     raise
                 message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 outage.wait(lambda waited: (
@@ -770,7 +654,7 @@ class Store:
         connection each time) for up to :func:`retry_seconds`, then fails with one line; a full
         disk fails at once. Either way nothing of the batch is stored, so a re-run makes it again."""
         schema(table)
-        attempt, outage = 0, _Outage()
+        attempt, outage = 0, Outage()
         while True:
             stage = "connect"
             try:
@@ -783,7 +667,7 @@ class Store:
                         # By name: a table evolved by ADD COLUMN keeps its older column order.
                         columns = ", ".join(_q(name) for name in data.column_names)
                         con.execute(f"INSERT INTO {LAKE}.{table} ({columns}) SELECT {columns} FROM fastface_rows")
-                        _pause_point("in-transaction")
+                        pause_point("in-transaction")
                         stage = "commit"
                         con.execute("COMMIT")
                         break
@@ -797,11 +681,11 @@ class Store:
                             pass
             except (duckdb.Error, StorageError, OSError) as exc:
                 message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                if _no_space(exc):
+                if no_space(exc):
                     raise StorageError(f"append to {table!r} in {self.uri(self.root)} failed: no space left on the "
                                        f"store's disk ({message}); nothing of this batch was stored: free space and "
                                        "run again to resume") from None
-                if _unreachable(exc):
+                if unreachable(exc):
                     self._drop_connection()
                     if stage == "commit" and self._committed(table, data):
                         break  # the commit reached the catalog; only its answer was lost
@@ -811,7 +695,7 @@ class Store:
                         f"when it is back to resume (${RETRY_ENV} sets the wait)"))
                     continue
                 attempt += 1
-                if attempt >= _WRITE_ATTEMPTS or not _retryable(exc):
+                if attempt >= _WRITE_ATTEMPTS or not retryable(exc):
                     raise StorageError(f"append to {table!r} in {self.uri(self.root)} failed: {message}") from None
             time.sleep(0.05 * 2**attempt * (0.5 + random.random()))
         self._appended_files[table] += 1
@@ -962,7 +846,7 @@ class Store:
                 return con.execute(sql, params).fetchall()
             except duckdb.Error as exc:
                 _rollback(con)
-                if attempt == _WRITE_ATTEMPTS - 1 or not _retryable(exc):
+                if attempt == _WRITE_ATTEMPTS - 1 or not retryable(exc):
                     raise StorageError(f"{what} {self.uri(self.root)} failed: {str(exc).splitlines()[0]}") from None
             time.sleep(0.05 * 2**attempt * (0.5 + random.random()))
         raise AssertionError("unreachable")

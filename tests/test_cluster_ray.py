@@ -35,7 +35,7 @@ from conftest import (
 )
 
 from storage import Catalog, Store
-from storage.store import CATALOG_ENV
+from storage.catalog_spec import CATALOG_ENV
 
 ray = pytest.importorskip("ray")
 

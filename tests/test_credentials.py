@@ -15,7 +15,8 @@ from storage_support import FAKE_AWS_ENV, create_bucket, moto_endpoint  # noqa: 
 
 from storage.catalog import Catalog  # noqa: E402
 from storage.credentials import CredentialsError, duckdb_secret_fields, resolve_s3_credentials  # noqa: E402
-from storage.store import CATALOG_ENV, Store  # noqa: E402
+from storage.catalog_spec import CATALOG_ENV  # noqa: E402
+from storage.store import Store  # noqa: E402
 
 BUCKET = "fastface-credentials"
 AWS_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",

@@ -186,7 +186,7 @@ def test_an_s3_store_copied_to_another_prefix_and_to_a_folder_opens_reports_and_
 
     from fastface.cli import main
     from flows.evaluate import evaluate_flow
-    from storage.store import CATALOG_ENV
+    from storage.catalog_spec import CATALOG_ENV
 
     root, _ = ci_run
     expected = raw_counts(root)

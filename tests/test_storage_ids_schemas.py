@@ -11,7 +11,8 @@ import pytest
 from storage import ids
 from storage.migrate import migrate_store
 from storage.schemas import SCHEMA_VERSION, TABLES, VERSION_KEY, SchemaError, conform, schema
-from storage.store import LAKE, Store
+from storage.layout import LAKE
+from storage.store import Store
 
 BASE = dict(
     identity_hash="a" * 64,

@@ -19,7 +19,8 @@ from storage_support import FAKE_AWS_ENV, create_bucket, moto_endpoint, postgres
 
 from storage.catalog import Catalog  # noqa: E402
 from storage.duck import StorageError  # noqa: E402
-from storage.store import CATALOG_ENV, Store  # noqa: E402
+from storage.catalog_spec import CATALOG_ENV  # noqa: E402
+from storage.store import Store  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "fastface-pg"

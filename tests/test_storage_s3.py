@@ -15,7 +15,8 @@ from storage_support import FAKE_AWS_ENV, create_bucket, kill_writer_at, moto_en
 from storage.catalog import Catalog  # noqa: E402
 from storage.duck import StorageError  # noqa: E402
 from storage.plan import Sweep, plan_missing_generations  # noqa: E402
-from storage.store import CATALOG_ENV, Store  # noqa: E402
+from storage.catalog_spec import CATALOG_ENV  # noqa: E402
+from storage.store import Store  # noqa: E402
 
 BUCKET = "fastface-test"
 

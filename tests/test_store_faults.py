@@ -23,7 +23,9 @@ from storage_support import FAKE_AWS_ENV, create_bucket, postgres_server  # noqa
 
 from storage.duck import StorageError  # noqa: E402
 from storage.plan import plan_missing_generations  # noqa: E402
-from storage.store import CATALOG_ENV, RETRY_ENV, Store  # noqa: E402
+from storage.catalog_spec import CATALOG_ENV  # noqa: E402
+from storage.faults import RETRY_ENV  # noqa: E402
+from storage.store import Store  # noqa: E402
 
 PLANNED = [{"run_id": "r", "example_id": f"e{i:03d}"} for i in range(16)]
 

@@ -246,7 +246,7 @@ def test_an_s3_store_copied_to_another_prefix_and_synced_to_a_folder_opens_there
     sys.path.insert(0, str(Path(__file__).parent))
     from storage_support import create_bucket, moto_endpoint, s3_env
 
-    from storage.store import CATALOG_ENV
+    from storage.catalog_spec import CATALOG_ENV
 
     endpoint = moto_endpoint()
     bucket = "fastface-safety"
