@@ -9,8 +9,9 @@ Layout under a root (a local folder, or ``s3://bucket/prefix``)::
 
 - :mod:`storage.store` — :class:`Store`: connections, one DuckLake transaction per append
   (atomic), image bytes (atomic writes), compaction, snapshots, relocation, outages;
-  :mod:`storage.layout` (names of the parts), :mod:`storage.s3` (endpoint, client options),
-  :mod:`storage.credentials` (the standard AWS chain).
+  :mod:`storage.layout` (names of the parts), :mod:`storage.catalog_spec` (where the catalog
+  lives), :mod:`storage.faults` (outages waited out, conflicts retried, a full disk final),
+  :mod:`storage.s3` (endpoint, client options), :mod:`storage.credentials` (the standard AWS chain).
 - :mod:`storage.schemas` — the six tables, declared once as pyarrow schemas with their keys.
 - A retried write adds another row with the same key; :mod:`storage.views` defines the
   deduplicated views (the latest row per key by ``created_at``): ``<table>`` in
