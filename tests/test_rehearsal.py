@@ -91,10 +91,12 @@ def test_rehearsal_scores_are_deterministic_in_range_and_sometimes_faceless():
 
 
 # -- one small rehearsal of the paper's config ------------------------------------------------------
+IDENTITIES = 3
 SMALL = {"weights": "rehearsal", "sweep.models": ["hyper", "lcm"], "sweep.ip_adapter_scales": [0.5, 0.8],
-         "sweep.lora_scales": [1.0], "dataset.max_identities": 6, "dataset.max_prompts": 10,
-         "execution.num_workers": 2, "execution.shard_size": 500, "report.bootstrap.samples": 100}
-SMALL_IMAGES = 2 * 2 * 6 * (20 + 10 + 2 * 10 + 2 * 20)  # models × λ × identities × (baseline, dcg, am1/2, ff-am1/2)
+         "sweep.lora_scales": [1.0], "dataset.max_identities": IDENTITIES, "dataset.max_prompts": 10,
+         "execution.num_workers": 2, "execution.shard_size": 400, "report.bootstrap.samples": 100}
+# models × λ × identities × (baseline, dcg, am1/2, ff-am1/2) = 1,080 images: 3 shards of at most 400
+SMALL_IMAGES = 2 * 2 * IDENTITIES * (20 + 10 + 2 * 10 + 2 * 20)
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +129,7 @@ def test_rehearsal_runs_every_step_with_exact_rows(rehearsal):
         def one(sql: str):
             return catalog.query(sql).column(0)[0].as_py()
 
-        assert one("SELECT count(*) FROM identities") == 6
+        assert one("SELECT count(*) FROM identities") == IDENTITIES
         assert one("SELECT count(*) FROM examples_raw") == SMALL_IMAGES
         assert one("SELECT count(*) FROM generations_raw WHERE status = 'ok'") == SMALL_IMAGES
         per_metric = {r["metric"]: r["n"] for r in
@@ -151,7 +153,7 @@ def test_plan_says_what_the_run_did(rehearsal):
 
     root, config, plan, summary = rehearsal
     total = plan["total"]
-    assert not plan["store_exists"] and plan["dataset"] == {"built": False, "identities": 6, "prompts": 20}
+    assert not plan["store_exists"] and plan["dataset"] == {"built": False, "identities": IDENTITIES, "prompts": 20}
     assert total["examples"] == total["new_examples"] == SMALL_IMAGES
     assert total["images_missing"] == summary["generation"]["ok"] + summary["generation"]["failed"]
     assert total["scores_missing"] == summary["scoring"]["pairs_missing"] == summary["scoring"]["ok"]
