@@ -312,6 +312,15 @@ def test_killed_run_resumes_with_exactly_the_planned_rows(prefect_server, ray_cl
         (tmp_path / "evaluate.log").read_text()[-3000:]
     killed_rows = raw_counts(str(root))["generations"][0]
     assert 1 <= killed_rows < planned
+    # The killed run still holds its run lock (flows/run_lock.py: a slot with a 60 s lease on this Prefect
+    # server). Free it as an operator would (`prefect gcl delete <name>`) instead of waiting ~75 s for the
+    # lease to lapse; tests/test_prefect_worker.py resumes a killed run through the lapse.
+    from prefect.client.orchestration import get_client
+
+    from flows.run_lock import lock_name
+
+    with get_client(sync_client=True) as client:
+        client.delete_global_concurrency_limit_by_name(lock_name("ci", str(root)))
 
     summary = evaluate_flow(config=CI_CONFIG, root=str(root), overrides=overrides)
     counts = raw_counts(str(root))

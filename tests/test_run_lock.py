@@ -1,7 +1,8 @@
 """flows.run_lock on a temporary Prefect server: a file lock the OS releases however its holder ends.
 
 (The Prefect-server path, a global concurrency limit with a lease, is exercised by
-tests/test_prefect_worker.py: two runs of one config at once, each example generated once.)
+tests/test_prefect_worker.py: a worker killed during a run, the deployment run again, which waits for
+the killed run's lease to lapse and then stores exactly the planned rows.)
 """
 
 from __future__ import annotations
