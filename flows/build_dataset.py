@@ -30,7 +30,7 @@ from evaluation.retries import retry_transient
 from evaluation.sweep import dataset_pools
 from flows import artifact_key
 from fastface.faces import load_image_rgb
-from fastface.faces.images import encode_png
+from fastface.faces.images import encode_png, photo_hash
 from storage import Store, bytes_sha256
 
 PHOTOS_DIR = "identity_photos"
@@ -42,12 +42,8 @@ def _embed_cache_key(context: Any, parameters: dict) -> str:
 
 
 def _detect_cache_key(context: Any, parameters: dict) -> str:
-    digest = hashlib.sha256(parameters["backend"].encode())
-    for image in parameters["images"]:
-        array = np.ascontiguousarray(image)
-        digest.update(f"|{array.shape}|{array.dtype}|".encode())
-        digest.update(array.tobytes())
-    return "detect-" + digest.hexdigest()[:32]
+    hashes = ",".join(photo_hash(image) for image in parameters["images"])
+    return "detect-" + hashlib.sha256(f"{parameters['backend']}|{hashes}".encode()).hexdigest()[:32]
 
 
 @task(cache_key_fn=_detect_cache_key, persist_result=True, retries=1, retry_condition_fn=retry_transient)
