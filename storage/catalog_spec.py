@@ -43,11 +43,15 @@ def redact(spec: str) -> str:
     return re.sub(r"(password\s*=\s*)\S+", r"\1***", re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", spec))
 
 
+def own_catalog(local_root: str) -> str:
+    """The catalog spec of a local root's own SQLite file, ``sqlite:<root>/catalog.sqlite`` (it moves with the folder)."""
+    return f"sqlite:{os.path.join(local_root, CATALOG_FILE)}"
+
+
 def store_catalog(catalog: str | None, local_root: str | None) -> str:
-    """The catalog spec of a store: ``catalog``, else ``$FASTFACE_CATALOG``, else ``sqlite:<root>/catalog.sqlite``
-    for a local root (``local_root``); an ``s3://`` root (``local_root=None``) must name a database."""
-    spec = catalog or os.environ.get(CATALOG_ENV) or (
-        f"sqlite:{os.path.join(local_root, CATALOG_FILE)}" if local_root is not None else None)
+    """The catalog spec of a store: ``catalog``, else ``$FASTFACE_CATALOG``, else :func:`own_catalog` for a
+    local root (``local_root``); an ``s3://`` root (``local_root=None``) must name a database."""
+    spec = catalog or os.environ.get(CATALOG_ENV) or (own_catalog(local_root) if local_root is not None else None)
     if not spec:
         raise StorageError(
             f"an s3:// root keeps its tables' catalog in a database: set {CATALOG_ENV}="

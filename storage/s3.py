@@ -21,7 +21,7 @@ def s3_endpoint() -> str | None:
     return next((os.environ[v] for v in ENDPOINT_ENV_VARS if os.environ.get(v)), None)
 
 
-def _s3_endpoint_settings() -> dict[str, str]:
+def s3_endpoint_settings() -> dict[str, str]:
     """The endpoint fields of DuckDB's S3 secret (none for AWS itself), from ``FASTFACE_S3_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL``."""
     out: dict[str, str] = {}
     endpoint = s3_endpoint()
@@ -48,7 +48,7 @@ def endpoint_unreachable(endpoint: str) -> str | None:
         return "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc)).lower()
 
 
-def _check_endpoint_reachable(endpoint: str) -> None:
+def check_endpoint_reachable(endpoint: str) -> None:
     reason = endpoint_unreachable(endpoint)
     if reason:
         raise StorageError(

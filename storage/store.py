@@ -53,12 +53,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from storage.catalog_spec import catalog_attach_string, redact, store_catalog
+from storage.catalog_spec import catalog_attach_string, own_catalog, redact, store_catalog
 from storage.credentials import duckdb_secret_fields, resolve_s3_credentials
 from storage.duck import StorageError, connect, load_extensions, quote_identifier as _q, quote_literal as _lit
 from storage.faults import RETRY_ENV, Outage, no_space, pause_point, retryable, unreachable
-from storage.layout import CATALOG_FILE, DATA_DIR, LAKE
-from storage.s3 import _check_endpoint_reachable, _s3_endpoint_settings, s3_endpoint, s3_fs_options
+from storage.layout import DATA_DIR, LAKE
+from storage.s3 import check_endpoint_reachable, s3_endpoint_settings, s3_endpoint, s3_fs_options
 from storage.schemas import KEYS, SCHEMA_VERSION, TABLES, SchemaError, conform, schema
 from storage.views import ensure_views, latest_rows_sql
 
@@ -124,10 +124,10 @@ class Store:
         options = dict(self.storage_options)
         if self.is_s3:
             resolve_s3_credentials(root)  # fail now, in one line, when the chain finds none
-            self._s3 = _s3_endpoint_settings()
+            self._s3 = s3_endpoint_settings()
             endpoint = s3_endpoint()
             if endpoint:
-                _check_endpoint_reachable(endpoint)
+                check_endpoint_reachable(endpoint)
 
             options = s3_fs_options(options, endpoint)
         self.fs, path = fsspec.core.url_to_fs(root, **options)
@@ -340,7 +340,7 @@ class Store:
         recorded = row[0] if row else None
         if recorded in (None, self.data_path):
             return
-        own_file = self.catalog == f"sqlite:{os.path.join(self.root, CATALOG_FILE)}"  # moves with the folder
+        own_file = self.catalog == own_catalog(self.root)  # moves with the folder
         if not own_file and not self._holds_catalog_files(con):
             old_root = recorded[: -len(DATA_DIR) - 2] if recorded.endswith(f"/{DATA_DIR}/") else recorded
             raise StorageError(f"catalog {redact(self.catalog)} belongs to the store {old_root}, not "
