@@ -359,7 +359,9 @@ FUSED_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 def fused_cache_folder(checkpoint: Checkpoint, steps: int, dtype: torch.dtype, sources: dict[str, Located],
                        cache_root: Path) -> Path:
     key = json.dumps({
-        "version": FUSED_CACHE_VERSION, "checkpoint": checkpoint.name, "steps": steps, "dtype": dtype_name(dtype),
+        # str(dtype) ("torch.float16"), as before dtype names had one home: another spelling here would change
+        # every digest and re-fuse every checkpoint already in a user's cache.
+        "version": FUSED_CACHE_VERSION, "checkpoint": checkpoint.name, "steps": steps, "dtype": str(dtype),
         "fuse_scale": checkpoint.fuse_scale,
         "sources": {k: sources[k].identity() for k in ("sdxl_base", checkpoint.weights)},
     }, sort_keys=True)
