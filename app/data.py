@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from fastface.prompt_sets import PROMPT_SETS
+from fastface.prompt_sets import PROMPT_SETS, set_kinds
 from storage.duck import quote_identifier as _q
 from storage.schemas import KEYS
 
@@ -30,6 +30,14 @@ RUNS_TTL_S = 10.0
 
 class AppError(ValueError):
     """Something the page shows as one line (an unknown run, an empty store...)."""
+
+
+def _kinds(prompt_set: str) -> tuple[str, ...]:
+    """The prompt kinds of a set (:func:`fastface.prompt_sets.set_kinds`); an unknown one is shown on the page."""
+    try:
+        return set_kinds(prompt_set)
+    except ValueError as exc:
+        raise AppError(str(exc)) from None
 
 
 def open_store(root: str):
@@ -147,11 +155,9 @@ class StoreReader:
     # -- fronts ---------------------------------------------------------------------------------
     def front_rows(self, run: str, *, prompt_set: str = "joint", identity: str = "", presets: Sequence[str] = ()) -> list[dict]:
         """Mean of ID/CLIP/AE/IR per config (the rows :mod:`evaluation.pareto` takes), by one GROUP BY (cached)."""
-        if prompt_set not in PROMPT_SETS:
-            raise AppError(f"unknown prompt set {prompt_set!r}; choose {', '.join(PROMPT_SETS)}")
+        kinds = _kinds(prompt_set)
         key = ("fronts", run, prompt_set, identity, tuple(presets))
         if key not in self._cache:
-            kinds = PROMPT_SETS[prompt_set]
             where = [f"e.prompt_kind IN ({', '.join('?' * len(kinds))})"]
             params: list[Any] = [run, *FRONT_METRICS, *kinds]
             if identity:
@@ -173,9 +179,7 @@ class StoreReader:
     def gallery(self, run: str, config: Config, *, identity: str = "", prompt_set: str = "joint",
                 page: int = 0, page_size: int = 12) -> tuple[list[dict], int]:
         """One page of a config's images (identity × prompt order) with their metrics, and the total count."""
-        kinds = PROMPT_SETS.get(prompt_set)
-        if kinds is None:
-            raise AppError(f"unknown prompt set {prompt_set!r}; choose {', '.join(PROMPT_SETS)}")
+        kinds = _kinds(prompt_set)
         where = ("run_id = ? AND model = ? AND preset = ? AND lora_scale = ? AND ip_adapter_scale = ? "
                  f"AND prompt_kind IN ({', '.join('?' * len(kinds))})")
         params: list[Any] = [run, config.model, config.preset, config.lora_scale, config.ip_adapter_scale, *kinds]

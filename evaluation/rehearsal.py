@@ -84,15 +84,9 @@ def rehearsal_embeddings(photos: list[dict], face_backend: str) -> list[dict]:
 
     backend = FACE_BACKENDS.get(face_backend)
     dim = int(backend.embedding_dim)
-    threshold = _default_threshold(face_backend)
+    threshold = float(backend.default_threshold)
     return [{"faces": 1, "embedding": rehearsal_embedding(identity_hash(p), dim).tolist(), "threshold": threshold}
             for p in photos]
-
-
-def _default_threshold(face_backend: str) -> float:
-    from fastface.face_backends import FACE_BACKENDS
-
-    return float(FACE_BACKENDS.get(face_backend).default_threshold)
 
 
 def identity_rows_of(photos: list[dict], max_identities: int | None = None) -> list[dict]:
