@@ -79,7 +79,7 @@ def _batches(table: pa.Table, shard_size: int, batch_size: int) -> dict[str, int
     out: dict[str, int] = {}
     if table.num_rows == 0:
         return out
-    for part in TableShards(table, shard_size)._parts:
+    for part in TableShards(table, shard_size).parts:
         grouped = part.group_by(["run_id", *BATCH_KEY]).aggregate([([], "count_all")]).to_pylist()
         for row in grouped:
             out[row["model"]] = out.get(row["model"], 0) + math.ceil(row["count_all"] / batch_size)

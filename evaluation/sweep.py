@@ -96,36 +96,24 @@ APPEND_ROWS = 200_000  # examples per append of the plan: each is atomic, and re
 
 
 class TableShards(Sequence):
-    """Shards of an Arrow table: consecutive slices of at most ``size`` rows per model, turned into
-    rows only when a shard is taken (so the driver holds one shard's rows, not the run's)."""
+    """Shards of an Arrow table: consecutive slices of at most ``size`` rows, never mixing models (a
+    shard loads one model), turned into rows only when a shard is taken (so the driver holds one
+    shard's rows, not the run's). ``parts`` are the shards as Arrow slices."""
 
     def __init__(self, table: pa.Table, size: int) -> None:
         models = table.column("model")
-        self._parts: list[pa.Table] = []
+        self.parts: list[pa.Table] = []
         for model in pc.unique(models).to_pylist():  # in order of first appearance
             rows = table.filter(pc.equal(models, model))
-            self._parts += [rows.slice(i, size) for i in range(0, rows.num_rows, size)]
+            self.parts += [rows.slice(i, size) for i in range(0, rows.num_rows, size)]
 
     def __len__(self) -> int:
-        return len(self._parts)
+        return len(self.parts)
 
     def __getitem__(self, index):  # noqa: ANN001 - int or slice, as Sequence has it
         if isinstance(index, slice):
-            return [self._parts[i].to_pylist() for i in range(*index.indices(len(self)))]
-        return self._parts[index].to_pylist()
-
-
-def shards(examples: "list[dict] | pa.Table", size: int) -> "list[list[dict]] | TableShards":
-    """Consecutive chunks of at most ``size`` examples, never mixing models (a shard loads one model).
-
-    An Arrow table gives a :class:`TableShards`: each shard becomes rows only when taken.
-    """
-    if isinstance(examples, pa.Table):
-        return TableShards(examples, size)
-    by_model: dict[str, list[dict]] = {}
-    for row in examples:
-        by_model.setdefault(row["model"], []).append(row)
-    return [rows[i:i + size] for rows in by_model.values() for i in range(0, len(rows), size)]
+            return [self.parts[i].to_pylist() for i in range(*index.indices(len(self)))]
+        return self.parts[index].to_pylist()
 
 
 def pipeline_options(config: EvaluationConfig) -> GeneratorOptions:
@@ -273,6 +261,6 @@ def pool_options(config: EvaluationConfig) -> PoolOptions:
 __all__ = [
     "APPEND_ROWS", "EXAMPLE_SCHEMA", "SCORING_COLUMNS", "TableShards", "config_run", "dataset_pools",
     "dataset_rows", "metric_options", "pipeline_options", "plan_missing_examples_table", "pool_options",
-    "resolved_preset_config", "run_examples", "scoring_work", "shards", "sweep_examples_table",
+    "resolved_preset_config", "run_examples", "scoring_work", "sweep_examples_table",
     "worker_classes",
 ]

@@ -36,8 +36,9 @@ from actors.pool import GeneratorPools, MetricPool, ahead, missing_metric_work
 from evaluation.config import EvaluationConfig
 from evaluation.retries import retry_transient
 from flows import artifact_key
-from evaluation.sweep import (APPEND_ROWS, dataset_rows, metric_options, pipeline_options, plan_missing_examples_table,
-                              pool_options, scoring_work, shards, sweep_examples_table, worker_classes)
+from evaluation.sweep import (APPEND_ROWS, TableShards, dataset_rows, metric_options, pipeline_options,
+                              plan_missing_examples_table, pool_options, scoring_work, sweep_examples_table,
+                              worker_classes)
 from storage import Store, plan_missing_generations
 
 
@@ -172,7 +173,7 @@ def generate_flow(config: EvaluationConfig, root: str) -> dict:
     store = Store(root)
     # The run's one planning call; shards trust it. Workers need no resolved_config (it is stored with the examples).
     todo = plan_missing_generations(store, examples.drop_columns(["resolved_config"]), as_table=True)
-    parts = shards(todo, config.execution.shard_size)
+    parts = TableShards(todo, config.execution.shard_size)
     ex = config.execution
     summaries, loads = [], {}
     if parts:
@@ -208,7 +209,7 @@ def score_flow(config: EvaluationConfig, root: str) -> dict:
     metrics = list(config.metrics.names)
     examples, work = scoring_work(store, config)  # the run's one planning call, in DuckDB
     planned = pc.sum(pc.list_value_length(work.column("metrics"))).as_py() or 0
-    parts = shards(work, config.execution.shard_size)
+    parts = TableShards(work, config.execution.shard_size)
     ex = config.execution
     summaries, loads = [], 0
     if parts:
