@@ -55,7 +55,8 @@ import pyarrow.parquet as pq
 
 from storage.catalog_spec import catalog_attach_string, own_catalog, redact, store_catalog
 from storage.credentials import duckdb_secret_fields, resolve_s3_credentials
-from storage.duck import StorageError, connect, load_extensions, quote_identifier as _q, quote_literal as _lit
+from storage.duck import (StorageError, connect, load_extensions, open_database, quote_identifier as _q,
+                          quote_literal as _lit)
 from storage.faults import RETRY_ENV, Outage, no_space, pause_point, retryable, unreachable
 from storage.layout import DATA_DIR, LAKE
 from storage.s3 import check_endpoint_reachable, s3_endpoint_settings, s3_endpoint, s3_fs_options
@@ -274,8 +275,7 @@ class Store:
         if database == ":memory:":
             con = connect(())
         else:
-            con = duckdb.connect(database, read_only=read_only,
-                                 config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+            con = open_database(database, read_only=read_only)
         self.attach(con)
         return con
 
