@@ -257,7 +257,11 @@ def prefect_server_process(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false")
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false",
+               # The service that frees an expired lease (a killed run's lock, flows/run_lock.py) looks every
+               # second instead of every 15 s: the resumed run in test_prefect_worker.py waits out the 60 s
+               # lease itself, not up to 15 s more.
+               PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS="1")
     log = open(home / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
                              str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -71,3 +71,21 @@ def test_an_altered_extension_file_is_never_loaded(tmp_path, installed, checks, 
     with pytest.raises(StorageError, match="cannot load the DuckDB extension 'ducklake'.*signature"):
         load_extensions(con, ["ducklake"])
     assert not con.execute("SELECT loaded FROM duckdb_extensions() WHERE extension_name = 'ducklake'").fetchone()[0]
+
+
+def test_read_only_connections_load_no_extension(tmp_path):
+    """``fastface sql`` and the app run users' SQL on :func:`storage.readonly.open_readonly`: although its database
+    allows unsigned files, DuckDB refuses every LOAD and INSTALL there (external access off, configuration locked)."""
+    from storage import Store
+    from storage.readonly import open_readonly
+
+    stock = duckdb.connect()
+    load_extensions(stock, ["httpfs"])  # installed in DuckDB's folder (a local store does not load it)
+    httpfs = stock.execute("SELECT install_path FROM duckdb_extensions() WHERE extension_name = 'httpfs'").fetchone()[0]
+    Store(str(tmp_path)).append("runs", [{"kind": "evaluate", "config": {}}], "r1")
+    con = open_readonly(str(tmp_path))
+    assert con.execute("SELECT current_setting('allow_unsigned_extensions')").fetchone()[0] is True
+    for statement in (f"LOAD '{httpfs}'", "LOAD postgres", f"INSTALL '{httpfs}'",
+                      "SET allow_unsigned_extensions = false", "SET enable_external_access = true"):
+        with pytest.raises(duckdb.Error, match="disabled|Cannot access|locked"):
+            con.execute(statement)
