@@ -173,7 +173,8 @@ class GeneratorWorker:
       there are looked up in the store's ``identities`` table (all runs);
     - ``device`` / ``dtype``: default CUDA + float16 when CUDA is available, else CPU + float32;
     - ``face_backend``: defaults to the backend whose embeddings fit the adapter
-      (128-d → ``dlib``, 512-d → ``insightface``);
+      (128-d → ``dlib``, 512-d → ``insightface``); its models load only when an identity
+      is not in the identity cache (:class:`~fastface.faces.LazyFaceBackend`);
     - ``identity_cache_dir``: cache of identity embeddings/crops/CLIP states (by content hash);
       each identity is also kept in memory, so it is prepared once per worker;
     - ``pipeline_factory``: ``factory(model, steps=, device=, dtype=, cache_dir=, **pipeline_overrides)``,
@@ -210,7 +211,7 @@ class GeneratorWorker:
         from fastface.cache import identities_dir
         from fastface.checkpoints import resolve_device_dtype
         from fastface.dtypes import dtype_name
-        from fastface.faces import backend_for_embedding_width, get_face_backend
+        from fastface.faces import LazyFaceBackend, backend_for_embedding_width
 
         self.store = store
         self.model = model
@@ -224,7 +225,9 @@ class GeneratorWorker:
         id_width = int(self.pipe.id_embedding_width)
         backend_name = backend_for_embedding_width(id_width, face_backend, model=f"model {model!r}",
                                                    option="face_backend")
-        self.face_backend = get_face_backend(backend_name, **dict(face_backend_options or {}))
+        # Its models load when an identity is first prepared without a cached record (never, when the
+        # identity cache has them all: a resumed run, every actor after the first).
+        self.face_backend = LazyFaceBackend(backend_name, **dict(face_backend_options or {}))
         self.identity_cache_dir = Path(identity_cache_dir).expanduser() if identity_cache_dir is not None \
             else identities_dir(cache_dir)
         self._identity_rows = identity_index(identities)

@@ -12,4 +12,9 @@ cd "$(dirname "$0")/.."
 export PREFECT_SERVER_ANALYTICS_ENABLED=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
        TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0
 workers="${FASTFACE_TEST_WORKERS:-2}"
+# The project's own bytecode, written once: the editable install leaves it uncompiled and, where
+# PYTHONDONTWRITEBYTECODE is set (as on CI), every process of the suite — each Ray actor, each
+# `fastface` subprocess — would compile the modules it imports again (site-packages are compiled
+# by scripts/setup.sh).
+.venv/bin/python -m compileall -q fastface storage actors evaluation flows app > /dev/null
 exec .venv/bin/python -m pytest -q -n "$workers" --dist loadfile --no-loadscope-reorder --durations=30 "$@"

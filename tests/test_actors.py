@@ -186,6 +186,21 @@ def test_plain_worker_batch_invariant(plain_worker, reference, examples, array_t
         assert np.abs(alone[example["example_id"]] - arrays[example["example_id"]]).max() <= array_tol
 
 
+def test_a_worker_whose_identities_are_cached_loads_no_face_model(plain_worker, reference, tmp_path_factory,
+                                                                  identities, examples, options, array_tol):
+    """The plain worker embedded both identities (its face models loaded); a worker on the same identity
+    cache makes the same images without loading any face model (fastface.faces.LazyFaceBackend)."""
+    from actors.generator import GeneratorWorker
+
+    _, arrays = reference
+    assert plain_worker.face_backend.loaded
+    worker = GeneratorWorker(new_store(tmp_path_factory, "cached", identities), MODEL, steps=STEPS, **options)
+    assert worker.face_backend.name == "dlib" and not worker.face_backend.loaded
+    _, got = worker.render([e for e in examples if e["preset"] == PRESETS[0]])
+    assert worker.identities_prepared == 2 and not worker.face_backend.loaded
+    assert len(got) == 4 and all(np.abs(got[k] - arrays[k]).max() <= array_tol for k in got)
+
+
 def test_plain_worker_rejects_mixed_batches(plain_worker, examples):
     with pytest.raises(ValueError, match="batch mixes settings"):
         plain_worker.generate(examples)  # two presets

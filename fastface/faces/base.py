@@ -95,6 +95,53 @@ def get_face_backend(name: str = OFFLINE_FACE_BACKEND, **options: Any) -> FaceBa
     return FACE_BACKENDS.get(name)(**options)
 
 
+class LazyFaceBackend:
+    """A registered face backend whose models load on first use (:meth:`detect`, or any attribute the
+    backend sets when built); its ``name`` and ``embedding_dim`` come from the registry without loading.
+
+    A generator whose identities are all in the identity cache (:func:`fastface.faces.prepare_identity`
+    reads them by photo hash and backend name) never detects a face, so its face models (insightface's
+    buffalo_l, dlib's) are never loaded. Thread-safe: the backend is built once.
+    """
+
+    def __init__(self, name: str = OFFLINE_FACE_BACKEND, **options: Any) -> None:
+        import threading
+
+        cls = FACE_BACKENDS.get(name)  # an unknown name fails now, naming the registered ones
+        self.name = str(cls.name)
+        self.embedding_dim = int(cls.embedding_dim)
+        self._cls, self._options = cls, dict(options)
+        self._backend: FaceBackend | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the backend's models have been loaded."""
+        return self._backend is not None
+
+    def backend(self) -> FaceBackend:
+        """The backend itself, built on the first call."""
+        if self._backend is None:
+            with self._lock:
+                if self._backend is None:
+                    self._backend = self._cls(**self._options)
+        return self._backend
+
+    def detect(self, image: ImageInput) -> list[Face]:
+        return self.backend().detect(image)
+
+    def similarity(self, a: np.ndarray, b: np.ndarray) -> float:
+        return self.backend().similarity(a, b)
+
+    def is_same_person(self, a: np.ndarray, b: np.ndarray) -> bool:
+        return self.backend().is_same_person(a, b)
+
+    def __getattr__(self, attribute: str) -> Any:  # same_person_threshold, similarity_measure, … of the built backend
+        if attribute.startswith("_"):
+            raise AttributeError(attribute)
+        return getattr(self.backend(), attribute)
+
+
 def backend_for_embedding_width(width: int, backend: str | None = None, *, model: str = "the model",
                                 option: str = "face backend") -> str:
     """The face backend whose identity embeddings fit an adapter that takes ``width``-d ones.
