@@ -28,9 +28,9 @@ def stop_ray() -> None:
 
 
 def stop_temporary_prefect_server() -> None:
-    from prefect.server.api.server import SubprocessASGIServer
+    from flows.run_lock import temporary_servers
 
-    for server in list(SubprocessASGIServer._instances.values()):
+    for server in temporary_servers():
         server.stop()
 
 
