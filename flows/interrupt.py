@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 EXIT_INTERRUPTED = 130
 CLEANUP_S = 6.0  # counting rows and stopping Ray / Prefect; then exit regardless
@@ -27,9 +28,21 @@ def stop_ray() -> None:
         ray.shutdown()  # kills this driver's actors; stops the local cluster when this process started it
 
 
-def stop_temporary_prefect_server() -> None:
-    from flows.run_lock import temporary_servers
+def temporary_servers() -> list[Any]:
+    """The temporary Prefect servers this process runs (none when it talks to ``PREFECT_API_URL``).
 
+    A process that started one has imported Prefect's server module; one that has not is not
+    made to import it (the whole server app: ~3 s of CPU in every flow-run process of a
+    deployment, and in a Ctrl-C's cleanup), for an answer known to be "none".
+    """
+    if "prefect.server.api.server" not in sys.modules:
+        return []
+    from prefect.server.api.server import SubprocessASGIServer
+
+    return list(SubprocessASGIServer._instances.values())
+
+
+def stop_temporary_prefect_server() -> None:
     for server in temporary_servers():
         server.stop()
 
@@ -95,4 +108,4 @@ def logging_off() -> None:
     logging.disable(logging.CRITICAL)
 
 
-__all__ = ["EXIT_INTERRUPTED", "install"]
+__all__ = ["EXIT_INTERRUPTED", "install", "temporary_servers"]

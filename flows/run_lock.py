@@ -25,11 +25,10 @@ import fcntl
 import hashlib
 import os
 import re
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 LEASE_SECONDS = 60.0
 """Lease of the run's slot: the shortest the Prefect server accepts (how long a killed run holds it)."""
@@ -54,20 +53,10 @@ def ensure_limit(name: str) -> None:
             pass
 
 
-def temporary_servers() -> list[Any]:
-    """The temporary Prefect servers this process runs (none when it talks to ``PREFECT_API_URL``).
-
-    Read from Prefect's server module only when it is imported already: a process that started a
-    temporary server has imported it, and importing it otherwise (the whole server app) would cost
-    ~3 s of CPU in every flow-run process of a deployment, for an answer known to be "none".
-    """
-    module = sys.modules.get("prefect.server.api.server")
-    servers = getattr(getattr(module, "SubprocessASGIServer", None), "_instances", None) or {}
-    return list(servers.values())
-
-
 def on_temporary_server() -> bool:
     """True when this process runs its own temporary Prefect server (no ``PREFECT_API_URL`` was set)."""
+    from flows.interrupt import temporary_servers
+
     return bool(temporary_servers())
 
 
@@ -115,5 +104,4 @@ def run_lock(run_name: str, root: str, *, timeout_seconds: float | None = None) 
         yield name
 
 
-__all__ = ["LEASE_SECONDS", "RunLockTimeout", "ensure_limit", "file_lock", "lock_name", "on_temporary_server", "run_lock",
-           "temporary_servers"]
+__all__ = ["LEASE_SECONDS", "RunLockTimeout", "ensure_limit", "file_lock", "lock_name", "on_temporary_server", "run_lock"]

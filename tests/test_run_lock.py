@@ -72,12 +72,15 @@ def test_runs_on_a_temporary_server_take_the_file_lock_under_prefect_home(tmp_pa
 def test_temporary_servers_are_read_without_importing_the_server(monkeypatch):
     """A process that talks to PREFECT_API_URL never imported Prefect's server app; asking costs no import
     (it would cost ~3 s of CPU in each flow-run process). One that started a temporary server sees it."""
-    from types import SimpleNamespace
+    from flows.interrupt import temporary_servers
+    from prefect.server.api.server import SubprocessASGIServer
 
     name = "prefect.server.api.server"
-    monkeypatch.delitem(sys.modules, name, raising=False)
-    assert run_lock.temporary_servers() == [] and not run_lock.on_temporary_server()
+    module = sys.modules[name]
+    monkeypatch.delitem(sys.modules, name)
+    assert temporary_servers() == [] and not run_lock.on_temporary_server()
     assert name not in sys.modules
-    server = SimpleNamespace(port=8123)
-    monkeypatch.setitem(sys.modules, name, SimpleNamespace(SubprocessASGIServer=SimpleNamespace(_instances={8123: server})))
-    assert run_lock.temporary_servers() == [server] and run_lock.on_temporary_server()
+    monkeypatch.setitem(sys.modules, name, module)
+    server = object()
+    monkeypatch.setattr(SubprocessASGIServer, "_instances", {8123: server})
+    assert temporary_servers() == [server] and run_lock.on_temporary_server()
