@@ -32,6 +32,7 @@ import inspect
 import logging
 import os
 import re
+import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -46,7 +47,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from actors.generator import BatchKey, GeneratorOptions, GeneratorWorker, failed_generation_rows, identity_index
 from actors.scorer import MetricWorker, failed_metric_rows
-from actors.worker_env import actor_runtime_env
+from actors.worker_env import QUIET_VARS, actor_runtime_env
 from storage.plan import plan_missing_metrics
 from storage.store import Store
 
@@ -181,9 +182,7 @@ class _WorkerActor:
     ``run`` calls the worker's batch method; an out-of-memory error comes back as a marker, not a crash.
     """
 
-    def __init__(self, worker_class: type, method: str, *args: Any, verbose: bool = False, **kwargs: Any) -> None:
-        if not verbose:  # model-loading bars of every actor would bury the driver's progress display
-            _quiet_loaders()
+    def __init__(self, worker_class: type, method: str, *args: Any, **kwargs: Any) -> None:
         self.node = ray.get_runtime_context().get_node_id()
         if "node" in inspect.signature(worker_class).parameters:  # rows record the Ray node they were made on
             kwargs = dict(kwargs, node=self.node)
@@ -191,36 +190,18 @@ class _WorkerActor:
         self._method = method
 
     def run(self, batch: list[dict], method: str | None = None) -> Any:
-        import torch
-
         try:
             return getattr(self.worker, method or self._method)(batch)
-        except torch.OutOfMemoryError as exc:
+        except Exception as exc:
+            torch = sys.modules.get("torch")  # a worker that never imported torch raises no torch error
+            if torch is None or not isinstance(exc, torch.OutOfMemoryError):
+                raise
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             return {_OOM: str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"}
 
     def describe(self) -> dict:
         return {"pid": os.getpid(), "node": self.node}
-
-
-def _quiet_loaders() -> None:
-    """Turn off the libraries' model-loading progress bars and info logs in this (actor) process."""
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        from diffusers.utils import logging as diffusers_logging
-
-        diffusers_logging.disable_progress_bar()
-        diffusers_logging.set_verbosity_error()
-    except ImportError:
-        pass
-    try:
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()
-        transformers_logging.set_verbosity_error()
-    except ImportError:
-        pass
 
 
 # -- the pool --------------------------------------------------------------------------------------
@@ -406,11 +387,14 @@ class ActorPool:
         restart = self._restarts.setdefault(slot, 0)
         name = f"{self.name}-{slot}.{restart}"
         verbose = _verbose() if self.options.verbose is None else self.options.verbose
+        # Model-loading bars and library logs of every actor would bury the driver's progress display: they
+        # are off through the environment the libraries read when imported (an actor imports none to quiet it).
+        runtime_env = self._runtime_env if verbose else \
+            dict(self._runtime_env, env_vars={**QUIET_VARS, **self._runtime_env.get("env_vars", {})})
         handle = self._remote.options(
             name=name, namespace=NAMESPACE, num_gpus=self._gpus_each, num_cpus=self.options.cpus_per_worker,
-            max_restarts=0, max_concurrency=max(1, int(self.spec.concurrency)), runtime_env=self._runtime_env,
-        ).remote(self.spec.worker_class, self.spec.method, *self.spec.args, worker_id=name, verbose=verbose,
-                 **dict(self.spec.kwargs))
+            max_restarts=0, max_concurrency=max(1, int(self.spec.concurrency)), runtime_env=runtime_env,
+        ).remote(self.spec.worker_class, self.spec.method, *self.spec.args, worker_id=name, **dict(self.spec.kwargs))
         self._actors[slot] = handle
         self._load[slot] = 0
         self.stats.actors_started += 1

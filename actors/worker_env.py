@@ -33,6 +33,12 @@ CACHE_VARS = ("FASTFACE_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLI
               "FASTFACE_INSIGHTFACE_ROOT", "FASTFACE_VERBOSE")
 #: Secrets: carried, never printed.
 SECRET_VARS = frozenset({"AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"})
+#: What an actor runs with unless the pool is verbose (``FASTFACE_VERBOSE=1``, debug logging): no progress
+#: bars (tqdm's, and so diffusers' "Loading pipeline components"; the hub's and transformers'), library logs
+#: at error level. Read by each library when it is imported, so an actor imports none of them to quiet them
+#: (diffusers alone is ~4 s of CPU in an actor that does not use it).
+QUIET_VARS = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+              "DIFFUSERS_VERBOSITY": "error"}
 
 
 def weight_vars() -> tuple[str, ...]:
@@ -90,5 +96,5 @@ def describe_runtime_env(runtime_env: Mapping) -> str:
     return ", ".join(f"{n} (secret)" if n in SECRET_VARS else n for n in names) or "none"
 
 
-__all__ = ["AWS_VARS", "CACHE_VARS", "SECRET_VARS", "STORE_VARS", "actor_runtime_env", "describe_runtime_env",
+__all__ = ["AWS_VARS", "CACHE_VARS", "QUIET_VARS", "SECRET_VARS", "STORE_VARS", "actor_runtime_env", "describe_runtime_env",
            "weight_vars", "worker_environment", "worker_vars"]

@@ -429,6 +429,15 @@ class FakeGenerator:
         return [{"example_id": r["example_id"], "run_id": r["run_id"], "status": "ok", "worker": self.worker_id}
                 for r in batch]
 
+    def environment(self, batch):
+        """The actor process's quieting variables and which libraries it has imported."""
+        import os
+        import sys
+
+        return {"vars": {k: os.environ.get(k) for k in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS",
+                                                         "TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY")},
+                "imported": sorted(m for m in ("diffusers", "transformers", "huggingface_hub") if m in sys.modules)}
+
 
 def drive_fake(store, batches, **worker_kwargs):
     from actors.generator import failed_generation_rows
@@ -460,6 +469,22 @@ def test_pool_rules_with_a_model_free_actor(ray_cluster, tmp_path, examples):
     # A worker that cannot start (bad model name, missing weights) stops the run with its reason.
     with pytest.raises(RuntimeError, match="failed to start.*unknown checkpoint 'nope'"):
         drive_fake(Store(str(tmp_path / "init")), [rows[:1]], fail_init=True)
+
+
+def test_an_actor_is_quiet_without_importing_the_libraries_it_quiets(ray_cluster, tmp_path, examples, monkeypatch):
+    """Loading bars and library logs are off in actors (unless verbose) through the environment the libraries read
+    when imported: an actor whose worker uses none of them imports none (diffusers alone is ~4 s of CPU)."""
+    from actors.generator import failed_generation_rows
+    from actors.pool import ActorPool, PoolOptions, WorkerSpec
+    from actors.worker_env import QUIET_VARS
+
+    monkeypatch.delenv("FASTFACE_VERBOSE", raising=False)
+    rows = [{"example_id": e["example_id"], "run_id": e["run_id"]} for e in examples[:1]]
+    with ActorPool(WorkerSpec(FakeGenerator, "run"), kind="fake", options=PoolOptions(num_workers=1)) as pool:
+        pool.record(Store(str(tmp_path / "quiet")), "generations", [rows], failed_rows=failed_generation_rows)
+        (actor,) = pool.actors().values()
+        seen = ray.get(actor.run.remote([], method="environment"))
+    assert seen == {"vars": QUIET_VARS, "imported": []}
 
 
 def counting_factory(model, *, count_dir, **kwargs):

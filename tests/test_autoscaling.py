@@ -105,8 +105,10 @@ def test_pools_ask_the_autoscaler_for_gpu_nodes(autoscaling_head, prefect_server
         assert catalog.rows("SELECT count(*) AS n FROM metrics_raw") == [{"n": 32}]
     assert sum(per_node.values()) == 8 and len(per_node) >= 2, per_node  # rows from ≥ 2 autoscaled nodes
     assert head["id"] not in per_node
-    # The run withdrew its request and killed its actors: the idle GPU nodes are removed.
+    # The run withdrew its request and killed its actors: the idle GPU nodes are removed (not before they
+    # have been idle for IDLE_TIMEOUT_S: the first look is then; each look is a Python process with Ray).
     deadline = time.monotonic() + IDLE_TIMEOUT_S + 150
+    time.sleep(IDLE_TIMEOUT_S)
     while len(nodes := alive_nodes(env, address)) > 1:
         assert time.monotonic() < deadline, f"autoscaled nodes still up: {nodes}"
         time.sleep(5)
