@@ -53,7 +53,7 @@ INTEGRATION = (
     "tests/test_autoscaling.py::",
 )
 # The longest of them (4–8 minutes each on 2 cores: several `fastface evaluate` runs apiece);
-# FASTFACE_LONG=0 skips them for a quicker local run. CI runs them (the suite ~14 min on 2 cores).
+# FASTFACE_LONG=0 skips them for a quicker local run. CI runs them (the suite ~13 min on 2 cores).
 LONG = (
     "tests/test_cluster_ray.py::test_evaluate_joins_a_cluster_started_with_ray_start",
     "tests/test_prefect_worker.py::",
