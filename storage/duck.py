@@ -63,10 +63,11 @@ def extension_file(name: str) -> Path:
 
 _CHECKED: dict[str, tuple[int, ...]] = {}  # installed file → its identity when DuckDB's signature check passed
 _CHECK_LOCK = threading.Lock()
-# The databases this module opens: no extension is fetched or loaded behind our back; unsigned files
-# are allowed because every file they load passed DuckDB's signature check in this process (above).
-_CONFIG = {"autoinstall_known_extensions": False, "autoload_known_extensions": False,
-           "allow_unsigned_extensions": True}
+# No extension is fetched or loaded behind our back (the checker's databases and ours).
+_NO_AUTO = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+# The databases this module opens: unsigned files are allowed because every file they load passed
+# DuckDB's signature check in this process (above).
+_CONFIG = {**_NO_AUTO, "allow_unsigned_extensions": True}
 
 
 def _identity(path: str) -> tuple[int, ...]:
@@ -87,8 +88,7 @@ def _check_signature(path: str) -> tuple[int, ...]:
     with _CHECK_LOCK:
         identity = _identity(path)
         if _CHECKED.get(path) != identity:
-            checker = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False,
-                                                         "autoload_known_extensions": False})
+            checker = duckdb.connect(":memory:", config=dict(_NO_AUTO))  # signatures required: DuckDB's default
             try:
                 checker.execute(f"LOAD {quote_literal(path)}")  # unsigned or altered: raises
             finally:
@@ -99,9 +99,9 @@ def _check_signature(path: str) -> tuple[int, ...]:
         return identity
 
 
-def _load(con: duckdb.DuckDBPyConnection, name: str, trusted: bool) -> None:
-    """Load the installed extension ``name`` into ``con``; ``trusted``: ``con`` allows unsigned files."""
-    found = _extension(con, name)
+def _load(con: duckdb.DuckDBPyConnection, name: str, found: tuple[bool, bool, str] | None, trusted: bool) -> None:
+    """Load the installed extension ``name`` (``found``: its :func:`_extension` row) into ``con``;
+    ``trusted``: ``con`` allows unsigned files."""
     if found is None or not found[0]:
         raise duckdb.IOException(f"extension {name} is not installed")
     if not trusted:
@@ -126,14 +126,14 @@ def load_extensions(con: duckdb.DuckDBPyConnection, names: Iterable[str]) -> Non
         if found is not None and found[1]:
             continue
         try:
-            _load(con, name, trusted)
+            _load(con, name, found, trusted)
             continue
         except duckdb.Error:
             pass  # not installed in DuckDB's extension folder yet
         path = str(extension_file(name)).replace("'", "''")
         try:
             con.execute(f"INSTALL '{path}'")
-            _load(con, name, trusted)
+            _load(con, name, _extension(con, name), trusted)
         except duckdb.Error as exc:
             raise StorageError(f"cannot load the DuckDB extension {name!r} from {path}: {exc}; "
                                f"reinstall it: {INSTALL_HINT}") from None

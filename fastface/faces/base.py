@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence, runtime_checkable
 
@@ -105,8 +106,6 @@ class LazyFaceBackend:
     """
 
     def __init__(self, name: str = OFFLINE_FACE_BACKEND, **options: Any) -> None:
-        import threading
-
         cls = FACE_BACKENDS.get(name)  # an unknown name fails now, naming the registered ones
         self.name = str(cls.name)
         self.embedding_dim = int(cls.embedding_dim)
